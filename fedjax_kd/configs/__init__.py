@@ -1,0 +1,1 @@
+"""Built-in experiment configs (``get_config()`` files)."""

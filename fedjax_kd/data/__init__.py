@@ -1,0 +1,27 @@
+"""Federated data: padded client arrays, partitioners and offline datasets."""
+
+from fedjax_kd.data.datasets import DATASETS, digits, synthetic
+from fedjax_kd.data.federated import (
+    ClientData,
+    FederatedDataset,
+    gather_clients,
+    pack,
+    sample_clients,
+)
+from fedjax_kd.data.partition import PARTITIONERS, dirichlet, iid, quantity, shards
+
+__all__ = [
+    "DATASETS",
+    "PARTITIONERS",
+    "ClientData",
+    "FederatedDataset",
+    "digits",
+    "dirichlet",
+    "gather_clients",
+    "iid",
+    "pack",
+    "quantity",
+    "sample_clients",
+    "shards",
+    "synthetic",
+]

@@ -1,0 +1,325 @@
+"""From a config to a run: loading, overriding, validating and building.
+
+This is the only library module (with ``cli.py``) that reads configs; it maps
+config keys to the keyword arguments of datasets, models, optimizers and
+algorithm builders, which never see a config themselves.
+
+Configs are Python files with ``get_config()`` returning an
+``ml_collections.ConfigDict`` (the convention of the Flax examples and
+big_vision). The embedded default (``fedjax_kd/configs/default.py``) is the
+schema: a config may only use its keys, with values of the same type.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import ml_collections
+
+from fedjax_kd import algorithms, models, optimizers, simulate
+from fedjax_kd.configs import default as default_config
+from fedjax_kd.data import DATASETS, PARTITIONERS, FederatedDataset
+from fedjax_kd.types import FederatedAlgorithm
+
+ALGORITHMS = ("fedavg", "fedprox")
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config, an override or a config file (one-line message)."""
+
+
+def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
+    """Loads ``get_config()`` from the Python file at ``path``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    spec = importlib.util.spec_from_file_location(f"_fedjax_kd_config_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"cannot load config file {path}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise ConfigError(f"config file {path} defines no get_config()")
+        config = module.get_config()
+    except ConfigError:
+        raise
+    except Exception as e:  # a user's file can fail in any way; report it in one line
+        raise ConfigError(f"config file {path} failed: {type(e).__name__}: {e}") from e
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"get_config() in {path} must return an ml_collections.ConfigDict")
+    return config
+
+
+def _type_name(value) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _coerce(key: str, value, like):
+    """Returns ``value`` converted to the type of ``like``, or raises ConfigError."""
+    if isinstance(like, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+    elif isinstance(like, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif isinstance(like, float):
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif isinstance(like, str):
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"config key '{key}' must be {_type_name(like)}, got {value!r}")
+
+
+def _flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, ml_collections.ConfigDict):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _set(config: ml_collections.ConfigDict, key: str, value) -> None:
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+        node = node[p]
+    with node.ignore_type():
+        node[leaf] = value
+
+
+def resolve(
+    config: ml_collections.ConfigDict | None = None,
+    overrides: Iterable[tuple[str, str]] = (),
+) -> ml_collections.ConfigDict:
+    """Checks ``config`` against the default schema, applies overrides, validates.
+
+    Args:
+      config: a config (default: the embedded default). Keys missing from it
+        take the default's values.
+      overrides: ``(dotted_key, value_string)`` pairs, applied in order.
+
+    Returns:
+      A complete, validated ConfigDict.
+
+    Raises:
+      ConfigError: unknown key, wrong type or out-of-range value.
+    """
+    schema = _flatten(default_config.get_config())
+    resolved = default_config.get_config()
+    given = _flatten(config) if config is not None else {}
+    items = list(given.items()) + list(overrides)
+    for key, value in items:
+        if key not in schema:
+            close = [k for k in schema if k.split(".")[-1] == key.split(".")[-1]]
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown config key '{key}'{hint}")
+        _set(resolved, key, _coerce(key, value, schema[key]))
+    validate(resolved)
+    return resolved
+
+
+def _check(ok: bool, key: str, allowed: str, value) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}' must be {allowed}, got {value!r}")
+
+
+def _choice(config, key: str, choices: Iterable[str]) -> None:
+    value = _flatten(config)[key]
+    choices = list(choices)
+    _check(value in choices, key, "one of " + ", ".join(choices), value)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError naming the first key whose value is not allowed."""
+    c = config
+    rules = [
+        ("seed", c.seed >= 0, ">= 0"),
+        ("rounds", c.rounds >= 1, ">= 1"),
+        ("clients_per_round", c.clients_per_round >= 1, ">= 1"),
+        (
+            "clients_per_round",
+            c.clients_per_round <= c.data.num_clients,
+            f"<= data.num_clients ({c.data.num_clients})",
+        ),
+        ("eval_every", c.eval_every >= 1, ">= 1"),
+        ("eval_batch_size", c.eval_batch_size >= 1, ">= 1"),
+        ("data.num_clients", c.data.num_clients >= 1, ">= 1"),
+        ("data.alpha", c.data.alpha > 0, "> 0"),
+        ("data.min_client_size", c.data.min_client_size >= 1, ">= 1"),
+        ("data.shards_per_client", c.data.shards_per_client >= 1, ">= 1"),
+        ("data.quantity_sigma", c.data.quantity_sigma >= 0, ">= 0"),
+        ("data.test_fraction", 0 < c.data.test_fraction < 1, "in (0, 1)"),
+        ("data.synthetic_alpha", c.data.synthetic_alpha >= 0, ">= 0"),
+        ("data.synthetic_beta", c.data.synthetic_beta >= 0, ">= 0"),
+        ("client.lr", c.client.lr > 0, "> 0"),
+        ("client.momentum", 0 <= c.client.momentum < 1, "in [0, 1)"),
+        ("client.epochs", c.client.epochs >= 1, ">= 1"),
+        ("client.batch_size", c.client.batch_size >= 1, ">= 1"),
+        ("algorithm.mu", c.algorithm.mu >= 0, ">= 0"),
+        ("algorithm.kd_weight", c.algorithm.kd_weight >= 0, ">= 0"),
+        ("algorithm.temperature", c.algorithm.temperature > 0, "> 0"),
+        ("server.lr", c.server.lr > 0, "> 0"),
+        ("server.momentum", 0 <= c.server.momentum < 1, "in [0, 1)"),
+        ("server.b1", 0 <= c.server.b1 < 1, "in [0, 1)"),
+        ("server.b2", 0 <= c.server.b2 < 1, "in [0, 1)"),
+        ("server.eps", c.server.eps > 0, "> 0"),
+    ]
+    flat = _flatten(c)
+    for key, ok, allowed in rules:
+        _check(ok, key, allowed, flat[key])
+    _choice(c, "data.name", DATASETS)
+    _choice(c, "data.partition", PARTITIONERS)
+    _choice(c, "client.optimizer", optimizers.CLIENT_OPTIMIZERS)
+    _choice(c, "algorithm.name", ALGORITHMS)
+    _choice(c, "server.optimizer", optimizers.SERVER_OPTIMIZERS)
+    for key in ("model.student", "model.teacher"):
+        try:
+            models.parse_name(flat[key])
+        except ValueError as e:
+            raise ConfigError(f"config key '{key}': {e}") from None
+
+
+def build_dataset(config: ml_collections.ConfigDict) -> FederatedDataset:
+    """Builds the federated dataset named by ``config.data``."""
+    d = config.data
+    try:
+        if d.name == "digits":
+            kwargs = {}
+            if d.partition in ("dirichlet", "quantity"):
+                kwargs["min_size"] = d.min_client_size
+            if d.partition == "dirichlet":
+                kwargs["alpha"] = d.alpha
+            elif d.partition == "shards":
+                kwargs["shards_per_client"] = d.shards_per_client
+            elif d.partition == "quantity":
+                kwargs["sigma"] = d.quantity_sigma
+            return DATASETS["digits"](
+                num_clients=d.num_clients,
+                partition=d.partition,
+                seed=config.seed,
+                test_fraction=d.test_fraction,
+                **kwargs,
+            )
+        return DATASETS["synthetic"](
+            alpha=d.synthetic_alpha,
+            beta=d.synthetic_beta,
+            num_clients=d.num_clients,
+            seed=config.seed,
+            iid=d.synthetic_iid,
+            test_fraction=d.test_fraction,
+        )
+    except ValueError as e:
+        raise ConfigError(f"data ({d.name}, partition={d.partition}): {e}") from None
+
+
+def build_model(config: ml_collections.ConfigDict, dataset: FederatedDataset, role: str):
+    """Builds ``config.model.<role>`` (``student`` or ``teacher``) for ``dataset``."""
+    try:
+        return models.create(
+            config.model[role],
+            feature_shape=dataset.feature_shape,
+            num_classes=dataset.num_classes,
+        )
+    except ValueError as e:
+        raise ConfigError(f"config key 'model.{role}': {e}") from None
+
+
+def build_algorithm(
+    config: ml_collections.ConfigDict, dataset: FederatedDataset
+) -> FederatedAlgorithm:
+    """Maps ``config.algorithm``/``client``/``server`` to an algorithm builder's arguments."""
+    student = build_model(config, dataset, "student")
+    c, s = config.client, config.server
+    common = dict(
+        client_optimizer=optimizers.client_optimizer(c.optimizer, lr=c.lr, momentum=c.momentum),
+        server_optimizer=optimizers.server_optimizer(
+            s.optimizer, lr=s.lr, momentum=s.momentum, b1=s.b1, b2=s.b2, eps=s.eps
+        ),
+        epochs=c.epochs,
+        batch_size=c.batch_size,
+        uniform_weighting=config.algorithm.uniform_weighting,
+    )
+    name = config.algorithm.name
+    if name == "fedavg":
+        return algorithms.fed_avg(student, **common)
+    if name == "fedprox":
+        return algorithms.fed_prox(student, mu=config.algorithm.mu, **common)
+    raise ConfigError(f"config key 'algorithm.name' must be one of {ALGORITHMS}, got {name!r}")
+
+
+def run(
+    config: ml_collections.ConfigDict | None = None,
+    *,
+    workdir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> simulate.RunResult:
+    """Runs the experiment described by ``config`` (default: the embedded default).
+
+    With a ``workdir``, writes ``config.json`` at the start, one line of
+    ``metrics.jsonl`` per evaluation as it happens, and ``summary.json`` at the
+    end.
+
+    Example::
+
+      from fedjax_kd import experiment
+      cfg = experiment.resolve(overrides=[("rounds", "20")])
+      result = experiment.run(cfg, progress=False)
+      print(result.summary["test_accuracy"])
+    """
+    config = resolve(config)
+    dataset = build_dataset(config)
+    if config.clients_per_round > dataset.num_clients:
+        raise ConfigError(
+            f"config key 'clients_per_round' must be <= the dataset's {dataset.num_clients} "
+            f"clients, got {config.clients_per_round}"
+        )
+    algorithm = build_algorithm(config, dataset)
+    on_eval = None
+    if workdir is not None:
+        workdir = Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        metrics_path = workdir / "metrics.jsonl"
+        metrics_path.write_text("")
+
+        def on_eval(record: dict) -> None:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    result = simulate.run(
+        algorithm,
+        dataset,
+        rounds=config.rounds,
+        clients_per_round=config.clients_per_round,
+        eval_every=config.eval_every,
+        seed=config.seed,
+        eval_batch_size=config.eval_batch_size,
+        progress=progress,
+        on_eval=on_eval,
+    )
+    if workdir is not None:
+        (workdir / "summary.json").write_text(json.dumps(result.summary, indent=2) + "\n")
+    return result

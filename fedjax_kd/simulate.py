@@ -1,0 +1,234 @@
+"""The compiled round and the run loop; drives any FederatedAlgorithm.
+
+One round is ``step(state, data, rounds_key, r) -> (state, metrics)``:
+
+    key_r  = fold_in(rounds_key, r)
+    ids    = sample_clients(fold_in(key_r, SAMPLE), num_clients, K)   # uniform, no replacement
+    cohort = gather_clients(data, ids)                                # [K, N, ...]
+    state, metrics = algorithm.round(state, cohort, fold_in(key_r, CLIENTS))
+
+It is compiled ahead of time once (``jax.jit(...).lower(...).compile()``), so
+the whole run uses one executable; the round index is a traced argument.
+Randomness is a pure function of ``(seed, round)``: the initial state uses
+``fold_in(key(seed), INIT)`` and round r uses ``fold_in(fold_in(key(seed),
+ROUNDS), r)``, so any round can be replayed without replaying the ones before.
+
+Client data travels as an argument, never as a closure constant (``jit`` would
+bake captured arrays into the program).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from fedjax_kd import losses
+from fedjax_kd.data import ClientData, FederatedDataset, gather_clients, sample_clients
+from fedjax_kd.types import FederatedAlgorithm
+
+# Named random streams (fold_in constants).
+INIT, ROUNDS = 0, 1
+SAMPLE, CLIENTS = 0, 1
+
+
+class NonFiniteError(RuntimeError):
+    """Raised when a round's aggregate update contains NaN or Inf."""
+
+
+class RunResult(NamedTuple):
+    """Outcome of :func:`run`.
+
+    Attributes:
+      state: final algorithm state.
+      history: one dict per evaluation (the lines of ``metrics.jsonl``).
+      summary: final numbers (the content of ``summary.json``).
+    """
+
+    state: Any
+    history: list[dict]
+    summary: dict
+
+
+def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+    """``(init_key, rounds_key)`` for a run with ``seed``."""
+    root = jax.random.key(seed)
+    return jax.random.fold_in(root, INIT), jax.random.fold_in(root, ROUNDS)
+
+
+def make_round_step(
+    algorithm: FederatedAlgorithm, *, num_clients: int, clients_per_round: int
+) -> Callable:
+    """Returns the pure round ``step(state, data, rounds_key, r) -> (state, metrics)``.
+
+    Args:
+      algorithm: the federated algorithm.
+      num_clients: population size (rows of ``data``).
+      clients_per_round: cohort size K.
+    """
+    if not 1 <= clients_per_round <= num_clients:
+        raise ValueError(
+            f"clients_per_round must be in [1, {num_clients}], got {clients_per_round}"
+        )
+
+    def step(state, data: ClientData, rounds_key: jax.Array, r: jax.Array):
+        key_r = jax.random.fold_in(rounds_key, r)
+        ids = sample_clients(jax.random.fold_in(key_r, SAMPLE), num_clients, clients_per_round)
+        cohort = gather_clients(data, ids)
+        return algorithm.round(state, cohort, jax.random.fold_in(key_r, CLIENTS))
+
+    return step
+
+
+def make_evaluate(algorithm: FederatedAlgorithm, *, batch_size: int) -> Callable:
+    """Returns ``evaluate(state, x, y, mask) -> {name: (accuracy, loss)}``.
+
+    ``x``/``y``/``mask`` hold the test set padded to whole batches of
+    ``batch_size`` (see :func:`batch_test_set`); batches are scanned so memory
+    stays bounded by one batch of activations.
+    """
+
+    def evaluate(state, x, y, mask):
+        results = {}
+        for name, (apply_fn, params) in algorithm.eval_models(state).items():
+
+            def body(carry, batch, apply_fn=apply_fn, params=params):
+                xb, yb, mb = batch
+                logits = apply_fn(params, xb)
+                correct = jnp.sum(jnp.where(mb, losses.accuracy(logits, yb), 0.0))
+                loss = jnp.sum(jnp.where(mb, losses.cross_entropy(logits, yb), 0.0))
+                return (carry[0] + correct, carry[1] + loss), None
+
+            zero = jnp.zeros((), jnp.float32)
+            (correct, loss), _ = jax.lax.scan(body, (zero, zero), (x, y, mask))
+            n = jnp.maximum(jnp.sum(mask), 1).astype(jnp.float32)
+            results[name] = (correct / n, loss / n)
+        return results
+
+    return evaluate
+
+
+def batch_test_set(x: np.ndarray, y: np.ndarray, batch_size: int):
+    """Pads a test set to whole batches: ``[nb, batch, ...]`` arrays and a mask."""
+    n = len(y)
+    batch_size = max(1, min(batch_size, n))
+    nb = math.ceil(n / batch_size)
+    pad = nb * batch_size - n
+    xp = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
+    yp = np.concatenate([y, np.zeros((pad,), y.dtype)])
+    mask = np.arange(nb * batch_size) < n
+    shape = (nb, batch_size)
+    return xp.reshape(*shape, *x.shape[1:]), yp.reshape(shape), mask.reshape(shape)
+
+
+def run(
+    algorithm: FederatedAlgorithm,
+    dataset: FederatedDataset,
+    *,
+    rounds: int,
+    clients_per_round: int,
+    eval_every: int,
+    seed: int,
+    eval_batch_size: int = 1024,
+    progress: bool = True,
+    on_eval: Callable[[dict], None] | None = None,
+) -> RunResult:
+    """Runs ``rounds`` rounds of ``algorithm`` on ``dataset``.
+
+    Evaluates on the test set every ``eval_every`` rounds and after the last.
+
+    Args:
+      algorithm: the federated algorithm.
+      dataset: federated training data and the centralized test set.
+      rounds: number of rounds (>= 1).
+      clients_per_round: cohort size.
+      eval_every: evaluation cadence in rounds (>= 1).
+      seed: the run's seed; same seed, same results.
+      eval_batch_size: test batch size.
+      progress: show a progress bar on stderr.
+      on_eval: called with each evaluation record as it is made.
+
+    Returns:
+      A :class:`RunResult`.
+
+    Raises:
+      NonFiniteError: a round produced a non-finite aggregate update.
+    """
+    if rounds < 1 or eval_every < 1:
+        raise ValueError(f"rounds and eval_every must be >= 1, got {rounds}, {eval_every}")
+    start = time.perf_counter()
+    init_key, rounds_key = seed_keys(seed)
+    data = jax.tree.map(jnp.asarray, dataset.train)
+    test = tuple(map(jnp.asarray, batch_test_set(dataset.test_x, dataset.test_y, eval_batch_size)))
+    state = jax.jit(algorithm.init)(init_key)
+
+    step_fn = make_round_step(
+        algorithm, num_clients=dataset.num_clients, clients_per_round=clients_per_round
+    )
+    step = jax.jit(step_fn).lower(state, data, rounds_key, jnp.int32(0)).compile()
+    evaluate_fn = make_evaluate(algorithm, batch_size=eval_batch_size)
+    evaluate = jax.jit(evaluate_fn).lower(state, *test).compile()
+    compile_s = time.perf_counter() - start
+
+    history: list[dict] = []
+    cum_up = cum_down = 0
+    bar = tqdm(
+        total=rounds, unit="round", disable=not progress, file=sys.stderr, dynamic_ncols=True
+    )
+    record: dict = {}
+    try:
+        for r in range(rounds):
+            state, metrics = step(state, data, rounds_key, jnp.int32(r))
+            if not bool(metrics["finite"]):
+                raise NonFiniteError(
+                    f"round {r + 1}: the aggregate update is not finite (NaN or Inf); "
+                    "lower the client or server learning rate"
+                )
+            up = int(np.sum(np.asarray(metrics["uplink_bytes"], np.int64)))
+            down = int(np.sum(np.asarray(metrics["downlink_bytes"], np.int64)))
+            cum_up += up
+            cum_down += down
+            bar.update(1)
+            if (r + 1) % eval_every == 0 or r + 1 == rounds:
+                results = evaluate(state, *test)
+                names = list(results)
+                record = {
+                    "round": r + 1,
+                    "test_accuracy": float(results[names[0]][0]),
+                    "test_loss": float(results[names[0]][1]),
+                    "train_loss": float(metrics["train_loss"]),
+                    "uplink_bytes": up,
+                    "downlink_bytes": down,
+                    "cumulative_uplink_bytes": cum_up,
+                    "cumulative_downlink_bytes": cum_down,
+                    "wall_s": round(time.perf_counter() - start, 3),
+                }
+                if len(names) > 1:
+                    for name, (acc, loss) in results.items():
+                        record[f"{name}_test_accuracy"] = float(acc)
+                        record[f"{name}_test_loss"] = float(loss)
+                history.append(record)
+                if on_eval is not None:
+                    on_eval(record)
+                bar.set_postfix(test_acc=f"{record['test_accuracy']:.4f}")
+    finally:
+        bar.close()
+    summary = {
+        k: v for k, v in record.items() if k.endswith("test_accuracy") or k.endswith("test_loss")
+    }
+    summary.update(
+        rounds=rounds,
+        train_loss=record["train_loss"],
+        wall_s=round(time.perf_counter() - start, 3),
+        compile_s=round(compile_s, 3),
+        uplink_bytes=cum_up,
+        downlink_bytes=cum_down,
+    )
+    return RunResult(state=state, history=history, summary=summary)

@@ -1,0 +1,65 @@
+"""Shared types: pytrees, apply functions, algorithm values and round outputs.
+
+Everything that crosses a module boundary inside the library is one of these
+plain values. States are immutable ``NamedTuple``s rebuilt with ``._replace``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+
+PyTree = Any
+Params = PyTree
+#: ``apply(params, x) -> logits``; ``x`` is a batch ``[B, *feature_shape]``.
+ApplyFn = Callable[[Params, jax.Array], jax.Array]
+
+
+class ClientOutput(NamedTuple):
+    """What one client sends back after local training.
+
+    Attributes:
+      delta: ``global_params - local_params`` (the client's pseudo-gradient).
+      weight: aggregation weight; the number of real local examples.
+      metrics: scalar metrics of the local run (e.g. ``train_loss``).
+    """
+
+    delta: Params
+    weight: jax.Array
+    metrics: Mapping[str, jax.Array]
+
+
+class ServerState(NamedTuple):
+    """Server state of FedAvg-style algorithms.
+
+    Attributes:
+      params: global model parameters.
+      opt_state: the server optimizer's state.
+    """
+
+    params: Params
+    opt_state: PyTree
+
+
+class FederatedAlgorithm(NamedTuple):
+    """A federated algorithm as a value of pure functions.
+
+    Attributes:
+      init: ``init(key) -> state``; builds the initial server state.
+      round: ``round(state, cohort, key) -> (state, metrics)``; one
+        communication round over an already gathered cohort
+        (:class:`fedjax_kd.data.ClientData` with ``[K, N, ...]`` arrays). Must be
+        a pure function of its arguments so it can be ``jax.jit``-compiled.
+        ``metrics`` is a dict of scalars including ``train_loss``,
+        ``uplink_bytes``, ``downlink_bytes`` and ``finite`` (whether the
+        aggregate update was finite).
+      eval_models: ``eval_models(state) -> {name: (apply_fn, params)}``; the
+        models to evaluate on the test set. The first entry is the headline
+        model reported as ``test_accuracy``.
+    """
+
+    init: Callable[[jax.Array], PyTree]
+    round: Callable[[PyTree, Any, jax.Array], tuple[PyTree, dict[str, jax.Array]]]
+    eval_models: Callable[[PyTree], Mapping[str, tuple[ApplyFn, Params]]]
