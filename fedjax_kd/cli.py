@@ -73,9 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     run_p.add_argument("--no-progress", action="store_true", help="no progress bar")
     try:
         overrides, rest = _split_overrides(argv)
-    except SystemExit as e:
-        return int(e.code)
-    args = parser.parse_args(rest)
+        args = parser.parse_args(rest)
+    except SystemExit as e:  # argument mistakes (code 2) and --help (code 0)
+        return int(e.code or 0)
     if args.command is None:
         parser.print_help()
         return 2

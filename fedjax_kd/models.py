@@ -156,7 +156,7 @@ def create(name: str, *, feature_shape: Sequence[int], num_classes: int) -> Mode
 
     def init(key: jax.Array) -> Params:
         module = build(nnx.Rngs(params=key))
-        return nnx.state(module, nnx.Param).to_pure_dict()
+        return nnx.to_pure_dict(nnx.state(module, nnx.Param))
 
     def apply(params: Params, x: jax.Array) -> jax.Array:
         return nnx.merge(graphdef, params)(x)

@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from fedjax_kd import losses
 from fedjax_kd.data import ClientData, FederatedDataset, gather_clients, sample_clients
