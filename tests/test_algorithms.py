@@ -70,7 +70,9 @@ def test_vmapped_round_equals_python_loop(digits_small):
         losses.append(float(out.metrics["train_loss"]))
     w = np.array(weights)
     expected = jax.tree.map(
-        lambda p, *ds: np.asarray(p) - sum(wi * np.asarray(d) for wi, d in zip(w, ds)) / w.sum(),
+        lambda p, *ds: (
+            np.asarray(p) - sum(wi * np.asarray(d) for wi, d in zip(w, ds, strict=True)) / w.sum()
+        ),
         state.params,
         *deltas,
     )

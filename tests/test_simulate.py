@@ -11,7 +11,11 @@ from fedjax_kd import algorithms, compress, models, simulate
 def fedavg(dataset, lr=0.1, name="mlp-16"):
     model = models.create(name, feature_shape=dataset.feature_shape, num_classes=10)
     algo = algorithms.fed_avg(
-        model, client_optimizer=optax.sgd(lr), server_optimizer=optax.sgd(1.0), epochs=1, batch_size=8
+        model,
+        client_optimizer=optax.sgd(lr),
+        server_optimizer=optax.sgd(1.0),
+        epochs=1,
+        batch_size=8,
     )
     return model, algo
 
