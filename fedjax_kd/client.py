@@ -1,15 +1,21 @@
 """Local training of one client as a pure function.
 
 ``make_client_update`` closes over the hyperparameters and returns
-``client_update(params, x, y, count, key, teacher_params=None) -> ClientOutput``
-for ONE client; algorithms ``jax.vmap`` it over the cohort.
+``client_update(params, x, y, count, key, targets=None) -> ClientOutput``
+for ONE client; algorithms ``jax.vmap`` it over the cohort. Both it and
+algorithms with other local objectives (FedKD's mutual distillation, FedMD's
+digest phase) build on :func:`local_train`, which owns batching and padding.
 
 Local training runs ``epochs`` passes of minibatches of ``batch_size`` as one
 ``lax.scan`` over ``epochs * ceil(N / batch_size)`` steps, where ``N`` is the
 padded number of examples. The local objective of a batch is
 
-    mean_i [CE(f(x_i), y_i) + kd_weight * T^2 KL(softmax(t_i/T) || softmax(f(x_i)/T))]
+    mean_i [task_weight * CE(f(x_i), y_i) + kd_weight * D(f(x_i), t_i, y_i)]
       + (prox_mu / 2) * ||w - w_global||^2
+
+with ``D`` by default ``T^2 KL(softmax(t_i/T) || softmax(f(x_i)/T))`` and
+``t_i`` per-example targets (e.g. a frozen teacher's logits, computed once per
+round by the caller, not once per step)
 
 with the mean over the batch's real examples (FedProx: Li et al., MLSys 2020,
 arXiv 1812.06127; distillation: Hinton et al., arXiv 1503.02531).
@@ -26,13 +32,11 @@ Padding is exact, not approximate:
 
 A client padded to 40 examples therefore returns bit-identical results to the
 same client padded to 400.
-
-Teacher logits for distillation are computed once per round on the client's
-examples (the teacher is frozen during local training), not once per step.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -74,6 +78,88 @@ def tree_sq_norm(tree: Params) -> jax.Array:
     return sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree.leaves(tree))
 
 
+def local_train(
+    loss_fn: Callable,
+    params: Params,
+    optimizer: optax.GradientTransformation,
+    examples: dict[str, jax.Array],
+    count: jax.Array,
+    key: jax.Array,
+    *,
+    epochs: int,
+    batch_size: int,
+) -> tuple[Params, dict[str, jax.Array]]:
+    """Runs ``epochs`` of shuffled minibatch steps as one ``lax.scan``.
+
+    The building block of every client's local training (and of server-side
+    distillation): it owns batching, the exact-padding rules described in the
+    module docstring, and the optimizer; ``loss_fn`` owns the objective.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch, valid) -> (loss, task_sum)`` where
+        ``batch`` holds the ``examples`` entries indexed by the minibatch
+        (``[B, ...]`` each), ``valid`` is the bool ``[B]`` mask of real
+        examples, ``loss`` is the scalar to minimise and ``task_sum`` the sum
+        of a per-example monitoring loss over the real examples.
+      params: initial parameters (any pytree).
+      optimizer: optax optimizer; its state starts fresh.
+      examples: per-example arrays with a leading axis ``N`` (e.g. ``x``,
+        ``y``, teacher logits).
+      count: number of real examples (positions ``< count``).
+      key: the client's key; epoch ``e`` shuffles with ``fold_in(key, e)``.
+      epochs: passes over the data (static).
+      batch_size: minibatch size (static).
+
+    Returns:
+      ``(final_params, metrics)`` with metrics ``train_loss`` (mean of the
+      monitoring loss over the examples seen) and ``local_steps`` (steps with
+      at least one real example).
+    """
+    num_examples = jax.tree.leaves(examples)[0].shape[0]
+    steps_per_epoch = math.ceil(num_examples / batch_size)
+    padded_len = steps_per_epoch * batch_size
+    orders = jax.vmap(lambda e: epoch_order(jax.random.fold_in(key, e), count, num_examples))(
+        jnp.arange(epochs)
+    )
+    orders = jnp.pad(orders, ((0, 0), (0, padded_len - num_examples)))
+    batch_idx = orders.reshape(epochs * steps_per_epoch, batch_size)
+    slot = jnp.arange(padded_len).reshape(steps_per_epoch, batch_size)
+    batch_valid = jnp.tile(slot < count, (epochs, 1))
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+
+    def step(carry, inputs):
+        local, opt_state, loss_sum = carry
+        idx, valid = inputs
+        batch = jax.tree.map(lambda a: a[idx], examples)
+        grads, task_sum = grad_fn(local, batch, valid)
+        updates, new_opt_state = optimizer.update(grads, opt_state, local)
+        new_local = optax.apply_updates(local, updates)
+        has_real = jnp.any(valid)
+        keep = lambda new, old: jnp.where(has_real, new, old)  # noqa: E731
+        local = jax.tree.map(keep, new_local, local)
+        opt_state = jax.tree.map(keep, new_opt_state, opt_state)
+        return (local, opt_state, loss_sum + task_sum), has_real
+
+    init = (params, optimizer.init(params), jnp.zeros((), jnp.float32))
+    (local, _, loss_sum), has_real = jax.lax.scan(step, init, (batch_idx, batch_valid))
+    seen = jnp.maximum(count * epochs, 1).astype(jnp.float32)
+    metrics = {
+        "train_loss": loss_sum / seen,
+        "local_steps": jnp.sum(has_real).astype(jnp.int32),
+    }
+    return local, metrics
+
+
+def kl_distill_fn(temperature: float) -> Callable:
+    """``distill_fn`` of Hinton et al.: ``T^2 KL(softmax(t/T) || softmax(s/T))``."""
+
+    def distill(student_logits, targets, labels):
+        del labels
+        return losses.distillation_loss(student_logits, targets, temperature)
+
+    return distill
+
+
 def make_client_update(
     apply_fn: ApplyFn,
     optimizer: optax.GradientTransformation,
@@ -81,9 +167,10 @@ def make_client_update(
     epochs: int,
     batch_size: int,
     prox_mu: float = 0.0,
-    teacher_apply_fn: ApplyFn | None = None,
     kd_weight: float = 0.0,
     temperature: float = 1.0,
+    distill_fn: Callable | None = None,
+    task_weight: float = 1.0,
 ) -> ClientUpdateFn:
     """Builds the local training function of one client.
 
@@ -94,74 +181,56 @@ def make_client_update(
       epochs: local epochs ``E >= 1``.
       batch_size: minibatch size ``B >= 1``.
       prox_mu: FedProx proximal weight ``mu >= 0`` (0 = FedAvg).
-      teacher_apply_fn: apply function of a frozen teacher; required when
-        ``kd_weight > 0``.
-      kd_weight: weight of the distillation term.
-      temperature: distillation temperature ``T > 0``.
+      kd_weight: weight of the distillation term; when > 0 the client update
+        needs per-example ``targets`` (e.g. a frozen teacher's logits).
+      temperature: temperature of the default distillation term.
+      distill_fn: ``distill_fn(student_logits, targets, labels) -> [B]``; the
+        per-example distillation loss (default: :func:`kl_distill_fn`).
+      task_weight: weight of the cross-entropy task loss (0 for pure
+        distillation, e.g. FedMD's digest phase).
 
     Returns:
-      ``client_update(params, x, y, count, key, teacher_params=None)`` where
-      ``x`` is ``[N, ...]``, ``y`` is ``[N]``, ``count`` the number of real
-      examples, returning a :class:`~fedjax_kd.types.ClientOutput` with
-      ``delta = params - local_params``, ``weight = count`` and metrics
-      ``train_loss`` (mean task loss over the examples seen) and
-      ``local_steps`` (steps with at least one real example).
+      ``client_update(params, x, y, count, key, targets=None)`` where ``x`` is
+      ``[N, ...]``, ``y`` is ``[N]``, ``count`` the number of real examples and
+      ``targets`` ``[N, ...]`` per-example distillation targets, returning a
+      :class:`~fedjax_kd.types.ClientOutput` with ``delta = params -
+      local_params``, ``weight = count`` and metrics ``train_loss`` (mean task
+      loss over the examples seen) and ``local_steps``.
     """
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
     use_kd = kd_weight > 0
-    if use_kd and teacher_apply_fn is None:
-        raise ValueError("kd_weight > 0 needs a teacher_apply_fn")
+    distill = distill_fn if distill_fn is not None else kl_distill_fn(temperature)
 
-    def batch_loss(params, global_params, xb, yb, tb, valid):
-        logits = apply_fn(params, xb)
-        task = losses.cross_entropy(logits, yb)
-        per_example = task
+    def loss_fn(local, batch, valid, global_params):
+        logits = apply_fn(local, batch["x"])
+        task = losses.cross_entropy(logits, batch["y"])
+        per_example = task_weight * task
         if use_kd:
-            per_example = task + kd_weight * losses.distillation_loss(logits, tb, temperature)
+            per_example = per_example + kd_weight * distill(logits, batch["targets"], batch["y"])
         loss = losses.masked_mean(per_example, valid)
         if prox_mu > 0:
-            diff = jax.tree.map(jnp.subtract, params, global_params)
+            diff = jax.tree.map(jnp.subtract, local, global_params)
             loss = loss + 0.5 * prox_mu * tree_sq_norm(diff)
-        task_sum = jnp.sum(jnp.where(valid, task, 0.0))
-        return loss, task_sum
+        return loss, jnp.sum(jnp.where(valid, task, 0.0))
 
-    grad_fn = jax.grad(batch_loss, has_aux=True)
-
-    def client_update(params, x, y, count, key, teacher_params=None) -> ClientOutput:
-        num_examples = x.shape[0]
-        steps_per_epoch = math.ceil(num_examples / batch_size)
-        padded_len = steps_per_epoch * batch_size
-        orders = jax.vmap(lambda e: epoch_order(jax.random.fold_in(key, e), count, num_examples))(
-            jnp.arange(epochs)
+    def client_update(params, x, y, count, key, targets=None) -> ClientOutput:
+        examples = {"x": x, "y": y}
+        if use_kd:
+            if targets is None:
+                raise ValueError("kd_weight > 0: client_update needs per-example targets")
+            examples["targets"] = targets
+        local, metrics = local_train(
+            functools.partial(loss_fn, global_params=params),
+            params,
+            optimizer,
+            examples,
+            count,
+            key,
+            epochs=epochs,
+            batch_size=batch_size,
         )
-        orders = jnp.pad(orders, ((0, 0), (0, padded_len - num_examples)))
-        batch_idx = orders.reshape(epochs * steps_per_epoch, batch_size)
-        slot = jnp.arange(padded_len).reshape(steps_per_epoch, batch_size)
-        batch_valid = jnp.tile(slot < count, (epochs, 1))
-        teacher_logits = teacher_apply_fn(teacher_params, x) if use_kd else jnp.zeros((0,))
-
-        def step(carry, inputs):
-            local, opt_state, loss_sum = carry
-            idx, valid = inputs
-            tb = teacher_logits[idx] if use_kd else None
-            grads, task_sum = grad_fn(local, params, x[idx], y[idx], tb, valid)
-            updates, new_opt_state = optimizer.update(grads, opt_state, local)
-            new_local = optax.apply_updates(local, updates)
-            has_real = jnp.any(valid)
-            keep = lambda new, old: jnp.where(has_real, new, old)  # noqa: E731
-            local = jax.tree.map(keep, new_local, local)
-            opt_state = jax.tree.map(keep, new_opt_state, opt_state)
-            return (local, opt_state, loss_sum + task_sum), has_real
-
-        init = (params, optimizer.init(params), jnp.zeros((), jnp.float32))
-        (local, _, loss_sum), has_real = jax.lax.scan(step, init, (batch_idx, batch_valid))
-        seen = jnp.maximum(count * epochs, 1).astype(jnp.float32)
         delta = jax.tree.map(jnp.subtract, params, local)
-        metrics = {
-            "train_loss": loss_sum / seen,
-            "local_steps": jnp.sum(has_real).astype(jnp.int32),
-        }
         return ClientOutput(delta=delta, weight=count.astype(jnp.float32), metrics=metrics)
 
     return client_update

@@ -46,7 +46,6 @@ def test_padding_changes_nothing_exactly(prox_mu, kd_weight):
         epochs=2,
         batch_size=3,
         prox_mu=prox_mu,
-        teacher_apply_fn=teacher.apply,
         kd_weight=kd_weight,
         temperature=2.0,
     )
@@ -56,7 +55,8 @@ def test_padding_changes_nothing_exactly(prox_mu, kd_weight):
     outs = []
     for pad_to in (7, 11, 30):
         x, y, n = make_problem(7, pad_to)
-        outs.append(jax.jit(update)(params, x, y, n, key, t_params))
+        targets = teacher.apply(t_params, x)
+        outs.append(jax.jit(update)(params, x, y, n, key, targets))
     for out in outs[1:]:
         chex.assert_trees_all_equal(out.delta, outs[0].delta)
         chex.assert_trees_all_equal(out.metrics, outs[0].metrics)
@@ -103,13 +103,12 @@ def test_matches_numpy_plain_loop(mu, kd_weight, batch_size):
         epochs=epochs,
         batch_size=batch_size,
         prox_mu=mu,
-        teacher_apply_fn=model.apply,
         kd_weight=kd_weight,
         temperature=T,
     )
     x, y, count = make_problem(n, pad_to)
     key = jax.random.key(11)
-    out = jax.jit(update)(params, x, y, count, key, t_params)
+    out = jax.jit(update)(params, x, y, count, key, model.apply(t_params, x))
     f = lambda a: np.asarray(a, np.float64)  # noqa: E731
     dw, db = reference_client_update(
         f(params["head"]["kernel"]),
@@ -158,5 +157,34 @@ def test_bad_arguments():
     model = models.create("linear", feature_shape=(5,), num_classes=3)
     with pytest.raises(ValueError, match="batch_size"):
         client.make_client_update(model.apply, optax.sgd(0.1), epochs=1, batch_size=0)
-    with pytest.raises(ValueError, match="teacher"):
-        client.make_client_update(model.apply, optax.sgd(0.1), epochs=1, batch_size=2, kd_weight=1)
+    update = client.make_client_update(
+        model.apply, optax.sgd(0.1), epochs=1, batch_size=2, kd_weight=1.0
+    )
+    x, y, count = make_problem(3, 4)
+    with pytest.raises(ValueError, match="targets"):
+        update(model.init(jax.random.key(0)), x, y, count, jax.random.key(1))
+
+
+def test_custom_distill_fn_and_task_weight_zero():
+    # task_weight 0 and distillation 0.5 ||z - t||^2 on logits z = xW + b: one
+    # full-batch SGD step moves W by lr * x^T (z - t) / n and b by lr * sum(z - t) / n.
+    model = models.create("linear", feature_shape=(5,), num_classes=3)
+    params = model.init(jax.random.key(0))
+    l2 = lambda s, t, y: 0.5 * jnp.sum(jnp.square(s - t), -1)  # noqa: E731
+    update = client.make_client_update(
+        model.apply,
+        optax.sgd(0.1),
+        epochs=1,
+        batch_size=8,
+        kd_weight=1.0,
+        distill_fn=l2,
+        task_weight=0.0,
+    )
+    x, y, count = make_problem(8, 8)
+    targets = jnp.ones((8, 3))
+    out = update(params, x, y, count, jax.random.key(0), targets)
+    w, b = np.asarray(params["head"]["kernel"]), np.asarray(params["head"]["bias"])
+    z = np.asarray(x) @ w + b
+    g = (z - 1.0) / 8
+    np.testing.assert_allclose(out.delta["head"]["kernel"], 0.1 * np.asarray(x).T @ g, rtol=1e-5)
+    np.testing.assert_allclose(out.delta["head"]["bias"], 0.1 * g.sum(0), rtol=1e-5)
