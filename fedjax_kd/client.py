@@ -190,9 +190,10 @@ def make_client_update(
         distillation, e.g. FedMD's digest phase).
 
     Returns:
-      ``client_update(params, x, y, count, key, targets=None)`` where ``x`` is
-      ``[N, ...]``, ``y`` is ``[N]``, ``count`` the number of real examples and
-      ``targets`` ``[N, ...]`` per-example distillation targets, returning a
+      ``client_update(params, x, y, count, key, targets=None, kd_scale=1.0)``
+      where ``x`` is ``[N, ...]``, ``y`` is ``[N]``, ``count`` the number of
+      real examples, ``targets`` ``[N, ...]`` per-example distillation targets
+      and ``kd_scale`` a (traced) factor on the distillation term, returning a
       :class:`~fedjax_kd.types.ClientOutput` with ``delta = params -
       local_params``, ``weight = count`` and metrics ``train_loss`` (mean task
       loss over the examples seen) and ``local_steps``.
@@ -202,26 +203,27 @@ def make_client_update(
     use_kd = kd_weight > 0
     distill = distill_fn if distill_fn is not None else kl_distill_fn(temperature)
 
-    def loss_fn(local, batch, valid, global_params):
+    def loss_fn(local, batch, valid, global_params, kd_scale):
         logits = apply_fn(local, batch["x"])
         task = losses.cross_entropy(logits, batch["y"])
         per_example = task_weight * task
         if use_kd:
-            per_example = per_example + kd_weight * distill(logits, batch["targets"], batch["y"])
+            kd = distill(logits, batch["targets"], batch["y"])
+            per_example = per_example + kd_scale * kd_weight * kd
         loss = losses.masked_mean(per_example, valid)
         if prox_mu > 0:
             diff = jax.tree.map(jnp.subtract, local, global_params)
             loss = loss + 0.5 * prox_mu * tree_sq_norm(diff)
         return loss, jnp.sum(jnp.where(valid, task, 0.0))
 
-    def client_update(params, x, y, count, key, targets=None) -> ClientOutput:
+    def client_update(params, x, y, count, key, targets=None, kd_scale=1.0) -> ClientOutput:
         examples = {"x": x, "y": y}
         if use_kd:
             if targets is None:
                 raise ValueError("kd_weight > 0: client_update needs per-example targets")
             examples["targets"] = targets
         local, metrics = local_train(
-            functools.partial(loss_fn, global_params=params),
+            functools.partial(loss_fn, global_params=params, kd_scale=kd_scale),
             params,
             optimizer,
             examples,

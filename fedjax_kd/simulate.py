@@ -1,11 +1,14 @@
 """The compiled round and the run loop; drives any FederatedAlgorithm.
 
-One round is ``step(state, data, rounds_key, r) -> (state, metrics)``:
+One round is ``step(state, data, server_data, rounds_key, r) -> (state, metrics)``:
 
     key_r  = fold_in(rounds_key, r)
     ids    = sample_clients(fold_in(key_r, SAMPLE), num_clients, K)   # uniform, no replacement
     cohort = gather_clients(data, ids)                                # [K, N, ...]
-    state, metrics = algorithm.round(state, cohort, fold_in(key_r, CLIENTS))
+    state, metrics = algorithm.round(state, cohort, fold_in(key_r, CLIENTS), server_data)
+
+``server_data`` holds the server's own arrays (``{"proxy_x": ...}`` when the
+dataset has an unlabeled proxy set, else empty).
 
 It is compiled ahead of time once (``jax.jit(...).lower(...).compile()``), so
 the whole run uses one executable; the round index is a traced argument.
@@ -13,7 +16,7 @@ Randomness is a pure function of ``(seed, round)``: the initial state uses
 ``fold_in(key(seed), INIT)`` and round r uses ``fold_in(fold_in(key(seed),
 ROUNDS), r)``, so any round can be replayed without replaying the ones before.
 
-Client data travels as an argument, never as a closure constant (``jit`` would
+Client and server data travel as arguments, never as a closure constant (``jit`` would
 bake captured arrays into the program).
 """
 
@@ -33,6 +36,9 @@ from tqdm import tqdm
 from fedjax_kd import losses
 from fedjax_kd.data import ClientData, FederatedDataset, gather_clients, sample_clients
 from fedjax_kd.types import FederatedAlgorithm
+
+# Round metrics with a fixed meaning; every other scalar metric is recorded as is.
+RESERVED_METRICS = ("train_loss", "uplink_bytes", "downlink_bytes", "finite")
 
 # Named random streams (fold_in constants).
 INIT, ROUNDS = 0, 1
@@ -66,7 +72,7 @@ def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
 def make_round_step(
     algorithm: FederatedAlgorithm, *, num_clients: int, clients_per_round: int
 ) -> Callable:
-    """Returns the pure round ``step(state, data, rounds_key, r) -> (state, metrics)``.
+    """Returns the pure round ``step(state, data, server_data, rounds_key, r)``.
 
     Args:
       algorithm: the federated algorithm.
@@ -78,11 +84,13 @@ def make_round_step(
             f"clients_per_round must be in [1, {num_clients}], got {clients_per_round}"
         )
 
-    def step(state, data: ClientData, rounds_key: jax.Array, r: jax.Array):
+    sample = algorithm.sample_cohort or sample_clients
+
+    def step(state, data: ClientData, server_data: dict, rounds_key: jax.Array, r: jax.Array):
         key_r = jax.random.fold_in(rounds_key, r)
-        ids = sample_clients(jax.random.fold_in(key_r, SAMPLE), num_clients, clients_per_round)
+        ids = sample(jax.random.fold_in(key_r, SAMPLE), num_clients, clients_per_round)
         cohort = gather_clients(data, ids)
-        return algorithm.round(state, cohort, jax.random.fold_in(key_r, CLIENTS))
+        return algorithm.round(state, cohort, jax.random.fold_in(key_r, CLIENTS), server_data)
 
     return step
 
@@ -102,9 +110,12 @@ def make_evaluate(algorithm: FederatedAlgorithm, *, batch_size: int) -> Callable
             def body(carry, batch, apply_fn=apply_fn, params=params):
                 xb, yb, mb = batch
                 logits = apply_fn(params, xb)
-                correct = jnp.sum(jnp.where(mb, losses.accuracy(logits, yb), 0.0))
-                loss = jnp.sum(jnp.where(mb, losses.cross_entropy(logits, yb), 0.0))
-                return (carry[0] + correct, carry[1] + loss), None
+                # Extra leading axes are several models (e.g. per-client): average them.
+                num_models = math.prod(logits.shape[:-2])
+                labels = jnp.broadcast_to(yb, logits.shape[:-1])
+                correct = jnp.sum(jnp.where(mb, losses.accuracy(logits, labels), 0.0))
+                loss = jnp.sum(jnp.where(mb, losses.cross_entropy(logits, labels), 0.0))
+                return (carry[0] + correct / num_models, carry[1] + loss / num_models), None
 
             zero = jnp.zeros((), jnp.float32)
             (correct, loss), _ = jax.lax.scan(body, (zero, zero), (x, y, mask))
@@ -167,12 +178,15 @@ def run(
     init_key, rounds_key = seed_keys(seed)
     data = jax.tree.map(jnp.asarray, dataset.train)
     test = tuple(map(jnp.asarray, batch_test_set(dataset.test_x, dataset.test_y, eval_batch_size)))
+    server_data = {}
+    if dataset.proxy_x is not None:
+        server_data["proxy_x"] = jnp.asarray(dataset.proxy_x)
     state = jax.jit(algorithm.init)(init_key)
 
     step_fn = make_round_step(
         algorithm, num_clients=dataset.num_clients, clients_per_round=clients_per_round
     )
-    step = jax.jit(step_fn).lower(state, data, rounds_key, jnp.int32(0)).compile()
+    step = jax.jit(step_fn).lower(state, data, server_data, rounds_key, jnp.int32(0)).compile()
     evaluate_fn = make_evaluate(algorithm, batch_size=eval_batch_size)
     evaluate = jax.jit(evaluate_fn).lower(state, *test).compile()
     compile_s = time.perf_counter() - start
@@ -185,7 +199,7 @@ def run(
     record: dict = {}
     try:
         for r in range(rounds):
-            state, metrics = step(state, data, rounds_key, jnp.int32(r))
+            state, metrics = step(state, data, server_data, rounds_key, jnp.int32(r))
             if not bool(metrics["finite"]):
                 raise NonFiniteError(
                     f"round {r + 1}: the aggregate update is not finite (NaN or Inf); "
@@ -210,6 +224,10 @@ def run(
                     "cumulative_downlink_bytes": cum_down,
                     "wall_s": round(time.perf_counter() - start, 3),
                 }
+                for name, value in metrics.items():
+                    # Algorithm-specific scalars (compute counters, distillation loss).
+                    if name not in RESERVED_METRICS and jnp.ndim(value) == 0:
+                        record[name] = value.item()
                 if len(names) > 1:
                     for name, (acc, loss) in results.items():
                         record[f"{name}_test_accuracy"] = float(acc)

@@ -48,18 +48,24 @@ class FederatedAlgorithm(NamedTuple):
 
     Attributes:
       init: ``init(key) -> state``; builds the initial server state.
-      round: ``round(state, cohort, key) -> (state, metrics)``; one
-        communication round over an already gathered cohort
-        (:class:`fedjax_kd.data.ClientData` with ``[K, N, ...]`` arrays). Must be
+      round: ``round(state, cohort, key, server_data=None) -> (state,
+        metrics)``; one communication round over an already gathered cohort
+        (:class:`fedjax_kd.data.ClientData` with ``[K, N, ...]`` arrays);
+        ``server_data`` is a dict of server-side arrays (``proxy_x``). Must be
         a pure function of its arguments so it can be ``jax.jit``-compiled.
         ``metrics`` is a dict of scalars including ``train_loss``,
         ``uplink_bytes``, ``downlink_bytes`` and ``finite`` (whether the
         aggregate update was finite).
       eval_models: ``eval_models(state) -> {name: (apply_fn, params)}``; the
         models to evaluate on the test set. The first entry is the headline
-        model reported as ``test_accuracy``.
+        model reported as ``test_accuracy``. ``apply_fn`` may return logits
+        with extra leading axes (``[M, B, C]`` for M per-client models); the
+        accuracy and loss are then averaged over those models.
+      sample_cohort: optional ``sample_cohort(key, num_clients, k) -> ids``
+        replacing uniform sampling (e.g. stratified by architecture group).
     """
 
     init: Callable[[jax.Array], PyTree]
-    round: Callable[[PyTree, Any, jax.Array], tuple[PyTree, dict[str, jax.Array]]]
+    round: Callable[..., tuple[PyTree, dict[str, jax.Array]]]
     eval_models: Callable[[PyTree], Mapping[str, tuple[ApplyFn, Params]]]
+    sample_cohort: Callable[[jax.Array, int, int], jax.Array] | None = None

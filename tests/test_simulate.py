@@ -43,9 +43,9 @@ def test_round_is_traced_once(digits_small):
     _, algo = fedavg(digits_small)
     traces = []
 
-    def counting_round(state, cohort, key):
+    def counting_round(state, cohort, key, server_data):
         traces.append(1)
-        return algo.round(state, cohort, key)
+        return algo.round(state, cohort, key, server_data)
 
     run(algo._replace(round=counting_round), digits_small, rounds=6)
     assert len(traces) == 1

@@ -64,19 +64,37 @@ def from_client_update(
     server_optimizer: optax.GradientTransformation,
     *,
     uniform_weighting: bool = False,
+    targets_fn=None,
 ) -> FederatedAlgorithm:
-    """FedAvg's server side around any ``client_update`` (shared by FedProx)."""
+    """FedAvg's server side around any ``client_update`` (shared by FedProx, FedNTD).
+
+    Args:
+      model: the global model (pure ``init``/``apply``).
+      client_update: from :func:`fedjax_kd.client.make_client_update`.
+      server_optimizer: optax optimizer on the pseudo-gradient.
+      uniform_weighting: average deltas uniformly instead of by example count.
+      targets_fn: optional ``targets_fn(global_params, x) -> [N, ...]``
+        per-example distillation targets computed once per round on each
+        client's data from the downloaded global model (FedNTD).
+    """
 
     def init(key: jax.Array) -> ServerState:
         params = model.init(key)
         return ServerState(params=params, opt_state=server_optimizer.init(params))
 
-    def round_fn(state: ServerState, cohort, key: jax.Array):
+    def round_fn(state: ServerState, cohort, key: jax.Array, server_data=None):
+        del server_data  # FedAvg uses no server-side data.
         num_clients = cohort.count.shape[0]
         keys = jax.random.split(key, num_clients)
-        out = jax.vmap(client_update, in_axes=(None, 0, 0, 0, 0))(
-            state.params, cohort.x, cohort.y, cohort.count, keys
-        )
+        if targets_fn is None:
+            out = jax.vmap(client_update, in_axes=(None, 0, 0, 0, 0))(
+                state.params, cohort.x, cohort.y, cohort.count, keys
+            )
+        else:
+            targets = jax.vmap(targets_fn, in_axes=(None, 0))(state.params, cohort.x)
+            out = jax.vmap(client_update, in_axes=(None, 0, 0, 0, 0, 0))(
+                state.params, cohort.x, cohort.y, cohort.count, keys, targets
+            )
         weights = aggregate.client_weights(out.weight, uniform=uniform_weighting)
         delta = aggregate.weighted_mean(out.delta, weights)
         params, opt_state = aggregate.server_update(

@@ -50,6 +50,7 @@ def digits(
     partition: str = "dirichlet",
     seed: int = 0,
     test_fraction: float = 0.2,
+    proxy_fraction: float = 0.0,
     **partition_kwargs,
 ) -> FederatedDataset:
     """scikit-learn digits, partitioned among ``num_clients`` clients.
@@ -64,6 +65,8 @@ def digits(
         "quantity").
       seed: partition seed.
       test_fraction: fraction of the 1797 images held out as the test set.
+      proxy_fraction: fraction of the training part held out (stratified,
+        fixed) as the server's unlabeled proxy set for distillation; 0 = none.
       **partition_kwargs: extra arguments of the partitioner, e.g. ``alpha=0.1``
         for "dirichlet" (which requires it).
 
@@ -90,6 +93,13 @@ def digits(
     x_train, x_test, y_train, y_test = train_test_split(
         x, y, test_size=test_fraction, stratify=y, random_state=0
     )
+    proxy_x = None
+    if proxy_fraction:
+        if not 0 < proxy_fraction < 1:
+            raise ValueError(f"proxy_fraction must be in [0, 1); got {proxy_fraction}.")
+        x_train, proxy_x, y_train, _ = train_test_split(
+            x_train, y_train, test_size=proxy_fraction, stratify=y_train, random_state=0
+        )
     parts = PARTITIONERS[partition](y_train, num_clients, seed=seed, **partition_kwargs)
     return FederatedDataset(
         name="digits",
@@ -97,6 +107,7 @@ def digits(
         test_x=x_test,
         test_y=y_test,
         num_classes=10,
+        proxy_x=proxy_x,
     )
 
 
@@ -177,6 +188,7 @@ def synthetic(
     iid: bool = False,
     test_fraction: float = 0.1,
     max_examples: int | None = None,
+    proxy_fraction: float = 0.0,
 ) -> FederatedDataset:
     """FedProx Synthetic(alpha, beta) with its natural partition (user k = client k).
 
@@ -191,6 +203,9 @@ def synthetic(
         ``int((1 - test_fraction) * n_k)`` training examples (FedProx: 0.1).
       max_examples: optional cap on ``n_k`` (train + test) per user; ``None``
         reproduces FedProx's uncapped sizes.
+      proxy_fraction: fraction of each user's training part held out (its
+        last examples) and pooled into the server's unlabeled proxy set; 0 =
+        none.
 
     Returns:
       A :class:`FederatedDataset` named "synthetic" with 60 features and 10 classes.
@@ -211,12 +226,22 @@ def synthetic(
         iid=iid,
         max_examples=max_examples,
     )
+    if not 0 <= proxy_fraction < 1:
+        raise ValueError(f"proxy_fraction must be in [0, 1); got {proxy_fraction}.")
     num_train = np.floor((1.0 - test_fraction) * arrays.sizes).astype(np.int64)
+    num_proxy = np.floor(proxy_fraction * num_train).astype(np.int64)
+    num_train = num_train - num_proxy
     train_parts = [np.arange(o, o + t) for o, t in zip(arrays.offsets, num_train, strict=True)]
+    proxy_rows = np.concatenate(
+        [
+            np.arange(o + t, o + t + p)
+            for o, t, p in zip(arrays.offsets, num_train, num_proxy, strict=True)
+        ]
+    )
     test_rows = np.concatenate(
         [
             np.arange(o + t, o + s)
-            for o, t, s in zip(arrays.offsets, num_train, arrays.sizes, strict=True)
+            for o, t, s in zip(arrays.offsets, num_train + num_proxy, arrays.sizes, strict=True)
         ]
     )
     return FederatedDataset(
@@ -225,6 +250,7 @@ def synthetic(
         test_x=arrays.x[test_rows],
         test_y=arrays.y[test_rows],
         num_classes=_SYNTHETIC_CLASSES,
+        proxy_x=arrays.x[proxy_rows] if proxy_fraction else None,
     )
 
 

@@ -187,6 +187,9 @@ class FederatedDataset:
       test_x: float32 ``[num_test, *feature_shape]`` centralized test features.
       test_y: int32 ``[num_test]`` centralized test labels.
       num_classes: number of classes; labels lie in ``[0, num_classes)``.
+      proxy_x: optional float32 ``[num_proxy, *feature_shape]`` unlabeled
+        examples held by the server (FedDF-style distillation, public sets of
+        FedMD / DS-FL); disjoint from the clients' data and the test set.
     """
 
     name: str
@@ -194,6 +197,7 @@ class FederatedDataset:
     test_x: np.ndarray
     test_y: np.ndarray
     num_classes: int
+    proxy_x: np.ndarray | None = None
 
     def __post_init__(self):
         """Checks dtypes and shapes so that a malformed dataset fails early."""
@@ -207,6 +211,10 @@ class FederatedDataset:
             )
         if self.test_x.shape[0] != self.test_y.shape[0]:
             raise ValueError("test_x and test_y have different lengths.")
+        if self.proxy_x is not None and (
+            self.proxy_x.dtype != np.float32 or tuple(self.proxy_x.shape[1:]) != self.feature_shape
+        ):
+            raise ValueError("proxy_x must be float32 with the training feature shape.")
 
     @property
     def feature_shape(self) -> tuple[int, ...]:

@@ -1,0 +1,191 @@
+"""The founding loop: clients distil a global teacher into a small student.
+
+From the project's founding document (see ``shared/REFERENCES.md``, "The
+seed's fused loop"); the teacher update is FedDF-style ensemble distillation
+(Lin et al., NeurIPS 2020, arXiv 2006.07242), which lets the teacher be larger
+than the students (as in Fed-ET, Cho et al., IJCAI 2022, arXiv 2204.12703).
+Each round:
+
+1. The server sends the student params ``w`` and the teacher params ``v``.
+2. Client ``k`` trains the student on its data with
+   ``CE(f_w(x), y) + kd_weight * T^2 KL(softmax(g_v(x)/T) || softmax(f_w(x)/T))``;
+   the teacher's logits ``g_v(x)`` are computed once per round on the client's
+   examples, with no gradient into the teacher. Distillation is off before
+   round ``kd_start_round`` (default 1: the round-0 teacher is untrained).
+3. The server aggregates the student deltas (FedAvg weights, any server
+   optimizer): ``w <- ServerOpt(w, sum_k (n_k/n) delta_k)``.
+4. The server distils the ensemble of the cohort's local students ``w_k`` into
+   the teacher on its unlabeled proxy set: target ``softmax(mean_k f_{w_k}(x)/T_s)``,
+   ``distill_steps`` steps of ``distill_optimizer`` on minibatches of
+   ``distill_batch_size`` (``batchmean`` KL times ``T_s^2``, ``T_s = 1``).
+5. Both models go out in the next round.
+
+With ``kd_weight = 0`` and ``distill_steps = 0`` the student trajectory is
+exactly FedAvg's with the same seed (same client keys, same init key).
+
+Communication per client and round: down the student params, plus the
+teacher params when ``kd_weight > 0`` (clients need the teacher only to
+distil); up the student delta and its weight. Compute added over FedAvg:
+one teacher forward pass per real client example per round
+(``teacher_forward_examples``) and, on the server, ``K * P`` student forward
+passes for the ensemble targets plus ``distill_steps`` teacher training steps
+(``server_forward_examples`` counts the forward passes).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_kd import aggregate, distill
+from fedjax_kd.client import make_client_update
+from fedjax_kd.compress import tree_bytes
+from fedjax_kd.types import FederatedAlgorithm, Params, PyTree
+
+
+class TeacherStudentState(NamedTuple):
+    """Server state of :func:`teacher_student`.
+
+    Attributes:
+      params: global student params (the model clients train).
+      opt_state: server optimizer state for the student.
+      teacher: global teacher params.
+      round: number of completed rounds (int32 scalar).
+    """
+
+    params: Params
+    opt_state: PyTree
+    teacher: Params
+    round: jax.Array
+
+
+def teacher_student(
+    student,
+    teacher,
+    *,
+    client_optimizer: optax.GradientTransformation,
+    server_optimizer: optax.GradientTransformation,
+    epochs: int,
+    batch_size: int,
+    kd_weight: float = 1.0,
+    temperature: float = 1.0,
+    kd_start_round: int = 1,
+    distill_optimizer: optax.GradientTransformation | None = None,
+    distill_steps: int = 50,
+    distill_batch_size: int = 128,
+    distill_temperature: float = 1.0,
+    uniform_weighting: bool = False,
+) -> FederatedAlgorithm:
+    """Builds the fused teacher–student loop.
+
+    Args:
+      student: the small model clients train (pure ``init``/``apply``).
+      teacher: the global teacher (may be larger than the student).
+      client_optimizer: optax optimizer for local training.
+      server_optimizer: optax optimizer on the student pseudo-gradient.
+      epochs: local epochs per round.
+      batch_size: local minibatch size.
+      kd_weight: weight of the client-side distillation from the teacher.
+      temperature: client-side distillation temperature ``T``.
+      kd_start_round: first round whose clients distil (earlier: ``kd_weight``
+        acts as 0).
+      distill_optimizer: server optimizer for the teacher's distillation
+        (default FedDF's: clip global norm 5, then Adam lr 1e-3).
+      distill_steps: teacher distillation steps per round (0 = frozen teacher).
+      distill_batch_size: proxy minibatch size of the teacher's distillation.
+      distill_temperature: temperature of the ensemble target.
+      uniform_weighting: average student deltas uniformly.
+
+    Returns:
+      A :class:`~fedjax_kd.types.FederatedAlgorithm` whose ``round`` needs
+      ``server_data["proxy_x"]`` when ``distill_steps > 0``; ``eval_models``
+      gives ``student`` (headline) and ``teacher``.
+    """
+    if kd_weight < 0 or temperature <= 0 or distill_steps < 0 or distill_batch_size < 1:
+        raise ValueError("teacher_student needs kd_weight >= 0, temperature > 0, steps >= 0")
+    if distill_optimizer is None:
+        distill_optimizer = optax.chain(optax.clip_by_global_norm(5.0), optax.adam(1e-3))
+    client_update = make_client_update(
+        student.apply,
+        client_optimizer,
+        epochs=epochs,
+        batch_size=batch_size,
+        kd_weight=kd_weight,
+        temperature=temperature,
+    )
+    server_distill = distill.make_server_distill(
+        teacher.apply,
+        distill_optimizer,
+        steps=distill_steps,
+        batch_size=distill_batch_size,
+        temperature=distill_temperature,
+    )
+    use_kd = kd_weight > 0
+
+    def init(key: jax.Array) -> TeacherStudentState:
+        params = student.init(key)  # the same init key as FedAvg: same student
+        return TeacherStudentState(
+            params=params,
+            opt_state=server_optimizer.init(params),
+            teacher=teacher.init(jax.random.fold_in(key, 1)),
+            round=jnp.zeros((), jnp.int32),
+        )
+
+    def round_fn(state: TeacherStudentState, cohort, key: jax.Array, server_data=None):
+        num_clients = cohort.count.shape[0]
+        keys = jax.random.split(key, num_clients)  # as FedAvg: identical client streams
+        if use_kd:
+            targets = jax.vmap(teacher.apply, in_axes=(None, 0))(state.teacher, cohort.x)
+            kd_scale = (state.round >= kd_start_round).astype(jnp.float32)
+            out = jax.vmap(client_update, in_axes=(None, 0, 0, 0, 0, 0, None))(
+                state.params, cohort.x, cohort.y, cohort.count, keys, targets, kd_scale
+            )
+        else:
+            out = jax.vmap(client_update, in_axes=(None, 0, 0, 0, 0))(
+                state.params, cohort.x, cohort.y, cohort.count, keys
+            )
+        weights = aggregate.client_weights(out.weight, uniform=uniform_weighting)
+        delta = aggregate.weighted_mean(out.delta, weights)
+        params, opt_state = aggregate.server_update(
+            state.params, state.opt_state, delta, server_optimizer
+        )
+        new_teacher = state.teacher
+        distill_metrics = {"distill_loss": jnp.zeros((), jnp.float32)}
+        server_forward = 0
+        if distill_steps > 0:
+            if not server_data or "proxy_x" not in server_data:
+                raise ValueError("teacher_student with distill_steps > 0 needs a proxy set")
+            proxy_x = server_data["proxy_x"]
+            local_students = jax.tree.map(lambda p, d: p[None] - d, state.params, out.delta)
+            has_data = (out.weight > 0).astype(jnp.float32)
+            target = distill.ensemble_logits(
+                [(student.apply, local_students)], proxy_x, weights=has_data
+            )
+            new_teacher, distill_metrics = server_distill(
+                state.teacher, proxy_x, target, jax.random.fold_in(key, 1)
+            )
+            server_forward = num_clients * proxy_x.shape[0]
+        per_client_down = tree_bytes(state.params) + (tree_bytes(state.teacher) if use_kd else 0)
+        per_client_up = (tree_bytes(out.delta) + tree_bytes(out.weight)) // num_clients
+        teacher_forward = jnp.sum(cohort.count) if use_kd else jnp.zeros((), jnp.int32)
+        metrics = {
+            "train_loss": aggregate.weighted_mean(out.metrics["train_loss"], out.weight),
+            "uplink_bytes": jnp.full((num_clients,), per_client_up, jnp.int32),
+            "downlink_bytes": jnp.full((num_clients,), per_client_down, jnp.int32),
+            "finite": aggregate.tree_all_finite(delta) & aggregate.tree_all_finite(new_teacher),
+            "teacher_forward_examples": teacher_forward.astype(jnp.int32),
+            "server_forward_examples": jnp.asarray(server_forward, jnp.int32),
+            **distill_metrics,
+        }
+        new_state = TeacherStudentState(
+            params=params, opt_state=opt_state, teacher=new_teacher, round=state.round + 1
+        )
+        return new_state, metrics
+
+    def eval_models(state: TeacherStudentState):
+        return {"student": (student.apply, state.params), "teacher": (teacher.apply, state.teacher)}
+
+    return FederatedAlgorithm(init=init, round=round_fn, eval_models=eval_models)
