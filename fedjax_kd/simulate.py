@@ -7,8 +7,9 @@ One round is ``step(state, data, server_data, rounds_key, r) -> (state, metrics)
     cohort = gather_clients(data, ids)                                # [K, N, ...]
     state, metrics = algorithm.round(state, cohort, fold_in(key_r, CLIENTS), server_data)
 
-``server_data`` holds the server's own arrays (``{"proxy_x": ...}`` when the
-dataset has an unlabeled proxy set, else empty).
+``server_data`` holds the server's own arrays (``"proxy_x"`` when the dataset
+has an unlabeled proxy set) and ``"cohort_ids"``, the sampled ids (for
+algorithms that keep per-client state).
 
 It is compiled ahead of time once (``jax.jit(...).lower(...).compile()``), so
 the whole run uses one executable; the round index is a traced argument.
@@ -90,6 +91,7 @@ def make_round_step(
         key_r = jax.random.fold_in(rounds_key, r)
         ids = sample(jax.random.fold_in(key_r, SAMPLE), num_clients, clients_per_round)
         cohort = gather_clients(data, ids)
+        server_data = {**server_data, "cohort_ids": ids}
         return algorithm.round(state, cohort, jax.random.fold_in(key_r, CLIENTS), server_data)
 
     return step

@@ -51,7 +51,8 @@ class FederatedAlgorithm(NamedTuple):
       round: ``round(state, cohort, key, server_data=None) -> (state,
         metrics)``; one communication round over an already gathered cohort
         (:class:`fedjax_kd.data.ClientData` with ``[K, N, ...]`` arrays);
-        ``server_data`` is a dict of server-side arrays (``proxy_x``). Must be
+        ``server_data`` is a dict with the server-side arrays (``proxy_x``)
+        and ``cohort_ids`` (int32 ``[K]`` sampled client ids). Must be
         a pure function of its arguments so it can be ``jax.jit``-compiled.
         ``metrics`` is a dict of scalars including ``train_loss``,
         ``uplink_bytes``, ``downlink_bytes`` and ``finite`` (whether the
