@@ -3,11 +3,17 @@
 Byte counts are computed from the shapes and dtypes of the arrays actually
 sent (``size * itemsize`` summed over a pytree's leaves), so they follow any
 change of model, dtype or message automatically.
+
+Lossy compression of updates (FedKD's dynamic SVD, Wu et al., Nature
+Communications 13:2032, 2022, arXiv 2108.13323) is simulated with static
+shapes: the message is reconstructed in place and its size is returned as a
+(traced) byte count computed from what would be sent.
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from fedjax_kd.types import PyTree
@@ -22,3 +28,109 @@ def tree_bytes(tree: PyTree) -> int:
         int(np.prod(leaf.shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
         for leaf in jax.tree.leaves(tree)
     )
+
+
+def energy_threshold(progress, t_start: float = 0.95, t_end: float = 0.98):
+    """FedKD's energy schedule ``T(t) = T_start + (T_end - T_start) * t``.
+
+    Args:
+      progress: fraction of training done, ``t`` in ``[0, 1]`` (may be traced).
+      t_start: threshold at the start of training (FedKD: 0.95).
+      t_end: threshold at the end of training (FedKD: 0.98).
+
+    Returns:
+      The energy threshold (same kind as ``progress``: float or scalar array).
+    """
+    return t_start + (t_end - t_start) * progress
+
+
+def energy_rank(singular_values: jax.Array, threshold) -> jax.Array:
+    """Smallest ``K`` with ``sum_{i<K} s_i^2 >= threshold * sum_i s_i^2``.
+
+    ``>=`` where the paper writes ``>``: the two differ only on exact ties, and
+    ``>=`` gives ``threshold = 1`` a meaning (keep everything) instead of none.
+    The energy fraction of ``K = 0`` is taken as 0, so a zero matrix (or a
+    threshold of 0) gives ``K = 0``.
+
+    Args:
+      singular_values: ``[r]`` non-negative, in decreasing order.
+      threshold: energy fraction in ``[0, 1]`` (may be traced).
+
+    Returns:
+      int32 ``K`` in ``[0, r]``.
+    """
+    energy = jnp.cumsum(jnp.square(singular_values))
+    total = energy[-1]
+    kept_before = jnp.concatenate([jnp.zeros((1,), energy.dtype), energy[:-1]])
+    # K = number of prefixes (of length 0..r-1) that still fall short of the target;
+    # the cumulative energy is nondecreasing, so they are exactly the first K.
+    return jnp.sum(kept_before < threshold * total).astype(jnp.int32)
+
+
+def svd_compress(x: jax.Array, threshold) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """FedKD's dynamic SVD compression of one array, with static shapes.
+
+    For a 2-D ``x`` of shape ``P x Q`` with singular values ``s`` (rank ``r =
+    min(P, Q)``), keeps the smallest ``K`` with energy fraction ``>= threshold``
+    (:func:`energy_rank`) and sends the factors ``U[:, :K]``, ``s[:K]``,
+    ``V[:K, :]`` when the paper's test ``P*K + K*K + K*Q < P*Q`` holds (the
+    paper counts Sigma as a ``K x K`` matrix), otherwise ``x`` itself (dense).
+    Arrays that are not 2-D (biases, conv kernels) and non-finite arrays (so
+    a divergence stays visible) are always sent dense.
+
+    Bytes sent: factors ``itemsize * (P*K + K + K*Q)`` (Sigma is sent as its
+    ``K`` diagonal entries), dense ``itemsize * P*Q``; float32 has itemsize 4.
+
+    The discarded singular triplets are zeroed rather than sliced, so ``K`` can
+    be traced (jit, vmap); the reconstruction has ``x``'s shape.
+
+    Args:
+      x: the array to send.
+      threshold: energy fraction in ``[0, 1]`` (may be traced).
+
+    Returns:
+      ``(reconstruction, nbytes, rank)``: what the receiver reconstructs, the
+      int32 number of bytes sent, and the int32 energy rank ``K`` (computed
+      for every 2-D array, whether or not its factors were smaller; -1 for
+      arrays that are not 2-D).
+
+    Example::
+
+      x = jnp.outer(jnp.arange(1.0, 9.0), jnp.ones(6))      # 8 x 6, rank 1
+      rec, nbytes, rank = svd_compress(x, 0.95)              # rank 1
+      # nbytes == 4 * (8 + 1 + 6) == 60 instead of 4 * 48 == 192
+    """
+    itemsize = np.dtype(x.dtype).itemsize
+    dense = jnp.asarray(x.size * itemsize, jnp.int32)
+    if x.ndim != 2:
+        return x, dense, jnp.asarray(-1, jnp.int32)
+    p, q = x.shape
+    u, s, vt = jnp.linalg.svd(x, full_matrices=False)
+    rank = energy_rank(s, threshold)
+    kept = jnp.where(jnp.arange(s.shape[0]) < rank, s, 0.0).astype(x.dtype)
+    reconstruction = (u * kept) @ vt
+    smaller = p * rank + rank * rank + rank * q < p * q
+    use_factors = smaller & jnp.all(jnp.isfinite(x))
+    factor_bytes = (itemsize * (p * rank + rank + rank * q)).astype(jnp.int32)
+    return (
+        jnp.where(use_factors, reconstruction, x),
+        jnp.where(use_factors, factor_bytes, dense),
+        rank,
+    )
+
+
+def compress_tree(tree: PyTree, threshold) -> tuple[PyTree, jax.Array]:
+    """:func:`svd_compress` applied to every leaf of ``tree``.
+
+    Args:
+      tree: pytree of arrays (e.g. a model update).
+      threshold: energy fraction in ``[0, 1]`` (may be traced).
+
+    Returns:
+      ``(reconstructed_tree, total_bytes)`` with ``total_bytes`` the int32 sum of
+      the leaves' bytes sent.
+    """
+    leaves, treedef = jax.tree.flatten(tree)
+    out = [svd_compress(leaf, threshold) for leaf in leaves]
+    total = sum((nbytes for _, nbytes, _ in out), jnp.zeros((), jnp.int32))
+    return jax.tree.unflatten(treedef, [rec for rec, _, _ in out]), total

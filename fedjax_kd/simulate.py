@@ -191,6 +191,8 @@ def run(
     step = jax.jit(step_fn).lower(state, data, server_data, rounds_key, jnp.int32(0)).compile()
     evaluate_fn = make_evaluate(algorithm, batch_size=eval_batch_size)
     evaluate = jax.jit(evaluate_fn).lower(state, *test).compile()
+    # jit returns dicts with sorted keys; the headline is eval_models' FIRST entry.
+    names = list(algorithm.eval_models(state))
     compile_s = time.perf_counter() - start
 
     history: list[dict] = []
@@ -214,7 +216,6 @@ def run(
             bar.update(1)
             if (r + 1) % eval_every == 0 or r + 1 == rounds:
                 results = evaluate(state, *test)
-                names = list(results)
                 record = {
                     "round": r + 1,
                     "test_accuracy": float(results[names[0]][0]),
@@ -231,7 +232,8 @@ def run(
                     if name not in RESERVED_METRICS and jnp.ndim(value) == 0:
                         record[name] = value.item()
                 if len(names) > 1:
-                    for name, (acc, loss) in results.items():
+                    for name in names:
+                        acc, loss = results[name]
                         record[f"{name}_test_accuracy"] = float(acc)
                         record[f"{name}_test_loss"] = float(loss)
                 history.append(record)
