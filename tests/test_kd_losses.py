@@ -66,8 +66,9 @@ def test_ensemble_logits_is_the_weighted_mean_over_groups():
     pb = jax.vmap(b.init)(jax.random.split(jax.random.key(1), 1))
     x = jax.random.normal(jax.random.key(2), (5, 3))
     out = distill.ensemble_logits([(a.apply, pa), (b.apply, pb)], x, weights=jnp.array([1.0, 0, 3]))
-    za = [a.apply(jax.tree.map(lambda l: l[i], pa), x) for i in range(2)]
-    zb = b.apply(jax.tree.map(lambda l: l[0], pb), x)
+    row = lambda tree, i: jax.tree.map(lambda leaf: leaf[i], tree)  # noqa: E731
+    za = [a.apply(row(pa, i), x) for i in range(2)]
+    zb = b.apply(row(pb, 0), x)
     np.testing.assert_allclose(out, (za[0] + 3 * zb) / 4, rtol=1e-5, atol=1e-6)
     unweighted = distill.ensemble_logits([(a.apply, pa), (b.apply, pb)], x)
     np.testing.assert_allclose(unweighted, (za[0] + za[1] + zb) / 3, rtol=1e-5, atol=1e-6)

@@ -125,7 +125,7 @@ def fed_df(
         losses, up, down, finite = [], [], [], []
         for g in range(num_groups):
             rows = slice(g * per_group, (g + 1) * per_group)
-            sub = jax.tree.map(lambda a: a[rows], cohort_data)
+            sub = jax.tree.map(lambda a, rows=rows: a[rows], cohort_data)
             out = jax.vmap(updates[g], in_axes=(None, 0, 0, 0, 0))(
                 state.params[g], sub.x, sub.y, sub.count, keys[rows]
             )
