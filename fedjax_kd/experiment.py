@@ -19,13 +19,18 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import ml_collections
+import optax
 
-from fedjax_kd import algorithms, models, optimizers, simulate
+from fedjax_kd import algorithms, cohort, models, optimizers, simulate
 from fedjax_kd.configs import default as default_config
 from fedjax_kd.data import DATASETS, PARTITIONERS, FederatedDataset
 from fedjax_kd.types import FederatedAlgorithm
 
-ALGORITHMS = ("fedavg", "fedprox")
+ALGORITHMS = ("fedavg", "fedprox", "teacher_student", "feddf", "fedntd")
+#: Algorithms that need the server's unlabeled proxy set (data.proxy_fraction > 0).
+NEEDS_PROXY = ("teacher_student", "feddf")
+#: Algorithms that accept heterogeneous client models (model.student_groups).
+HETEROGENEOUS = ("feddf",)
 
 
 class ConfigError(ValueError):
@@ -181,6 +186,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
         ("algorithm.mu", c.algorithm.mu >= 0, ">= 0"),
         ("algorithm.kd_weight", c.algorithm.kd_weight >= 0, ">= 0"),
         ("algorithm.temperature", c.algorithm.temperature > 0, "> 0"),
+        ("algorithm.kd_start_round", c.algorithm.kd_start_round >= 0, ">= 0"),
+        ("algorithm.ntd_beta", c.algorithm.ntd_beta >= 0, ">= 0"),
+        ("algorithm.ntd_tau", c.algorithm.ntd_tau > 0, "> 0"),
+        ("data.proxy_fraction", 0 <= c.data.proxy_fraction < 1, "in [0, 1)"),
+        ("server.distill_steps", c.server.distill_steps >= 0, ">= 0"),
+        ("server.distill_lr", c.server.distill_lr > 0, "> 0"),
+        ("server.distill_batch_size", c.server.distill_batch_size >= 1, ">= 1"),
+        ("server.distill_temperature", c.server.distill_temperature > 0, "> 0"),
         ("server.lr", c.server.lr > 0, "> 0"),
         ("server.momentum", 0 <= c.server.momentum < 1, "in [0, 1)"),
         ("server.b1", 0 <= c.server.b1 < 1, "in [0, 1)"),
@@ -200,6 +213,34 @@ def validate(config: ml_collections.ConfigDict) -> None:
             models.parse_name(flat[key])
         except ValueError as e:
             raise ConfigError(f"config key '{key}': {e}") from None
+    for name in group_names(c):
+        try:
+            models.parse_name(name)
+        except ValueError as e:
+            raise ConfigError(f"config key 'model.student_groups': {e}") from None
+    name = c.algorithm.name
+    if name in NEEDS_PROXY and c.data.proxy_fraction == 0 and c.server.distill_steps > 0:
+        raise ConfigError(
+            f"algorithm '{name}' distils on a server proxy set: set data.proxy_fraction > 0 "
+            "(e.g. --config.data.proxy_fraction=0.1)"
+        )
+    groups = len(group_names(c))
+    if groups > 1 and name not in HETEROGENEOUS:
+        raise ConfigError(
+            f"config key 'model.student_groups': algorithm '{name}' needs one model; "
+            f"heterogeneous groups work with {', '.join(HETEROGENEOUS)}"
+        )
+    if groups > 1 and c.clients_per_round % groups:
+        raise ConfigError(
+            f"config key 'clients_per_round' must be a multiple of the {groups} model groups, "
+            f"got {c.clients_per_round}"
+        )
+
+
+def group_names(config: ml_collections.ConfigDict) -> list[str]:
+    """Model names of the architecture groups (``[model.student]`` if none are set)."""
+    names = [n.strip() for n in config.model.student_groups.split(",") if n.strip()]
+    return names or [config.model.student]
 
 
 def build_dataset(config: ml_collections.ConfigDict) -> FederatedDataset:
@@ -221,6 +262,7 @@ def build_dataset(config: ml_collections.ConfigDict) -> FederatedDataset:
                 partition=d.partition,
                 seed=config.seed,
                 test_fraction=d.test_fraction,
+                proxy_fraction=d.proxy_fraction,
                 **kwargs,
             )
         return DATASETS["synthetic"](
@@ -230,6 +272,7 @@ def build_dataset(config: ml_collections.ConfigDict) -> FederatedDataset:
             seed=config.seed,
             iid=d.synthetic_iid,
             test_fraction=d.test_fraction,
+            proxy_fraction=d.proxy_fraction,
         )
     except ValueError as e:
         raise ConfigError(f"data ({d.name}, partition={d.partition}): {e}") from None
@@ -237,14 +280,16 @@ def build_dataset(config: ml_collections.ConfigDict) -> FederatedDataset:
 
 def build_model(config: ml_collections.ConfigDict, dataset: FederatedDataset, role: str):
     """Builds ``config.model.<role>`` (``student`` or ``teacher``) for ``dataset``."""
+    return _create_model(config.model[role], dataset, f"model.{role}")
+
+
+def _create_model(name: str, dataset: FederatedDataset, key: str):
     try:
         return models.create(
-            config.model[role],
-            feature_shape=dataset.feature_shape,
-            num_classes=dataset.num_classes,
+            name, feature_shape=dataset.feature_shape, num_classes=dataset.num_classes
         )
     except ValueError as e:
-        raise ConfigError(f"config key 'model.{role}': {e}") from None
+        raise ConfigError(f"config key '{key}': {e}") from None
 
 
 def build_algorithm(
@@ -262,11 +307,35 @@ def build_algorithm(
         batch_size=c.batch_size,
         uniform_weighting=config.algorithm.uniform_weighting,
     )
-    name = config.algorithm.name
+    a = config.algorithm
+    distill_kwargs = dict(
+        distill_optimizer=optax.chain(optax.clip_by_global_norm(5.0), optax.adam(s.distill_lr)),
+        distill_steps=s.distill_steps,
+        distill_batch_size=s.distill_batch_size,
+    )
+    name = a.name
     if name == "fedavg":
         return algorithms.fed_avg(student, **common)
     if name == "fedprox":
-        return algorithms.fed_prox(student, mu=config.algorithm.mu, **common)
+        return algorithms.fed_prox(student, mu=a.mu, **common)
+    if name == "fedntd":
+        return algorithms.fed_ntd(student, beta=a.ntd_beta, tau=a.ntd_tau, **common)
+    if name == "teacher_student":
+        return algorithms.teacher_student(
+            student,
+            build_model(config, dataset, "teacher"),
+            kd_weight=a.kd_weight,
+            temperature=a.temperature,
+            kd_start_round=a.kd_start_round,
+            distill_temperature=s.distill_temperature,
+            **distill_kwargs,
+            **common,
+        )
+    group_models = [_create_model(n, dataset, "model.student_groups") for n in group_names(config)]
+    if name == "feddf":
+        return algorithms.fed_df(
+            group_models, temperature=s.distill_temperature, **distill_kwargs, **common
+        )
     raise ConfigError(f"config key 'algorithm.name' must be one of {ALGORITHMS}, got {name!r}")
 
 
@@ -291,6 +360,14 @@ def run(
     """
     config = resolve(config)
     dataset = build_dataset(config)
+    groups = len(group_names(config))
+    if groups > 1 and min(cohort.group_sizes(dataset.num_clients, groups)) < (
+        config.clients_per_round // groups
+    ):
+        raise ConfigError(
+            f"config key 'clients_per_round': each of the {groups} model groups needs "
+            f"{config.clients_per_round // groups} clients of the {dataset.num_clients}"
+        )
     if config.clients_per_round > dataset.num_clients:
         raise ConfigError(
             f"config key 'clients_per_round' must be <= the dataset's {dataset.num_clients} "

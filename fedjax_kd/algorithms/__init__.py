@@ -1,6 +1,9 @@
 """Federated algorithms, one file each; every builder returns a FederatedAlgorithm."""
 
 from fedjax_kd.algorithms.fed_avg import fed_avg
+from fedjax_kd.algorithms.fed_df import fed_df
+from fedjax_kd.algorithms.fed_ntd import fed_ntd
 from fedjax_kd.algorithms.fed_prox import fed_prox
+from fedjax_kd.algorithms.teacher_student import teacher_student
 
-__all__ = ["fed_avg", "fed_prox"]
+__all__ = ["fed_avg", "fed_df", "fed_ntd", "fed_prox", "teacher_student"]

@@ -34,10 +34,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.synthetic_alpha = 1.0  # Synthetic(alpha, beta): model heterogeneity
     c.data.synthetic_beta = 1.0  # Synthetic(alpha, beta): feature heterogeneity
     c.data.synthetic_iid = False
+    # Unlabeled server proxy set held out of the training data (FedDF,
+    # teacher_student, FedMD, DS-FL need one): fraction of the training part.
+    c.data.proxy_fraction = 0.0
 
     c.model = ml_collections.ConfigDict()
     c.model.student = "mlp-64"  # linear | mlp-W1[-W2...] | cnn-C1[-C2...]
-    c.model.teacher = "mlp-256-256"  # used by distillation algorithms
+    c.model.teacher = "mlp-256-256"  # teacher_student's teacher, FedKD's mentor
+    # Heterogeneous clients (feddf, fedmd, dsfl, fd): comma-separated model names,
+    # client i gets group i % G; empty = every client uses model.student.
+    c.model.student_groups = ""
 
     c.client = ml_collections.ConfigDict()
     c.client.optimizer = "sgd"  # sgd | momentum | adam
@@ -47,11 +53,15 @@ def get_config() -> ml_collections.ConfigDict:
     c.client.batch_size = 10
 
     c.algorithm = ml_collections.ConfigDict()
-    c.algorithm.name = "fedavg"  # fedavg | fedprox
+    # fedavg | fedprox | teacher_student | feddf | fedntd
+    c.algorithm.name = "fedavg"
     c.algorithm.mu = 0.01  # FedProx proximal weight
     c.algorithm.uniform_weighting = False  # average clients uniformly, not by examples
-    c.algorithm.kd_weight = 0.0  # weight of distillation from the teacher (KD algorithms)
-    c.algorithm.temperature = 1.0  # distillation temperature
+    c.algorithm.kd_weight = 1.0  # teacher_student: weight of distillation from the teacher
+    c.algorithm.temperature = 1.0  # teacher_student: client distillation temperature
+    c.algorithm.kd_start_round = 1  # teacher_student: first round that distils
+    c.algorithm.ntd_beta = 1.0  # FedNTD: weight of not-true distillation
+    c.algorithm.ntd_tau = 1.0  # FedNTD: temperature
 
     c.server = ml_collections.ConfigDict()
     c.server.optimizer = "sgd"  # sgd | avgm | adam | yogi | adagrad
@@ -60,4 +70,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.server.b1 = 0.9  # adam, yogi
     c.server.b2 = 0.99  # adam, yogi
     c.server.eps = 1e-3  # adam, yogi, adagrad (Reddi et al.'s tau)
+    # Server-side ensemble distillation on the proxy set (teacher_student, feddf):
+    # FedDF's optimizer (clip 5, Adam) with this learning rate.
+    c.server.distill_steps = 50
+    c.server.distill_lr = 1e-3
+    c.server.distill_batch_size = 128
+    c.server.distill_temperature = 1.0
     return c
