@@ -205,6 +205,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _check(ok, key, allowed, flat[key])
     _choice(c, "data.name", DATASETS)
     _choice(c, "data.partition", PARTITIONERS)
+    _choice(c, "data.synthetic_partition", ["natural", *PARTITIONERS])
     _choice(c, "client.optimizer", optimizers.CLIENT_OPTIMIZERS)
     _choice(c, "algorithm.name", ALGORITHMS)
     _choice(c, "server.optimizer", optimizers.SERVER_OPTIMIZERS)
@@ -246,17 +247,18 @@ def group_names(config: ml_collections.ConfigDict) -> list[str]:
 def build_dataset(config: ml_collections.ConfigDict) -> FederatedDataset:
     """Builds the federated dataset named by ``config.data``."""
     d = config.data
+    partition = d.partition if d.name == "digits" else d.synthetic_partition
+    kwargs = {}
+    if partition in ("dirichlet", "quantity"):
+        kwargs["min_size"] = d.min_client_size
+    if partition == "dirichlet":
+        kwargs["alpha"] = d.alpha
+    elif partition == "shards":
+        kwargs["shards_per_client"] = d.shards_per_client
+    elif partition == "quantity":
+        kwargs["sigma"] = d.quantity_sigma
     try:
         if d.name == "digits":
-            kwargs = {}
-            if d.partition in ("dirichlet", "quantity"):
-                kwargs["min_size"] = d.min_client_size
-            if d.partition == "dirichlet":
-                kwargs["alpha"] = d.alpha
-            elif d.partition == "shards":
-                kwargs["shards_per_client"] = d.shards_per_client
-            elif d.partition == "quantity":
-                kwargs["sigma"] = d.quantity_sigma
             return DATASETS["digits"](
                 num_clients=d.num_clients,
                 partition=d.partition,
@@ -273,9 +275,11 @@ def build_dataset(config: ml_collections.ConfigDict) -> FederatedDataset:
             iid=d.synthetic_iid,
             test_fraction=d.test_fraction,
             proxy_fraction=d.proxy_fraction,
+            partition=partition,
+            partition_kwargs=kwargs,
         )
     except ValueError as e:
-        raise ConfigError(f"data ({d.name}, partition={d.partition}): {e}") from None
+        raise ConfigError(f"data ({d.name}, partition={partition}): {e}") from None
 
 
 def build_model(config: ml_collections.ConfigDict, dataset: FederatedDataset, role: str):

@@ -390,3 +390,37 @@ def test_dataset_registry():
     assert set(data.DATASETS) == {"digits", "synthetic"}
     assert set(data.PARTITIONERS) == {"iid", "dirichlet", "shards", "quantity"}
     assert data.DATASETS["synthetic"](num_clients=3, iid=True).num_clients == 3
+
+
+def test_synthetic_repartition_keeps_the_pooled_training_examples():
+    natural = datasets.synthetic(num_clients=12, seed=3)
+    skewed = datasets.synthetic(
+        num_clients=12, seed=3, partition="dirichlet", partition_kwargs={"alpha": 0.1}
+    )
+    rows = (
+        lambda d: np.sort(  # noqa: E731
+            np.concatenate([d.train.x[c, : d.train.count[c], 0] for c in range(12)])
+        )
+    )
+    np.testing.assert_array_equal(rows(natural), rows(skewed))
+    np.testing.assert_array_equal(natural.test_x, skewed.test_x)
+    assert not np.array_equal(natural.train.count, skewed.train.count)
+    with pytest.raises(ValueError, match="partition"):
+        datasets.synthetic(num_clients=4, partition="weird")
+
+
+def test_proxy_holdout_is_disjoint_and_leaves_test_unchanged():
+    plain = datasets.digits(num_clients=10, alpha=0.5)
+    held = datasets.digits(num_clients=10, alpha=0.5, proxy_fraction=0.1)
+    assert held.proxy_x.shape[1:] == (64,)
+    n_train = int(plain.train.count.sum())
+    assert int(held.train.count.sum()) + len(held.proxy_x) == n_train
+    np.testing.assert_array_equal(plain.test_x, held.test_x)
+    train_rows = {
+        tuple(r) for c in range(10) for r in held.train.x[c, : held.train.count[c]].round(4)
+    }
+    proxy_rows = {tuple(r) for r in held.proxy_x.round(4)}
+    # digits has a few duplicated images; the held-out rows are (almost all) new.
+    assert len(proxy_rows - train_rows) >= 0.95 * len(proxy_rows)
+    syn = datasets.synthetic(num_clients=6, proxy_fraction=0.2)
+    assert syn.proxy_x is not None and len(syn.proxy_x) > 0

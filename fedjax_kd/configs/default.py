@@ -25,7 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.name = "digits"  # digits | synthetic
     c.data.num_clients = 100
-    c.data.partition = "dirichlet"  # iid | dirichlet | shards | quantity (digits only)
+    c.data.partition = "dirichlet"  # iid | dirichlet | shards | quantity (digits)
     c.data.alpha = 0.5  # Dirichlet concentration (partition=dirichlet)
     c.data.min_client_size = 2  # guaranteed examples per client (dirichlet, quantity)
     c.data.shards_per_client = 2  # partition=shards
@@ -34,6 +34,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.synthetic_alpha = 1.0  # Synthetic(alpha, beta): model heterogeneity
     c.data.synthetic_beta = 1.0  # Synthetic(alpha, beta): feature heterogeneity
     c.data.synthetic_iid = False
+    # natural: user k is client k (FedProx); or iid | dirichlet | shards | quantity
+    # over the pooled users' training data (then data.alpha etc. apply).
+    c.data.synthetic_partition = "natural"
     # Unlabeled server proxy set held out of the training data (FedDF,
     # teacher_student, FedMD, DS-FL need one): fraction of the training part.
     c.data.proxy_fraction = 0.0

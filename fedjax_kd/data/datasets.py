@@ -189,6 +189,8 @@ def synthetic(
     test_fraction: float = 0.1,
     max_examples: int | None = None,
     proxy_fraction: float = 0.0,
+    partition: str = "natural",
+    partition_kwargs: dict | None = None,
 ) -> FederatedDataset:
     """FedProx Synthetic(alpha, beta) with its natural partition (user k = client k).
 
@@ -206,6 +208,13 @@ def synthetic(
       proxy_fraction: fraction of each user's training part held out (its
         last examples) and pooled into the server's unlabeled proxy set; 0 =
         none.
+      partition: "natural" (user k is client k, FedProx's setting) or a key of
+        ``PARTITIONERS``: the users' training parts are pooled and
+        re-partitioned over ``num_clients`` clients (e.g. Dirichlet label skew
+        for benchmarks that vary alpha); the test and proxy sets are unchanged.
+      partition_kwargs: extra arguments of the partitioner (e.g.
+        ``{"alpha": 0.1}`` for Dirichlet; a dict because ``alpha`` here is
+        Synthetic's own).
 
     Returns:
       A :class:`FederatedDataset` named "synthetic" with 60 features and 10 classes.
@@ -244,6 +253,16 @@ def synthetic(
             for o, t, s in zip(arrays.offsets, num_train + num_proxy, arrays.sizes, strict=True)
         ]
     )
+    if partition != "natural":
+        if partition not in PARTITIONERS:
+            raise ValueError(
+                f"Unknown partition {partition!r}; choose from natural, {sorted(PARTITIONERS)}."
+            )
+        pooled = np.concatenate(train_parts)
+        parts = PARTITIONERS[partition](
+            arrays.y[pooled], num_clients, seed=seed, **(partition_kwargs or {})
+        )
+        train_parts = [pooled[p] for p in parts]
     return FederatedDataset(
         name="synthetic",
         train=pack(arrays.x, arrays.y, train_parts),
