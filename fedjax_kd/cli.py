@@ -77,8 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # argument mistakes (code 2) and --help (code 0)
         return int(e.code or 0)
     if args.command is None:
-        parser.print_help()
-        return 2
+        return _fail(f"missing command (usage: {USAGE})")
 
     # Imported late so `fedjax-kd --help` and argument errors need no JAX start-up.
     from fedjax_kd import experiment

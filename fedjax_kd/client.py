@@ -116,6 +116,8 @@ def local_train(
       at least one real example).
     """
     num_examples = jax.tree.leaves(examples)[0].shape[0]
+    # A batch larger than the client is the whole client: no need to pad past N.
+    batch_size = max(1, min(batch_size, num_examples))
     steps_per_epoch = math.ceil(num_examples / batch_size)
     padded_len = steps_per_epoch * batch_size
     orders = jax.vmap(lambda e: epoch_order(jax.random.fold_in(key, e), count, num_examples))(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -82,13 +83,18 @@ def _coerce(key: str, value, like):
             except ValueError:
                 pass
     elif isinstance(like, float):
+        number = None
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):
+                raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
+            return number
     elif isinstance(like, str):
         if isinstance(value, str):
             return value
@@ -161,8 +167,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError naming the first key whose value is not allowed."""
     c = config
     rules = [
-        ("seed", c.seed >= 0, ">= 0"),
+        ("seed", 0 <= c.seed < 2**32, "in [0, 2**32)"),
         ("rounds", c.rounds >= 1, ">= 1"),
+        ("data.num_clients", c.data.num_clients >= 1, ">= 1"),
         ("clients_per_round", c.clients_per_round >= 1, ">= 1"),
         (
             "clients_per_round",
@@ -171,12 +178,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
         ),
         ("eval_every", c.eval_every >= 1, ">= 1"),
         ("eval_batch_size", c.eval_batch_size >= 1, ">= 1"),
-        ("data.num_clients", c.data.num_clients >= 1, ">= 1"),
         ("data.alpha", c.data.alpha > 0, "> 0"),
         ("data.min_client_size", c.data.min_client_size >= 1, ">= 1"),
         ("data.shards_per_client", c.data.shards_per_client >= 1, ">= 1"),
         ("data.quantity_sigma", c.data.quantity_sigma >= 0, ">= 0"),
         ("data.test_fraction", 0 < c.data.test_fraction < 1, "in (0, 1)"),
+        ("data.synthetic_test_fraction", 0 < c.data.synthetic_test_fraction < 1, "in (0, 1)"),
+        (
+            "data.synthetic_max_examples",
+            c.data.synthetic_max_examples == 0 or c.data.synthetic_max_examples >= 2,
+            "0 (no cap) or >= 2",
+        ),
         ("data.synthetic_alpha", c.data.synthetic_alpha >= 0, ">= 0"),
         ("data.synthetic_beta", c.data.synthetic_beta >= 0, ">= 0"),
         ("client.lr", c.client.lr > 0, "> 0"),
@@ -273,13 +285,18 @@ def build_dataset(config: ml_collections.ConfigDict) -> FederatedDataset:
             num_clients=d.num_clients,
             seed=config.seed,
             iid=d.synthetic_iid,
-            test_fraction=d.test_fraction,
+            test_fraction=d.synthetic_test_fraction,
+            max_examples=d.synthetic_max_examples or None,
             proxy_fraction=d.proxy_fraction,
             partition=partition,
             partition_kwargs=kwargs,
         )
     except ValueError as e:
-        raise ConfigError(f"data ({d.name}, partition={partition}): {e}") from None
+        raise ConfigError(
+            f"data ({d.name}, partition={partition}): {e} (check data.num_clients, "
+            "data.min_client_size, data.test_fraction, data.proxy_fraction"
+            + (", data.synthetic_max_examples)" if d.name == "synthetic" else ")")
+        ) from None
 
 
 def build_model(config: ml_collections.ConfigDict, dataset: FederatedDataset, role: str):
@@ -381,10 +398,13 @@ def run(
     on_eval = None
     if workdir is not None:
         workdir = Path(workdir)
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-        metrics_path = workdir / "metrics.jsonl"
-        metrics_path.write_text("")
+        try:
+            workdir.mkdir(parents=True, exist_ok=True)
+            (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+            metrics_path = workdir / "metrics.jsonl"
+            metrics_path.write_text("")
+        except OSError as e:
+            raise ConfigError(f"--workdir {workdir}: cannot write there ({e.strerror})") from None
 
         def on_eval(record: dict) -> None:
             with metrics_path.open("a") as f:

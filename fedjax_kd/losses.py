@@ -56,10 +56,11 @@ def distillation_loss(
 def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
     """Mean of ``values`` over entries where ``mask`` is true; 0 if none are.
 
-    Padded entries are multiplied by exactly zero, so they change nothing.
+    Padded entries are selected away (``jnp.where``), so they change nothing,
+    even when they hold Inf or NaN.
     """
-    mask = mask.astype(values.dtype)
-    return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    total = jnp.sum(jnp.where(mask, values, 0.0))
+    return total / jnp.maximum(jnp.sum(mask.astype(values.dtype)), 1.0)
 
 
 def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:

@@ -48,6 +48,24 @@ BAD_OVERRIDES = [
     (["--config.data.num_clients=5000"], "data (digits"),
     (["--config.rounds"], "--config.rounds needs a value"),
     (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--config.seed=4294967296"], "'seed' must be in [0, 2**32)"),
+    (["--config.client.lr=inf"], "'client.lr' must be a finite number"),
+    (["--config.data.alpha=nan"], "'data.alpha' must be a finite number"),
+    (["--config.data.num_clients=0"], "'data.num_clients' must be >= 1"),
+    (["--config.data.synthetic_test_fraction=1"], "'data.synthetic_test_fraction' must be in"),
+    (["--config.algorithm.name=feddf"], "set data.proxy_fraction > 0"),
+    (
+        ["--config.model.student_groups=mlp-8,mlp-16", "--config.algorithm.name=fedavg"],
+        "'model.student_groups': algorithm 'fedavg' needs one model",
+    ),
+    (
+        [
+            "--config.data.name=synthetic",
+            "--config.data.num_clients=3000",
+            "--config.clients_per_round=10",
+        ],
+        "cap the client sizes",
+    ),
 ]
 
 
@@ -88,6 +106,29 @@ def test_config_file_errors(tmp_path, capsys, no_run):
     empty.write_text("x = 1\n")
     assert cli.main(["run", "--config", str(empty)]) == 2
     assert "defines no get_config()" in capsys.readouterr().err
+
+
+def test_workdir_that_is_a_file(tmp_path, capsys):
+    target = tmp_path / "afile"
+    target.write_text("x")
+    assert cli.main(["run", "--config.rounds=1", "--workdir", str(target)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --workdir {target}: cannot write there")
+    assert "\n" not in err
+
+
+def test_missing_command(capsys):
+    assert cli.main([]) == 2
+    assert capsys.readouterr().err.startswith("error: missing command")
+
+
+def test_diverging_run_exits_1_naming_the_round(capsys):
+    argv = ["run", "--no-progress", "--config.rounds=3", "--config.data.num_clients=10"]
+    argv += ["--config.clients_per_round=2", "--config.model.student=linear"]
+    argv += ["--config.server.optimizer=adam", "--config.server.lr=1e38"]
+    assert cli.main(argv) == 1
+    # Adam's first step moves params by ~1e38 (finite); the second overflows.
+    assert capsys.readouterr().err.strip().startswith("error: round 2: ")
 
 
 def fedjax_kd_command():

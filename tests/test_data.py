@@ -424,3 +424,18 @@ def test_proxy_holdout_is_disjoint_and_leaves_test_unchanged():
     assert len(proxy_rows - train_rows) >= 0.95 * len(proxy_rows)
     syn = datasets.synthetic(num_clients=6, proxy_fraction=0.2)
     assert syn.proxy_x is not None and len(syn.proxy_x) > 0
+
+
+@pytest.mark.parametrize("sigma", [50.0, 1000.0])
+def test_quantity_with_huge_sigma_still_partitions(sigma):
+    labels = np.arange(1000) % 10
+    parts = partition.quantity(labels, 20, seed=0, sigma=sigma, min_size=2)
+    flat = np.concatenate(parts)
+    assert len(flat) == 1000 and len(np.unique(flat)) == 1000
+    assert min(len(p) for p in parts) >= 2
+
+
+def test_pack_refuses_huge_padding():
+    x = np.zeros((10, 3), np.float32)
+    with pytest.raises(ValueError, match="GiB"):
+        data.pack(x, np.zeros(10, np.int32), [np.arange(10)], pad_to=10, max_bytes=100)

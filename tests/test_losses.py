@@ -68,6 +68,10 @@ def test_masked_mean_ignores_padding_exactly():
     mask = jnp.array([True, True, True, False])
     assert float(losses.masked_mean(values, mask)) == 2.0
     assert float(losses.masked_mean(values, jnp.zeros(4, bool))) == 0.0
+    # Even Inf/NaN in padded entries change nothing.
+    bad = jnp.array([1.0, 2.0, 3.0, jnp.inf])
+    assert float(losses.masked_mean(bad, mask)) == 2.0
+    assert float(losses.masked_mean(bad.at[3].set(jnp.nan), mask)) == 2.0
 
 
 def test_accuracy():

@@ -7,14 +7,16 @@ import re
 import sys
 from pathlib import Path
 
-import pytest
+import ipykernel  # noqa: F401 - the kernel the notebook runs on (a dev dependency)
+import matplotlib  # noqa: F401 - the notebook plots (a dev dependency)
+import nbclient
+import nbformat
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "01_quickstart.ipynb"
 PYTHON_NAMES = {"python", f"python{sys.version_info[0]}", "python{}.{}".format(*sys.version_info)}
 
 
 def test_committed_notebook_has_no_outputs():
-    nbformat = pytest.importorskip("nbformat")
     nb = nbformat.read(NOTEBOOK, as_version=4)
     nbformat.validate(nb)
     assert nb.metadata.kernelspec.name == "python3"
@@ -60,10 +62,6 @@ def _kernel_manager(tmp_path: Path):
 
 
 def test_notebook_executes(tmp_path, monkeypatch):
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    pytest.importorskip("ipykernel")
-    pytest.importorskip("matplotlib")
     # Headless, and with no backend forced from outside: the notebook must pick the inline one.
     monkeypatch.delenv("MPLBACKEND", raising=False)
     # CPU only: the pytest process may already hold the accelerator's memory.

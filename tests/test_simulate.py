@@ -85,6 +85,17 @@ def test_non_finite_update_stops_with_round(digits_small):
         run(algo, digits_small, rounds=10)
 
 
+def test_non_finite_server_step_stops_in_round_1(digits_small):
+    # Client deltas are finite; only the server step (inf * 0 = NaN) is not.
+    model = models.create("linear", feature_shape=(64,), num_classes=10)
+    algo = algorithms.fed_avg(
+        model, client_optimizer=optax.sgd(0.1), server_optimizer=optax.sgd(float("inf")),
+        epochs=1, batch_size=8,
+    )  # fmt: skip
+    with pytest.raises(simulate.NonFiniteError, match=r"^round 1:"):
+        run(algo, digits_small, rounds=3)
+
+
 def test_learns(digits_small):
     _, algo = fedavg(digits_small, lr=0.1)
     result = run(algo, digits_small, rounds=30)

@@ -107,7 +107,7 @@ def from_client_update(
             "train_loss": aggregate.weighted_mean(out.metrics["train_loss"], out.weight),
             "uplink_bytes": jnp.full((num_clients,), per_client_up, jnp.int32),
             "downlink_bytes": jnp.full((num_clients,), per_client_down, jnp.int32),
-            "finite": aggregate.tree_all_finite(delta),
+            "finite": aggregate.tree_all_finite(delta) & aggregate.tree_all_finite(params),
         }
         return ServerState(params=params, opt_state=opt_state), metrics
 

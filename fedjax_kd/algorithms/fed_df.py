@@ -136,6 +136,7 @@ def fed_df(
             )
             new_params.append(p)
             new_opt.append(o)
+            finite.append(aggregate.tree_all_finite(p))
             locals_.append(jax.tree.map(lambda w, d: w[None] - d, state.params[g], out.delta))
             weights_all.append(out.weight)
             losses.append(out.metrics["train_loss"])

@@ -175,7 +175,9 @@ def teacher_student(
             "train_loss": aggregate.weighted_mean(out.metrics["train_loss"], out.weight),
             "uplink_bytes": jnp.full((num_clients,), per_client_up, jnp.int32),
             "downlink_bytes": jnp.full((num_clients,), per_client_down, jnp.int32),
-            "finite": aggregate.tree_all_finite(delta) & aggregate.tree_all_finite(new_teacher),
+            "finite": aggregate.tree_all_finite(delta)
+            & aggregate.tree_all_finite(params)
+            & aggregate.tree_all_finite(new_teacher),
             "teacher_forward_examples": teacher_forward.astype(jnp.int32),
             "server_forward_examples": jnp.asarray(server_forward, jnp.int32),
             **distill_metrics,

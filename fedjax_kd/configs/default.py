@@ -30,10 +30,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.min_client_size = 2  # guaranteed examples per client (dirichlet, quantity)
     c.data.shards_per_client = 2  # partition=shards
     c.data.quantity_sigma = 1.0  # lognormal sigma of client sizes (partition=quantity)
-    c.data.test_fraction = 0.2  # digits: fixed stratified split; synthetic: per user
+    c.data.test_fraction = 0.2  # digits: fixed stratified test split
     c.data.synthetic_alpha = 1.0  # Synthetic(alpha, beta): model heterogeneity
     c.data.synthetic_beta = 1.0  # Synthetic(alpha, beta): feature heterogeneity
     c.data.synthetic_iid = False
+    c.data.synthetic_test_fraction = 0.1  # per-user test split (FedProx: 10%)
+    c.data.synthetic_max_examples = 0  # cap on examples per user; 0 = none (FedProx)
     # natural: user k is client k (FedProx); or iid | dirichlet | shards | quantity
     # over the pooled users' training data (then data.alpha etc. apply).
     c.data.synthetic_partition = "natural"

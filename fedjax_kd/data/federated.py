@@ -89,6 +89,7 @@ def pack(
     client_indices: Sequence[np.ndarray],
     *,
     pad_to: int | None = None,
+    max_bytes: int = 8 * 2**30,
 ) -> ClientData:
     """Stacks per-client subsets of ``(x, y)`` into a padded :class:`ClientData`.
 
@@ -104,6 +105,8 @@ def pack(
         kept; empty arrays give empty clients.
       pad_to: padded length ``N``; defaults to the largest client size. Useful to
         give several datasets the same shape (one compilation).
+      max_bytes: refuse (ValueError) to allocate padded features larger than
+        this; heavy-tailed client sizes padded to the largest client blow up.
 
     Returns:
       A :class:`ClientData` with ``C = len(client_indices)``.
@@ -129,6 +132,12 @@ def pack(
     if n < max_size:
         raise ValueError(f"pad_to={pad_to} is smaller than the largest client ({max_size}).")
     num_clients = len(indices)
+    padded_bytes = num_clients * n * int(np.prod(x.shape[1:], dtype=np.int64)) * 4
+    if padded_bytes > max_bytes:
+        raise ValueError(
+            f"padded client arrays would take {padded_bytes / 2**30:.1f} GiB ({num_clients} "
+            f"clients x {n} examples, the largest client's size); cap the client sizes"
+        )
     out_x = np.zeros((num_clients, n, *x.shape[1:]), dtype=np.float32)
     out_y = np.zeros((num_clients, n), dtype=np.int32)
     for c, idx in enumerate(indices):

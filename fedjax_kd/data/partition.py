@@ -281,7 +281,9 @@ def quantity(
     n = len(labels)
     _check_min_size(min_size, num_clients, n)
     rng = np.random.default_rng(seed)
-    weights = rng.lognormal(0.0, sigma, num_clients)
+    # exp(z - max z) instead of lognormal(0, sigma): same proportions, no overflow.
+    z = rng.normal(0.0, sigma, num_clients)
+    weights = np.exp(z - z.max())
     sizes = min_size + _split_sizes(weights, n - min_size * num_clients)
     cuts = np.cumsum(sizes)[:-1]
     return _finalize(np.split(rng.permutation(n), cuts))
