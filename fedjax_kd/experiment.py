@@ -27,7 +27,7 @@ from fedjax_kd.configs import default as default_config
 from fedjax_kd.data import DATASETS, PARTITIONERS, FederatedDataset
 from fedjax_kd.types import FederatedAlgorithm
 
-ALGORITHMS = ("fedavg", "fedprox", "teacher_student", "feddf", "fedntd")
+ALGORITHMS = ("fedavg", "fedprox", "teacher_student", "feddf", "fedntd", "fedkd")
 #: Algorithms that need the server's unlabeled proxy set (data.proxy_fraction > 0).
 NEEDS_PROXY = ("teacher_student", "feddf")
 #: Algorithms that accept heterogeneous client models (model.student_groups).
@@ -201,6 +201,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         ("algorithm.kd_start_round", c.algorithm.kd_start_round >= 0, ">= 0"),
         ("algorithm.ntd_beta", c.algorithm.ntd_beta >= 0, ">= 0"),
         ("algorithm.ntd_tau", c.algorithm.ntd_tau > 0, "> 0"),
+        ("algorithm.fedkd_t_start", 0 < c.algorithm.fedkd_t_start <= 1, "in (0, 1]"),
+        ("algorithm.fedkd_t_end", 0 < c.algorithm.fedkd_t_end <= 1, "in (0, 1]"),
         ("data.proxy_fraction", 0 <= c.data.proxy_fraction < 1, "in [0, 1)"),
         ("server.distill_steps", c.server.distill_steps >= 0, ">= 0"),
         ("server.distill_lr", c.server.distill_lr > 0, "> 0"),
@@ -350,6 +352,18 @@ def build_algorithm(
             kd_start_round=a.kd_start_round,
             distill_temperature=s.distill_temperature,
             **distill_kwargs,
+            **common,
+        )
+    if name == "fedkd":
+        return algorithms.fed_kd(
+            student,
+            build_model(config, dataset, "teacher"),
+            num_clients=dataset.num_clients,
+            rounds=config.rounds,
+            t_start=a.fedkd_t_start,
+            t_end=a.fedkd_t_end,
+            compress=a.fedkd_compress,
+            stop_gradient_denominator=a.fedkd_stop_gradient_denominator,
             **common,
         )
     group_models = [_create_model(n, dataset, "model.student_groups") for n in group_names(config)]

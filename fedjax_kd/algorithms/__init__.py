@@ -2,8 +2,9 @@
 
 from fedjax_kd.algorithms.fed_avg import fed_avg
 from fedjax_kd.algorithms.fed_df import fed_df
+from fedjax_kd.algorithms.fed_kd import fed_kd
 from fedjax_kd.algorithms.fed_ntd import fed_ntd
 from fedjax_kd.algorithms.fed_prox import fed_prox
 from fedjax_kd.algorithms.teacher_student import teacher_student
 
-__all__ = ["fed_avg", "fed_df", "fed_ntd", "fed_prox", "teacher_student"]
+__all__ = ["fed_avg", "fed_df", "fed_kd", "fed_ntd", "fed_prox", "teacher_student"]

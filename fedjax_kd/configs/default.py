@@ -58,7 +58,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.client.batch_size = 10
 
     c.algorithm = ml_collections.ConfigDict()
-    # fedavg | fedprox | teacher_student | feddf | fedntd
+    # fedavg | fedprox | teacher_student | feddf | fedntd | fedkd
     c.algorithm.name = "fedavg"
     c.algorithm.mu = 0.01  # FedProx proximal weight
     c.algorithm.uniform_weighting = False  # average clients uniformly, not by examples
@@ -67,6 +67,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.algorithm.kd_start_round = 1  # teacher_student: first round that distils
     c.algorithm.ntd_beta = 1.0  # FedNTD: weight of not-true distillation
     c.algorithm.ntd_tau = 1.0  # FedNTD: temperature
+    c.algorithm.fedkd_t_start = 0.95  # FedKD: SVD energy threshold at the start
+    c.algorithm.fedkd_t_end = 0.98  # FedKD: ... and at the end of training
+    c.algorithm.fedkd_compress = True  # FedKD: SVD-compress mentee updates
+    c.algorithm.fedkd_stop_gradient_denominator = True  # FedKD: adaptive weight is constant
 
     c.server = ml_collections.ConfigDict()
     c.server.optimizer = "sgd"  # sgd | avgm | adam | yogi | adagrad
