@@ -1,0 +1,325 @@
+"""FD: federated distillation by exchanging per-label mean softmax vectors.
+
+Jeong, Oh, Kim, Park, Bennis & Kim, "Communication-Efficient On-Device Machine
+Learning: Federated Distillation and Augmentation under Non-IID Private
+Data", NeurIPS 2018 Workshop on Machine Learning on the Phone and other
+Consumer Devices (MLPCD), arXiv 1811.11479.
+
+Every client keeps its own model (architectures may differ: only ``C x C``
+tables are exchanged). Client ``k`` holds, per label ``l``, the mean softmax
+output of its model over its examples of label ``l``:
+
+    F_k[l] = (1 / n_kl) sum_{i: y_i = l} softmax(f_k(x_i)),   n_kl = #{i: y_i = l}
+
+(the paper calls these vectors "logits"; they are softmax outputs). The
+server's target for client ``k`` is the average over the OTHER clients:
+
+    F^_k[l] = sum_{j != k} w_jl F_j[l] / sum_{j != k} w_jl
+
+with ``w_jl = n_jl`` (``label_weighting="count"``, the default: ``F^_k[l]`` is
+the mean softmax over all other clients' examples of label ``l``) or ``w_jl =
+1[n_jl > 0]`` (``"uniform"``: each client holding the label counts once; when
+every device holds every label this is FD's ``(sum_j F_j - F_k) / (M - 1)``). Labels
+that no other client holds get a zero row: no distillation term. Client ``k``
+trains on its private data with
+
+    CE(f_k(x), y) + gamma * CE(softmax(f_k(x)), F^_k[y])
+
+(``CE(p, q) = -sum_c q_c log p_c``, mean over the batch's real examples).
+
+Protocol (FD's: the distillation target of a round is computed from the last
+exchange). One round for the sampled cohort:
+
+1. The server sends each cohort client its target table ``F^_k`` computed from
+   the uploads it holds: every client's most recent upload made at most
+   ``max_staleness`` rounds ago (default 1: the previous round's cohort, FD's
+   protocol; ``None``: every client's latest upload), excluding the client's
+   own. In round 0 there is none: no distillation term, and no bytes sent.
+2. Client ``k`` trains ``epochs`` epochs with the loss above.
+3. Client ``k`` computes ``F_k`` and the label counts ``n_k`` with its trained
+   model (one forward pass over its data) and uploads them; the server stores
+   them with the round number.
+
+Deviations: FD accumulates ``F_k`` as a running mean of the outputs produced
+during the local iterations (of a changing model); we compute it with the
+final local model in one extra forward pass per private example and round
+(``label_stats_forward_examples``), so the uploaded vectors describe the model
+the client keeps. FD lets every device take part in every round; here a
+cohort is sampled, so targets come from the last ``max_staleness`` rounds'
+cohorts. The weighting is an explicit choice (above). Optimizer state is
+fresh every round. ``gamma = 1`` is our default.
+
+Communication per client and round: down ``F^_k`` (float32 ``[C, C]``, sent
+only when it has a nonzero row); up ``F_k`` (float32 ``[C, C]``) plus, with
+count weighting, the label counts (int32 ``[C]``; with uniform weighting the
+zero rows of ``F_k`` already mark the labels a client lacks). Compute: the
+distillation term reuses the training logits; the uploads cost one forward
+pass per private example (``label_stats_forward_examples``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_kd import aggregate, cohort, losses
+from fedjax_kd.algorithms.fed_md import (
+    PHASE_A,
+    group_rows,
+    group_sampler,
+    init_personal_stores,
+    personal_eval_models,
+    require,
+)
+from fedjax_kd.client import local_train
+from fedjax_kd.compress import tree_bytes
+from fedjax_kd.types import ApplyFn, FederatedAlgorithm
+
+LABEL_WEIGHTINGS = ("count", "uniform")
+
+
+class FDState(NamedTuple):
+    """State of :func:`fd`.
+
+    Attributes:
+      stores: one personal-model store per architecture group (row ``r`` of
+        group ``g`` is client ``g + G * r``).
+      label_means: float32 ``[num_clients, C, C]``, each client's last uploaded
+        per-label mean softmax (zero rows for labels it lacks).
+      label_counts: int32 ``[num_clients, C]``, the label counts of that upload.
+      upload_round: int32 ``[num_clients]``, the round of that upload (-1: none).
+      round: number of completed rounds (int32 scalar).
+    """
+
+    stores: tuple
+    label_means: jax.Array
+    label_counts: jax.Array
+    upload_round: jax.Array
+    round: jax.Array
+
+
+def per_label_mean_softmax(
+    logits: jax.Array, labels: jax.Array, mask: jax.Array, num_classes: int
+) -> tuple[jax.Array, jax.Array]:
+    """One client's per-label mean softmax vectors and label counts.
+
+    Args:
+      logits: ``[N, C]`` the client's outputs on its examples.
+      labels: ``[N]`` integer labels.
+      mask: bool ``[N]`` real (non-padded) examples.
+      num_classes: ``C``.
+
+    Returns:
+      ``(means [C, C], counts int32 [C])``: row ``l`` of ``means`` is the mean
+      of ``softmax(logits)`` over the real examples of label ``l`` (zero if
+      there are none).
+    """
+    onehot = jax.nn.one_hot(labels, num_classes, dtype=logits.dtype) * mask[:, None]
+    sums = onehot.T @ jax.nn.softmax(logits, axis=-1)
+    counts = jnp.sum(onehot, axis=0)
+    means = sums / jnp.maximum(counts, 1.0)[:, None]
+    return means, counts.astype(jnp.int32)
+
+
+def available_uploads(
+    upload_round: jax.Array, current_round: jax.Array, max_staleness: int | None
+) -> jax.Array:
+    """Bool ``[n]``: clients whose last upload (round ``upload_round``, -1 = none) may be used.
+
+    An upload made in round ``u`` is used in round ``r`` if ``r - u <= max_staleness``
+    (None: always).
+    """
+    available = upload_round >= 0
+    if max_staleness is not None:
+        available &= upload_round >= current_round - max_staleness
+    return available
+
+
+def leave_one_out_targets(
+    label_means: jax.Array,
+    label_counts: jax.Array,
+    available: jax.Array,
+    ids: jax.Array,
+    *,
+    label_weighting: str = "count",
+) -> jax.Array:
+    """FD's targets: per label, the weighted average over the OTHER clients' uploads.
+
+    Args:
+      label_means: ``[n, C, C]`` uploaded per-label means of all ``n`` clients.
+      label_counts: ``[n, C]`` their label counts.
+      available: bool ``[n]``, the uploads the server may use.
+      ids: int ``[K]`` the clients that receive targets.
+      label_weighting: ``"count"`` (weight ``n_jl``) or ``"uniform"`` (weight
+        ``1[n_jl > 0]``).
+
+    Returns:
+      ``[K, C, C]``: row ``l`` of client ``ids[k]``'s table is
+      ``sum_{j != ids[k]} w_jl F_j[l] / sum_{j != ids[k]} w_jl`` over available
+      uploads, or zero when that denominator is 0.
+    """
+    counts = label_counts.astype(label_means.dtype)
+    w = counts if label_weighting == "count" else (counts > 0).astype(label_means.dtype)
+    w = w * available[:, None].astype(w.dtype)  # [n, C]
+    weighted = w[:, :, None] * label_means  # [n, C, C]
+    # Totals minus the receiver's own contribution. The weights are small
+    # integers, so the denominator is exact and an all-own label gives exactly 0.
+    num = jnp.sum(weighted, axis=0)[None] - weighted[ids]
+    den = jnp.sum(w, axis=0)[None] - w[ids]
+    return jnp.where(den[..., None] > 0, num / jnp.maximum(den, 1.0)[..., None], 0.0)
+
+
+def fd_loss(apply_fn: ApplyFn, gamma: float):
+    """``local_train`` loss: ``CE(f(x), y) + gamma * CE(softmax(f(x)), target)`` per example.
+
+    Monitors the cross-entropy task loss.
+    """
+
+    def loss_fn(params, batch, valid):
+        logits = apply_fn(params, batch["x"])
+        task = losses.cross_entropy(logits, batch["y"])
+        per_example = task + gamma * losses.soft_cross_entropy(logits, batch["targets"])
+        return losses.masked_mean(per_example, valid), jnp.sum(jnp.where(valid, task, 0.0))
+
+    return loss_fn
+
+
+def fd(
+    models: Sequence,
+    *,
+    num_clients: int,
+    num_classes: int,
+    client_optimizer: optax.GradientTransformation,
+    epochs: int,
+    batch_size: int,
+    gamma: float = 1.0,
+    label_weighting: str = "count",
+    max_staleness: int | None = 1,
+) -> FederatedAlgorithm:
+    """Builds FD over personal models of one or more architecture groups.
+
+    Args:
+      models: one model per architecture group (length 1 = homogeneous).
+      num_clients: population size (each client keeps its own model).
+      num_classes: number of labels ``C`` (the tables are ``C x C``).
+      client_optimizer: optax optimizer of local training.
+      epochs: local epochs per round.
+      batch_size: local minibatch size.
+      gamma: weight of the distillation term (>= 0; 0 = independent training).
+      label_weighting: ``"count"`` or ``"uniform"`` (see the module docstring).
+      max_staleness: use uploads made at most this many rounds ago (>= 1;
+        1 = the previous round's, FD's protocol); None = every latest upload.
+
+    Returns:
+      A :class:`~fedjax_kd.types.FederatedAlgorithm` whose ``round`` needs
+      ``server_data["cohort_ids"]``; ``eval_models`` gives ``clients`` (mean
+      over all clients' models) and, with several groups, one entry per group.
+    """
+    models = tuple(models)
+    num_groups = len(models)
+    if num_groups < 1 or num_clients < num_groups:
+        raise ValueError(f"fd needs >= 1 model and >= {num_groups} clients")
+    if label_weighting not in LABEL_WEIGHTINGS:
+        raise ValueError(f"fd: label_weighting must be one of {LABEL_WEIGHTINGS}")
+    if gamma < 0 or num_classes < 1 or min(epochs, batch_size) < 1:
+        raise ValueError("fd needs gamma >= 0, num_classes >= 1, epochs and batch_size >= 1")
+    if max_staleness is not None and max_staleness < 1:
+        raise ValueError(f"fd: max_staleness must be >= 1 or None, got {max_staleness}")
+
+    def make_train(apply_fn):
+        def one(params, x, y, targets, count, key):
+            return local_train(
+                fd_loss(apply_fn, gamma),
+                params,
+                client_optimizer,
+                {"x": x, "y": y, "targets": targets},
+                count,
+                key,
+                epochs=epochs,
+                batch_size=batch_size,
+            )
+
+        return jax.vmap(one)
+
+    def make_stats(apply_fn):
+        def one(params, x, y, count):
+            mask = jnp.arange(y.shape[0]) < count
+            return per_label_mean_softmax(apply_fn(params, x), y, mask, num_classes)
+
+        return jax.vmap(one)
+
+    train = [make_train(m.apply) for m in models]
+    stats = [make_stats(m.apply) for m in models]
+
+    def init(key: jax.Array) -> FDState:
+        return FDState(
+            stores=init_personal_stores(models, key, num_clients),
+            label_means=jnp.zeros((num_clients, num_classes, num_classes), jnp.float32),
+            label_counts=jnp.zeros((num_clients, num_classes), jnp.int32),
+            upload_round=jnp.full((num_clients,), -1, jnp.int32),
+            round=jnp.zeros((), jnp.int32),
+        )
+
+    def round_fn(state: FDState, cohort_data, key: jax.Array, server_data=None):
+        ids = require(server_data, "cohort_ids", "fd")
+        k = ids.shape[0]
+        groups = group_rows(ids, num_groups)
+        available = available_uploads(state.upload_round, state.round, max_staleness)
+        tables = leave_one_out_targets(
+            state.label_means,
+            state.label_counts,
+            available,
+            ids,
+            label_weighting=label_weighting,
+        )  # [K, C, C], what the server sends
+        # Per-example targets: the row of each example's label.
+        targets = jax.vmap(lambda t, y: t[y])(tables, cohort_data.y)  # [K, N, C]
+        keys = jax.random.split(jax.random.fold_in(key, PHASE_A), k)
+
+        stores, train_loss, means, counts, finite = [], [], [], [], []
+        for g, (rows_k, rows_store) in enumerate(groups):
+            x, y, count = cohort_data.x[rows_k], cohort_data.y[rows_k], cohort_data.count[rows_k]
+            p = cohort.gather(state.stores[g], rows_store)
+            p, m = train[g](p, x, y, targets[rows_k], count, keys[rows_k])
+            f, n = stats[g](p, x, y, count)
+            stores.append(cohort.scatter(state.stores[g], rows_store, p))
+            train_loss.append(m["train_loss"])
+            means.append(f)
+            counts.append(n)
+            finite.append(aggregate.tree_all_finite(p))
+        means = jnp.concatenate(means)
+        counts = jnp.concatenate(counts)
+        finite.append(jnp.all(jnp.isfinite(means)))
+
+        upload = (means[0], counts[0]) if label_weighting == "count" else means[0]
+        # A table is sent only if it has a row (rows with data are softmax means, != 0).
+        received = jnp.any(tables != 0, axis=(1, 2))
+        metrics = {
+            "train_loss": aggregate.weighted_mean(jnp.concatenate(train_loss), cohort_data.count),
+            "uplink_bytes": jnp.full((k,), tree_bytes(upload), jnp.int32),
+            "downlink_bytes": jnp.where(received, tree_bytes(tables[0]), 0).astype(jnp.int32),
+            "finite": jnp.all(jnp.stack(finite)),
+            "label_stats_forward_examples": jnp.sum(cohort_data.count).astype(jnp.int32),
+        }
+        new_state = FDState(
+            stores=tuple(stores),
+            label_means=state.label_means.at[ids].set(means),
+            label_counts=state.label_counts.at[ids].set(counts),
+            upload_round=state.upload_round.at[ids].set(state.round),
+            round=state.round + 1,
+        )
+        return new_state, metrics
+
+    def eval_models(state: FDState):
+        return personal_eval_models(models, state.stores)
+
+    return FederatedAlgorithm(
+        init=init,
+        round=round_fn,
+        eval_models=eval_models,
+        sample_cohort=group_sampler(num_groups),
+    )
