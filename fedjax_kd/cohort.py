@@ -25,7 +25,9 @@ from fedjax_kd.types import PyTree
 def init_store(init_fn, key: jax.Array, num_clients: int) -> PyTree:
     """``[num_clients, ...]`` store with ``init_fn(fold_in(key, i))`` in row ``i``."""
     ids = jnp.arange(num_clients)
-    return jax.vmap(lambda i: init_fn(jax.random.fold_in(key, i)))(ids)
+    # lax.map, not vmap: the same values, and XLA on CPU compiles a vmapped
+    # threefry initialiser several times slower (init runs once per run).
+    return jax.lax.map(lambda i: init_fn(jax.random.fold_in(key, i)), ids)
 
 
 def gather(store: PyTree, ids: jax.Array) -> PyTree:
@@ -41,6 +43,13 @@ def scatter(store: PyTree, ids: jax.Array, rows: PyTree) -> PyTree:
 def group_sizes(num_clients: int, num_groups: int) -> list[int]:
     """Number of clients in each group (client ``i`` is in group ``i % num_groups``)."""
     return [math.ceil((num_clients - g) / num_groups) for g in range(num_groups)]
+
+
+def group_sampler(num_groups: int):
+    """``sample_cohort`` drawing ``K / G`` clients per group (None for one group)."""
+    if num_groups == 1:
+        return None
+    return lambda key, n, k: sample_by_group(key, n, k, num_groups)
 
 
 def sample_by_group(key: jax.Array, num_clients: int, k: int, num_groups: int) -> jax.Array:

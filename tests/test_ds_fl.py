@@ -8,7 +8,7 @@ import optax
 import pytest
 
 from fedjax_kd import data, models, simulate
-from fedjax_kd.algorithms import fed_md as personal
+from fedjax_kd.algorithms import personal
 from fedjax_kd.algorithms.ds_fl import aggregate_soft_labels, ds_fl, entropy
 from fedjax_kd.client import local_train
 

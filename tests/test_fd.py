@@ -8,7 +8,7 @@ import optax
 import pytest
 
 from fedjax_kd import data, models, simulate
-from fedjax_kd.algorithms import fed_md as personal
+from fedjax_kd.algorithms import personal
 from fedjax_kd.algorithms.fd import (
     available_uploads,
     fd,

@@ -8,7 +8,7 @@ import optax
 import pytest
 
 from fedjax_kd import data, models, simulate
-from fedjax_kd.algorithms import fed_md as fed_md_module
+from fedjax_kd.algorithms import personal
 from fedjax_kd.algorithms.fed_md import consensus_logits, fed_md, make_shared_target_train
 from fedjax_kd.client import local_train
 from fedjax_kd.losses import l1_logit_loss
@@ -91,7 +91,7 @@ def test_round_equals_python_loop_and_leaves_other_clients_alone(digits_proxy, l
 
     # Reference: a Python loop over clients with the losses written out.
     idx = jax.random.choice(
-        jax.random.fold_in(key, fed_md_module.SUBSET), proxy.shape[0], (public_size,), False
+        jax.random.fold_in(key, personal.SUBSET), proxy.shape[0], (public_size,), False
     )
     x_pub = proxy[idx]
     before = [client_params(state.stores, int(i), num_groups) for i in ids]
@@ -111,8 +111,8 @@ def test_round_equals_python_loop_and_leaves_other_clients_alone(digits_proxy, l
                                                      batch_size=16))  # fmt: skip
     revisit = jax.jit(lambda p, ex, n, k: local_train(ce, p, optax.sgd(0.1), ex, n, k, epochs=2,
                                                       batch_size=8))  # fmt: skip
-    digest_keys = jax.random.split(jax.random.fold_in(key, fed_md_module.PHASE_A), 6)
-    revisit_keys = jax.random.split(jax.random.fold_in(key, fed_md_module.PHASE_B), 6)
+    digest_keys = jax.random.split(jax.random.fold_in(key, personal.PHASE_A), 6)
+    revisit_keys = jax.random.split(jax.random.fold_in(key, personal.PHASE_B), 6)
     for k, client in enumerate(ids.tolist()):
         p, _ = digest(before[k], {"x": x_pub, "targets": consensus}, public_size, digest_keys[k])
         p, _ = revisit(p, {"x": cohort.x[k], "y": cohort.y[k]}, cohort.count[k], revisit_keys[k])

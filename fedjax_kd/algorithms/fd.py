@@ -67,7 +67,7 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_kd import aggregate, cohort, losses
-from fedjax_kd.algorithms.fed_md import (
+from fedjax_kd.algorithms.personal import (
     PHASE_A,
     group_rows,
     group_sampler,

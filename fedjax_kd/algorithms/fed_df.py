@@ -190,12 +190,9 @@ def fed_df(
             entries[f"group{g}_{m.name}"] = (m.apply, state.params[g])
         return entries
 
-    sample = None
-    if num_groups > 1:
-
-        def sample(key, num_clients, k):
-            return cohort.sample_by_group(key, num_clients, k, num_groups)
-
     return FederatedAlgorithm(
-        init=init, round=round_fn, eval_models=eval_models, sample_cohort=sample
+        init=init,
+        round=round_fn,
+        eval_models=eval_models,
+        sample_cohort=cohort.group_sampler(num_groups),
     )
