@@ -27,11 +27,21 @@ from fedjax_kd.configs import default as default_config
 from fedjax_kd.data import DATASETS, PARTITIONERS, FederatedDataset
 from fedjax_kd.types import FederatedAlgorithm
 
-ALGORITHMS = ("fedavg", "fedprox", "teacher_student", "feddf", "fedntd", "fedkd")
+ALGORITHMS = (
+    "fedavg",
+    "fedprox",
+    "teacher_student",
+    "feddf",
+    "fedntd",
+    "fedkd",
+    "fedmd",
+    "dsfl",
+    "fd",
+)
 #: Algorithms that need the server's unlabeled proxy set (data.proxy_fraction > 0).
-NEEDS_PROXY = ("teacher_student", "feddf")
+NEEDS_PROXY = ("teacher_student", "feddf", "fedmd", "dsfl")
 #: Algorithms that accept heterogeneous client models (model.student_groups).
-HETEROGENEOUS = ("feddf",)
+HETEROGENEOUS = ("feddf", "fedmd", "dsfl", "fd")
 
 
 class ConfigError(ValueError):
@@ -203,6 +213,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         ("algorithm.ntd_tau", c.algorithm.ntd_tau > 0, "> 0"),
         ("algorithm.fedkd_t_start", 0 < c.algorithm.fedkd_t_start <= 1, "in (0, 1]"),
         ("algorithm.fedkd_t_end", 0 < c.algorithm.fedkd_t_end <= 1, "in (0, 1]"),
+        ("algorithm.public_size", c.algorithm.public_size >= 1, ">= 1"),
+        ("algorithm.public_epochs", c.algorithm.public_epochs >= 1, ">= 1"),
+        ("algorithm.public_batch_size", c.algorithm.public_batch_size >= 1, ">= 1"),
+        ("algorithm.era_temperature", c.algorithm.era_temperature > 0, "> 0"),
+        ("algorithm.fd_gamma", c.algorithm.fd_gamma >= 0, ">= 0"),
         ("data.proxy_fraction", 0 <= c.data.proxy_fraction < 1, "in [0, 1)"),
         ("server.distill_steps", c.server.distill_steps >= 0, ">= 0"),
         ("server.distill_lr", c.server.distill_lr > 0, "> 0"),
@@ -223,6 +238,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _choice(c, "client.optimizer", optimizers.CLIENT_OPTIMIZERS)
     _choice(c, "algorithm.name", ALGORITHMS)
     _choice(c, "server.optimizer", optimizers.SERVER_OPTIMIZERS)
+    _choice(c, "algorithm.dsfl_aggregation", ("era", "mean"))
     for key in ("model.student", "model.teacher"):
         try:
             models.parse_name(flat[key])
@@ -234,7 +250,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
         except ValueError as e:
             raise ConfigError(f"config key 'model.student_groups': {e}") from None
     name = c.algorithm.name
-    if name in NEEDS_PROXY and c.data.proxy_fraction == 0 and c.server.distill_steps > 0:
+    uses_server_distill = name in ("teacher_student", "feddf") and c.server.distill_steps > 0
+    if (
+        name in NEEDS_PROXY
+        and c.data.proxy_fraction == 0
+        and (uses_server_distill or name in ("fedmd", "dsfl"))
+    ):
         raise ConfigError(
             f"algorithm '{name}' distils on a server proxy set: set data.proxy_fraction > 0 "
             "(e.g. --config.data.proxy_fraction=0.1)"
@@ -370,6 +391,41 @@ def build_algorithm(
     if name == "feddf":
         return algorithms.fed_df(
             group_models, temperature=s.distill_temperature, **distill_kwargs, **common
+        )
+    personal = dict(
+        num_clients=dataset.num_clients,
+        client_optimizer=common["client_optimizer"],
+        epochs=c.epochs,
+        batch_size=c.batch_size,
+    )
+    if name in ("fedmd", "dsfl"):
+        num_proxy = 0 if dataset.proxy_x is None else len(dataset.proxy_x)
+        if a.public_size > num_proxy:
+            raise ConfigError(
+                f"config key 'algorithm.public_size' must be <= the {num_proxy} proxy examples "
+                f"(data.proxy_fraction), got {a.public_size}"
+            )
+    if name == "fedmd":
+        return algorithms.fed_md(
+            group_models,
+            public_size=a.public_size,
+            digest_epochs=a.public_epochs,
+            digest_batch_size=a.public_batch_size,
+            **personal,
+        )
+    if name == "dsfl":
+        return algorithms.ds_fl(
+            group_models,
+            public_size=a.public_size,
+            era_temperature=a.era_temperature,
+            aggregation=a.dsfl_aggregation,
+            distill_epochs=a.public_epochs,
+            distill_batch_size=a.public_batch_size,
+            **personal,
+        )
+    if name == "fd":
+        return algorithms.fd(
+            group_models, num_classes=dataset.num_classes, gamma=a.fd_gamma, **personal
         )
     raise ConfigError(f"config key 'algorithm.name' must be one of {ALGORITHMS}, got {name!r}")
 

@@ -1,10 +1,23 @@
 """Federated algorithms, one file each; every builder returns a FederatedAlgorithm."""
 
+from fedjax_kd.algorithms.ds_fl import ds_fl
+from fedjax_kd.algorithms.fd import fd
 from fedjax_kd.algorithms.fed_avg import fed_avg
 from fedjax_kd.algorithms.fed_df import fed_df
 from fedjax_kd.algorithms.fed_kd import fed_kd
+from fedjax_kd.algorithms.fed_md import fed_md
 from fedjax_kd.algorithms.fed_ntd import fed_ntd
 from fedjax_kd.algorithms.fed_prox import fed_prox
 from fedjax_kd.algorithms.teacher_student import teacher_student
 
-__all__ = ["fed_avg", "fed_df", "fed_kd", "fed_ntd", "fed_prox", "teacher_student"]
+__all__ = [
+    "ds_fl",
+    "fd",
+    "fed_avg",
+    "fed_df",
+    "fed_kd",
+    "fed_md",
+    "fed_ntd",
+    "fed_prox",
+    "teacher_student",
+]

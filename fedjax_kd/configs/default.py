@@ -58,7 +58,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.client.batch_size = 10
 
     c.algorithm = ml_collections.ConfigDict()
-    # fedavg | fedprox | teacher_student | feddf | fedntd | fedkd
+    # fedavg | fedprox | teacher_student | feddf | fedntd | fedkd | fedmd | dsfl | fd
     c.algorithm.name = "fedavg"
     c.algorithm.mu = 0.01  # FedProx proximal weight
     c.algorithm.uniform_weighting = False  # average clients uniformly, not by examples
@@ -71,6 +71,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.algorithm.fedkd_t_end = 0.98  # FedKD: ... and at the end of training
     c.algorithm.fedkd_compress = True  # FedKD: SVD-compress mentee updates
     c.algorithm.fedkd_stop_gradient_denominator = True  # FedKD: adaptive weight is constant
+    c.algorithm.public_size = 128  # FedMD, DS-FL: public (proxy) examples per round
+    c.algorithm.public_epochs = 1  # FedMD digest / DS-FL distillation epochs
+    c.algorithm.public_batch_size = 32  # ... and their batch size
+    c.algorithm.era_temperature = 0.1  # DS-FL: entropy-reduction temperature
+    c.algorithm.dsfl_aggregation = "era"  # DS-FL: era | mean
+    c.algorithm.fd_gamma = 1.0  # FD: weight of the distillation term
 
     c.server = ml_collections.ConfigDict()
     c.server.optimizer = "sgd"  # sgd | avgm | adam | yogi | adagrad
