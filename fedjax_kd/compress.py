@@ -105,12 +105,15 @@ def svd_compress(x: jax.Array, threshold) -> tuple[jax.Array, jax.Array, jax.Arr
     if x.ndim != 2:
         return x, dense, jnp.asarray(-1, jnp.int32)
     p, q = x.shape
-    u, s, vt = jnp.linalg.svd(x, full_matrices=False)
+    finite = jnp.all(jnp.isfinite(x))
+    # LAPACK's SVD can loop forever on NaN/Inf input (seen on CPU): decompose
+    # zeros instead; a non-finite array is sent dense anyway.
+    u, s, vt = jnp.linalg.svd(jnp.where(finite, x, 0.0), full_matrices=False)
     rank = energy_rank(s, threshold)
     kept = jnp.where(jnp.arange(s.shape[0]) < rank, s, 0.0).astype(x.dtype)
     reconstruction = (u * kept) @ vt
     smaller = p * rank + rank * rank + rank * q < p * q
-    use_factors = smaller & jnp.all(jnp.isfinite(x))
+    use_factors = smaller & finite
     factor_bytes = (itemsize * (p * rank + rank + rank * q)).astype(jnp.int32)
     return (
         jnp.where(use_factors, reconstruction, x),
