@@ -7,17 +7,12 @@ import numpy as np
 import optax
 import pytest
 
-from fedjax_kd import data, models, simulate
+from fedjax_kd import models, simulate
 from fedjax_kd.algorithms import personal
 from fedjax_kd.algorithms.ds_fl import aggregate_soft_labels, ds_fl, entropy
 from fedjax_kd.client import local_train
 
 C = 10
-
-
-@pytest.fixture(scope="module")
-def digits_proxy():
-    return data.digits(num_clients=30, partition="dirichlet", alpha=0.5, proxy_fraction=0.1, seed=0)
 
 
 @pytest.fixture(scope="module")

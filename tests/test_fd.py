@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from fedjax_kd import data, models, simulate
+from fedjax_kd import models, simulate
 from fedjax_kd.algorithms import personal
 from fedjax_kd.algorithms.fd import (
     available_uploads,
@@ -19,11 +19,6 @@ from fedjax_kd.algorithms.fd import (
 from fedjax_kd.client import local_train
 
 C = 10
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return data.digits(num_clients=30, partition="dirichlet", alpha=0.5, proxy_fraction=0.1, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +156,7 @@ def test_fd_loss_matches_numpy(linear):
 HYPER = dict(client_optimizer=optax.sgd(0.1), epochs=2, batch_size=8)
 
 
-def test_two_rounds_follow_the_protocol(digits, linear):
+def test_two_rounds_follow_the_protocol(digits_proxy, linear):
     """Round 0 has no targets; round 1 distils to the leave-one-out of round 0's uploads."""
     num_groups = 2
     kwargs = dict(num_clients=30, num_classes=C, **HYPER)
@@ -172,18 +167,20 @@ def test_two_rounds_follow_the_protocol(digits, linear):
     ids1 = jnp.array([4, 8, 2, 3, 7, 11], jnp.int32)  # 4 and 7 again
     state0 = algo.init(jax.random.key(0))
     key0, key1 = jax.random.key(10), jax.random.key(11)
-    state1, m0 = step(state0, cohort_of(digits, ids0), key0, {"cohort_ids": ids0})
+    state1, m0 = step(state0, cohort_of(digits_proxy, ids0), key0, {"cohort_ids": ids0})
     # Round 0: no upload is held yet, so gamma changes nothing and nothing is sent down.
-    ref1, _ = jax.jit(no_kd.round)(state0, cohort_of(digits, ids0), key0, {"cohort_ids": ids0})
+    ref1, _ = jax.jit(no_kd.round)(
+        state0, cohort_of(digits_proxy, ids0), key0, {"cohort_ids": ids0}
+    )
     chex.assert_trees_all_equal(state1.stores, ref1.stores)
     np.testing.assert_array_equal(m0["downlink_bytes"], [0] * 6)
     np.testing.assert_array_equal(m0["uplink_bytes"], [C * C * 4 + C * 4] * 6)
 
     # The uploads are the trained models' per-label means (NumPy loop).
-    train = np.asarray(digits.train.y), np.asarray(digits.train.count)
+    train = np.asarray(digits_proxy.train.y), np.asarray(digits_proxy.train.count)
     for client in ids0.tolist():
         params = client_params(state1.stores, client, num_groups)
-        logits = np.asarray(linear.apply(params, digits.train.x[client]))
+        logits = np.asarray(linear.apply(params, digits_proxy.train.x[client]))
         ref_means, ref_counts = np_label_means(logits, train[0][client], train[1][client], C)
         np.testing.assert_allclose(state1.label_means[client], ref_means, atol=1e-5)
         np.testing.assert_array_equal(state1.label_counts[client], ref_counts)
@@ -192,7 +189,7 @@ def test_two_rounds_follow_the_protocol(digits, linear):
     )
 
     # Round 1: Python loop with the targets written out.
-    state2, m1 = step(state1, cohort_of(digits, ids1), key1, {"cohort_ids": ids1})
+    state2, m1 = step(state1, cohort_of(digits_proxy, ids1), key1, {"cohort_ids": ids1})
     tables = np_leave_one_out(
         np.asarray(state1.label_means),
         np.asarray(state1.label_counts),
@@ -211,7 +208,7 @@ def test_two_rounds_follow_the_protocol(digits, linear):
         lambda p, ex, n, k: local_train(loss, p, optax.sgd(0.1), ex, n, k, epochs=2, batch_size=8)
     )
     keys = jax.random.split(jax.random.fold_in(key1, personal.PHASE_A), 6)
-    cohort1 = cohort_of(digits, ids1)
+    cohort1 = cohort_of(digits_proxy, ids1)
     for k, client in enumerate(ids1.tolist()):
         targets = tables[k][np.asarray(cohort1.y[k])]
         p, _ = local(
@@ -234,7 +231,7 @@ def test_two_rounds_follow_the_protocol(digits, linear):
     np.testing.assert_array_equal(m1["downlink_bytes"], [C * C * 4] * 6)
 
 
-def test_heterogeneous_groups_run_through_simulate_traced_once(digits):
+def test_heterogeneous_groups_run_through_simulate_traced_once(digits_proxy):
     ms = [
         models.create(n, feature_shape=(64,), num_classes=C) for n in ("mlp-8", "mlp-16", "mlp-32")
     ]
@@ -249,7 +246,7 @@ def test_heterogeneous_groups_run_through_simulate_traced_once(digits):
         return algo.round(state, cohort, key, server_data)
 
     result = simulate.run(
-        algo._replace(round=counting_round), digits, rounds=rounds, clients_per_round=k,
+        algo._replace(round=counting_round), digits_proxy, rounds=rounds, clients_per_round=k,
         eval_every=1, seed=0, progress=False,
     )  # fmt: skip
     assert len(traces) == 1

@@ -7,18 +7,13 @@ import numpy as np
 import optax
 import pytest
 
-from fedjax_kd import data, models, simulate
+from fedjax_kd import models, simulate
 from fedjax_kd.algorithms import personal
 from fedjax_kd.algorithms.fed_md import consensus_logits, fed_md, make_shared_target_train
 from fedjax_kd.client import local_train
 from fedjax_kd.losses import l1_logit_loss
 
 C = 10
-
-
-@pytest.fixture(scope="module")
-def digits_proxy():
-    return data.digits(num_clients=30, partition="dirichlet", alpha=0.5, proxy_fraction=0.1, seed=0)
 
 
 @pytest.fixture(scope="module")

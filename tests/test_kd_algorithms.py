@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from fedjax_kd import aggregate, algorithms, data, distill, models, simulate
+from fedjax_kd import aggregate, algorithms, distill, models, simulate
 from fedjax_kd.algorithms.fed_df import fed_df
 from fedjax_kd.algorithms.fed_ntd import fed_ntd, ntd_distill_fn
 from fedjax_kd.algorithms.teacher_student import teacher_student
@@ -16,11 +16,6 @@ from fedjax_kd.client import make_client_update
 COMMON = dict(
     client_optimizer=optax.sgd(0.1), server_optimizer=optax.sgd(1.0), epochs=2, batch_size=8
 )
-
-
-@pytest.fixture(scope="module")
-def digits_proxy():
-    return data.digits(num_clients=30, partition="dirichlet", alpha=0.5, seed=0, proxy_fraction=0.1)
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,14 @@
 from fedjax_kd.data.datasets import DATASETS, digits, synthetic
 from fedjax_kd.data.federated import (
     ClientData,
+    Cohort,
     FederatedDataset,
+    RaggedClientData,
+    as_cohort,
     gather_clients,
+    gather_cohort,
     pack,
+    pack_ragged,
     sample_clients,
 )
 from fedjax_kd.data.partition import PARTITIONERS, dirichlet, iid, quantity, shards
@@ -14,7 +19,12 @@ __all__ = [
     "DATASETS",
     "PARTITIONERS",
     "ClientData",
+    "Cohort",
     "FederatedDataset",
+    "RaggedClientData",
+    "as_cohort",
+    "gather_cohort",
+    "pack_ragged",
     "digits",
     "dirichlet",
     "gather_clients",

@@ -36,9 +36,14 @@ import numpy as np
 
 __all__ = [
     "ClientData",
+    "Cohort",
     "FederatedDataset",
+    "RaggedClientData",
+    "as_cohort",
     "gather_clients",
+    "gather_cohort",
     "pack",
+    "pack_ragged",
     "sample_clients",
 ]
 
@@ -81,6 +86,160 @@ class ClientData(NamedTuple):
     def max_examples(self) -> int:
         """Padded per-client length ``N``."""
         return self.x.shape[1]
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        """Shape of one example's features."""
+        return tuple(self.x.shape[2:])
+
+
+class RaggedClientData(NamedTuple):
+    """Clients' examples stored back to back, without padding.
+
+    Heavy-tailed client sizes (Synthetic's lognormal users) make the padded
+    layout ``[C, max_size, ...]`` far larger than the data; this one is
+    ``[total, ...]`` plus offsets. A round gathers its cohort into a padded
+    :class:`ClientData` of at most ``cap`` examples per client
+    (:func:`gather_cohort`).
+
+    Attributes:
+      x: float32 ``[total, *feature_shape]``; client ``c``'s examples are rows
+        ``offsets[c] : offsets[c] + count[c]``.
+      y: int32 ``[total]`` labels.
+      offsets: int32 ``[C]`` first row of each client.
+      count: int32 ``[C]`` examples per client.
+    """
+
+    x: Array
+    y: Array
+    offsets: Array
+    count: Array
+
+    @property
+    def num_clients(self) -> int:
+        """Number of clients ``C``."""
+        return self.count.shape[0]
+
+    @property
+    def max_examples(self) -> int:
+        """The largest client's size (a Python int; needs concrete counts)."""
+        return int(np.max(np.asarray(self.count), initial=0))
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        """Shape of one example's features."""
+        return tuple(self.x.shape[1:])
+
+
+def pack_ragged(x: np.ndarray, y: np.ndarray, client_indices: Sequence[np.ndarray]):
+    """Like :func:`pack` but without padding: a :class:`RaggedClientData` (NumPy)."""
+    x = np.asarray(x)
+    y = np.asarray(y)
+    indices = [np.asarray(idx, dtype=np.int64).reshape(-1) for idx in client_indices]
+    counts = np.array([len(idx) for idx in indices], dtype=np.int64)
+    if counts.sum() >= 2**31:
+        raise ValueError(f"{counts.sum()} examples: more than int32 offsets can address")
+    order = np.concatenate(indices) if indices else np.zeros(0, np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int32)
+    return RaggedClientData(
+        x=x[order].astype(np.float32),
+        y=y[order].astype(np.int32),
+        offsets=offsets,
+        count=counts.astype(np.int32),
+    )
+
+
+def gather_cohort(
+    store: ClientData | RaggedClientData, ids: jax.Array, cap: int, key: jax.Array | None = None
+) -> ClientData:
+    """Gathers clients ``ids`` into a padded ``[k, cap, ...]`` :class:`ClientData`.
+
+    A client with ``count <= cap`` brings all its examples, in stored order, so
+    with ``cap >= max client size`` the result equals :func:`gather_clients`
+    bit for bit. A larger client brings a random window of ``cap`` consecutive
+    stored examples (start uniform in ``[0, count - cap]``, drawn from
+    ``fold_in(key, id)``) and counts as ``cap`` examples for the round: local
+    work per client is bounded and a cohort has a static shape. Windows are
+    random subsets when the stored order is random (the builders store each
+    client's examples in random or i.i.d. order).
+
+    Args:
+      store: padded or ragged client data (device arrays).
+      ids: int ``[k]`` client ids.
+      cap: examples per client this round (static).
+      key: randomness of the windows (needed only if some client exceeds cap).
+    """
+    count = jnp.take(store.count, ids)
+    if key is None:
+        start = jnp.zeros_like(count)
+    else:
+        u = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i)))(ids)
+        start = jnp.floor(u * (jnp.maximum(count - cap, 0) + 1)).astype(jnp.int32)
+    kept = jnp.minimum(count, cap)
+    slot = jnp.arange(cap)
+    valid = slot[None, :] < kept[:, None]
+    pos = start[:, None] + slot[None, :]
+    if isinstance(store, RaggedClientData):
+        rows = jnp.where(valid, jnp.take(store.offsets, ids)[:, None] + pos, 0)
+        x = jnp.take(store.x, rows, axis=0)
+        y = jnp.take(store.y, rows, axis=0)
+    else:
+        pos = jnp.where(valid, pos, 0)
+        if cap > store.max_examples:
+            pos = jnp.minimum(pos, store.max_examples - 1)
+        x = jax.vmap(lambda xc, p: jnp.take(xc, p, axis=0))(jnp.take(store.x, ids, axis=0), pos)
+        y = jax.vmap(lambda yc, p: jnp.take(yc, p, axis=0))(jnp.take(store.y, ids, axis=0), pos)
+    expand = valid.reshape(valid.shape + (1,) * (x.ndim - 2))
+    return ClientData(
+        x=jnp.where(expand, x, 0).astype(x.dtype),
+        y=jnp.where(valid, y, 0).astype(y.dtype),
+        count=kept.astype(jnp.int32),
+    )
+
+
+class Cohort:
+    """The sampled clients of a round, gathered all at once or chunk by chunk.
+
+    Not a pytree: it is built inside the compiled round and hands out padded
+    :class:`ClientData` for rows of the cohort. Algorithms call
+    :func:`as_cohort` on their ``cohort`` argument so that a plain
+    ``ClientData`` (as tests pass) works too.
+
+    Attributes:
+      ids: int32 ``[K]`` client ids.
+      cap: examples per client in the gathered arrays.
+    """
+
+    def __init__(self, ids: jax.Array, gather_rows):
+        self.ids = ids
+        self._gather_rows = gather_rows
+
+    @property
+    def size(self) -> int:
+        """Number of clients ``K``."""
+        return self.ids.shape[0]
+
+    def gather(self, rows: jax.Array) -> ClientData:
+        """Padded data of cohort rows ``rows`` (int array of positions in ``ids``)."""
+        return self._gather_rows(rows)
+
+    def materialize(self) -> ClientData:
+        """Padded data of the whole cohort, ``[K, cap, ...]``."""
+        return self._gather_rows(jnp.arange(self.size))
+
+    @classmethod
+    def from_store(cls, store, ids: jax.Array, cap: int, key: jax.Array | None = None):
+        """A cohort gathered from a population store with :func:`gather_cohort`."""
+        return cls(ids, lambda rows: gather_cohort(store, jnp.take(ids, rows), cap, key))
+
+
+def as_cohort(cohort) -> Cohort:
+    """``cohort`` itself, or a :class:`Cohort` over an already gathered ClientData."""
+    if isinstance(cohort, Cohort):
+        return cohort
+    data = cohort
+    ids = jnp.arange(data.count.shape[0], dtype=jnp.int32)
+    return Cohort(ids, lambda rows: jax.tree.map(lambda a: jnp.take(a, rows, axis=0), data))
 
 
 def pack(
@@ -192,7 +351,8 @@ class FederatedDataset:
 
     Attributes:
       name: dataset name (the key in ``fedjax_kd.data.DATASETS``).
-      train: the clients' training data, a :class:`ClientData` of NumPy arrays.
+      train: the clients' training data: a padded :class:`ClientData` or a
+        :class:`RaggedClientData` (heavy-tailed sizes), of NumPy arrays.
       test_x: float32 ``[num_test, *feature_shape]`` centralized test features.
       test_y: int32 ``[num_test]`` centralized test labels.
       num_classes: number of classes; labels lie in ``[0, num_classes)``.
@@ -202,7 +362,7 @@ class FederatedDataset:
     """
 
     name: str
-    train: ClientData
+    train: ClientData | RaggedClientData
     test_x: np.ndarray
     test_y: np.ndarray
     num_classes: int
@@ -227,8 +387,8 @@ class FederatedDataset:
 
     @property
     def feature_shape(self) -> tuple[int, ...]:
-        """Shape of one example's features, ``train.x.shape[2:]``."""
-        return tuple(self.train.x.shape[2:])
+        """Shape of one example's features."""
+        return self.train.feature_shape
 
     @property
     def num_clients(self) -> int:
@@ -241,9 +401,14 @@ class FederatedDataset:
         Returns:
           int64 ``[num_clients, num_classes]``; row ``c`` sums to ``train.count[c]``.
         """
-        mask = np.asarray(self.train.mask())
-        y = np.asarray(self.train.y)
-        client = np.broadcast_to(np.arange(y.shape[0])[:, None], y.shape)
-        flat = client[mask] * self.num_classes + y[mask]
-        counts = np.bincount(flat, minlength=y.shape[0] * self.num_classes)
-        return counts.reshape(y.shape[0], self.num_classes)
+        num_clients = self.num_clients
+        if isinstance(self.train, RaggedClientData):
+            y = np.asarray(self.train.y)
+            client = np.repeat(np.arange(num_clients), np.asarray(self.train.count))
+        else:
+            mask = np.asarray(self.train.mask())
+            y = np.asarray(self.train.y)[mask]
+            client = np.broadcast_to(np.arange(num_clients)[:, None], mask.shape)[mask]
+        flat = client * self.num_classes + y
+        counts = np.bincount(flat, minlength=num_clients * self.num_classes)
+        return counts.reshape(num_clients, self.num_classes)
