@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_kd.data.federated import as_cohort
 from fedjax_kd.types import Params, PyTree
 
 
@@ -29,6 +30,12 @@ def weighted_mean(stacked: PyTree, weights: jax.Array) -> PyTree:
     weights = weights.astype(jnp.float32)
     total = jnp.maximum(jnp.sum(weights), jnp.finfo(jnp.float32).tiny)
     return jax.tree.map(lambda x: jnp.tensordot(weights, x, axes=1) / total, stacked)
+
+
+def divide(tree: PyTree, total: jax.Array) -> PyTree:
+    """``tree / total`` leaf-wise, 0 where ``total`` is 0 (no client had data)."""
+    total = jnp.maximum(total.astype(jnp.float32), jnp.finfo(jnp.float32).tiny)
+    return jax.tree.map(lambda x: x / total, tree)
 
 
 def client_weights(counts: jax.Array, *, uniform: bool = False) -> jax.Array:
@@ -54,3 +61,61 @@ def server_update(
     """
     updates, opt_state = optimizer.update(delta, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
+
+
+def sum_over_clients(fn, cohort, keys: jax.Array) -> PyTree:
+    """``sum_k fn(client_k, keys[k])`` over a cohort, in chunks of bounded memory.
+
+    The map-reduce at the heart of every FedAvg-style round: ``fn`` trains one
+    client and returns its contributions (e.g. ``w_k * delta_k`` and ``w_k``);
+    only their running sum is kept. Clients of a chunk (``cohort.chunk_size``)
+    are ``jax.vmap``-ped together; chunks are a ``lax.scan``, so peak memory
+    grows with the chunk, not with the cohort. Rows that pad the cohort to
+    whole chunks (or to a multiple of the device count) are dummies whose
+    contributions are masked out.
+
+    Args:
+      fn: ``fn(client: ClientData with x [N, ...], y [N], count [], key) ->
+        pytree of arrays`` (no client axis).
+      cohort: a :class:`fedjax_kd.data.Cohort` or a gathered ``ClientData``.
+      keys: ``[K]`` per-client keys (the same keys whatever the chunking).
+
+    Returns:
+      The pytree of sums over the K real clients.
+    """
+    cohort = as_cohort(cohort)
+    k = cohort.size
+    chunk = min(cohort.chunk_size or k, k)
+    chunk = -(-chunk // cohort.multiple) * cohort.multiple
+    num_chunks = -(-k // chunk)
+    total = num_chunks * chunk
+    rows = jnp.arange(total)
+    valid = rows < k
+    rows = jnp.where(valid, rows, 0)
+    all_keys = jnp.concatenate([keys, jnp.broadcast_to(keys[:1], (total - k, *keys.shape[1:]))])
+
+    def chunk_sum(rows_c, valid_c, keys_c):
+        data = cohort.gather(rows_c)
+        data = data._replace(count=jnp.where(valid_c, data.count, 0))
+        out = jax.vmap(fn)(data, keys_c)
+
+        def masked_sum(a):
+            mask = valid_c.reshape(valid_c.shape + (1,) * (a.ndim - 1))
+            return jnp.sum(jnp.where(mask, a, 0), axis=0)
+
+        return jax.tree.map(masked_sum, out)
+
+    if num_chunks == 1:
+        return chunk_sum(rows, valid, all_keys)
+    shaped = (
+        rows.reshape(num_chunks, chunk),
+        valid.reshape(num_chunks, chunk),
+        all_keys.reshape(num_chunks, chunk, *keys.shape[1:]),
+    )
+    first = jax.tree.map(lambda a: a[0], shaped)
+    init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(chunk_sum, *first))
+
+    def body(acc, inputs):
+        return jax.tree.map(jnp.add, acc, chunk_sum(*inputs)), None
+
+    return jax.lax.scan(body, init, shaped)[0]

@@ -32,10 +32,12 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from fedjax_kd import losses
-from fedjax_kd.data import ClientData, FederatedDataset, gather_clients, sample_clients
+from fedjax_kd.data import ClientData, Cohort, FederatedDataset, sample_clients
 from fedjax_kd.types import FederatedAlgorithm
 
 # Round metrics with a fixed meaning; every other scalar metric is recorded as is.
@@ -43,7 +45,7 @@ RESERVED_METRICS = ("train_loss", "uplink_bytes", "downlink_bytes", "finite")
 
 # Named random streams (fold_in constants).
 INIT, ROUNDS = 0, 1
-SAMPLE, CLIENTS = 0, 1
+SAMPLE, CLIENTS, DATA = 0, 1, 2
 
 
 class NonFiniteError(RuntimeError):
@@ -70,15 +72,34 @@ def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
     return jax.random.fold_in(root, INIT), jax.random.fold_in(root, ROUNDS)
 
 
+def client_mesh(devices=None) -> Mesh | None:
+    """A 1-D mesh over ``devices`` (default: all) with axis ``clients``; None for one."""
+    devices = jax.devices() if devices is None else list(devices)
+    if len(devices) < 2:
+        return None
+    return Mesh(np.array(devices), ("clients",), axis_types=(AxisType.Auto,))
+
+
 def make_round_step(
-    algorithm: FederatedAlgorithm, *, num_clients: int, clients_per_round: int
+    algorithm: FederatedAlgorithm,
+    *,
+    num_clients: int,
+    clients_per_round: int,
+    max_local_examples: int,
+    client_chunk_size: int | None = None,
+    mesh: Mesh | None = None,
 ) -> Callable:
     """Returns the pure round ``step(state, data, server_data, rounds_key, r)``.
 
     Args:
       algorithm: the federated algorithm.
-      num_clients: population size (rows of ``data``).
+      num_clients: population size (clients in ``data``).
       clients_per_round: cohort size K.
+      max_local_examples: examples a client trains on per round (the cap of
+        :func:`fedjax_kd.data.gather_cohort`; >= the largest client = all).
+      client_chunk_size: clients vmapped together; chunks run in sequence
+        (algorithms built on ``aggregate.sum_over_clients``); None = all.
+      mesh: shard the cohort's client axis over this mesh's ``clients`` axis.
     """
     if not 1 <= clients_per_round <= num_clients:
         raise ValueError(
@@ -86,11 +107,26 @@ def make_round_step(
         )
 
     sample = algorithm.sample_cohort or sample_clients
+    constrain, multiple = None, 1
+    if mesh is not None:
+        sharding = NamedSharding(mesh, P("clients"))
+        multiple = mesh.devices.size
 
-    def step(state, data: ClientData, server_data: dict, rounds_key: jax.Array, r: jax.Array):
+        def constrain(cohort_data: ClientData) -> ClientData:
+            return jax.lax.with_sharding_constraint(cohort_data, sharding)
+
+    def step(state, data, server_data: dict, rounds_key: jax.Array, r: jax.Array):
         key_r = jax.random.fold_in(rounds_key, r)
         ids = sample(jax.random.fold_in(key_r, SAMPLE), num_clients, clients_per_round)
-        cohort = gather_clients(data, ids)
+        cohort = Cohort.from_store(
+            data,
+            ids,
+            max_local_examples,
+            jax.random.fold_in(key_r, DATA),
+            chunk_size=client_chunk_size,
+            multiple=multiple,
+            constrain=constrain,
+        )
         server_data = {**server_data, "cohort_ids": ids}
         return algorithm.round(state, cohort, jax.random.fold_in(key_r, CLIENTS), server_data)
 
@@ -150,6 +186,9 @@ def run(
     eval_every: int,
     seed: int,
     eval_batch_size: int = 1024,
+    max_local_examples: int | None = None,
+    client_chunk_size: int | None = None,
+    mesh: Mesh | None | str = "auto",
     progress: bool = True,
     on_eval: Callable[[dict], None] | None = None,
 ) -> RunResult:
@@ -165,6 +204,12 @@ def run(
       eval_every: evaluation cadence in rounds (>= 1).
       seed: the run's seed; same seed, same results.
       eval_batch_size: test batch size.
+      max_local_examples: per-round cap on each client's examples (None: the
+        largest client, i.e. every client trains on all its data).
+      client_chunk_size: clients vmapped at once; chunks run in sequence so
+        memory grows with the chunk, not with ``clients_per_round``.
+      mesh: shard the client axis over a device mesh; "auto" = all local
+        devices when there are several (:func:`client_mesh`), None = no sharding.
       progress: show a progress bar on stderr.
       on_eval: called with each evaluation record as it is made.
 
@@ -179,6 +224,10 @@ def run(
     start = time.perf_counter()
     init_key, rounds_key = seed_keys(seed)
     data = jax.tree.map(jnp.asarray, dataset.train)
+    largest = dataset.train.max_examples
+    cap = largest if max_local_examples is None else min(max_local_examples, largest)
+    if mesh == "auto":
+        mesh = client_mesh()
     test = tuple(map(jnp.asarray, batch_test_set(dataset.test_x, dataset.test_y, eval_batch_size)))
     server_data = {}
     if dataset.proxy_x is not None:
@@ -186,7 +235,12 @@ def run(
     state = jax.jit(algorithm.init)(init_key)
 
     step_fn = make_round_step(
-        algorithm, num_clients=dataset.num_clients, clients_per_round=clients_per_round
+        algorithm,
+        num_clients=dataset.num_clients,
+        clients_per_round=clients_per_round,
+        max_local_examples=max(cap, 1),
+        client_chunk_size=client_chunk_size,
+        mesh=mesh,
     )
     step = jax.jit(step_fn).lower(state, data, server_data, rounds_key, jnp.int32(0)).compile()
     evaluate_fn = make_evaluate(algorithm, batch_size=eval_batch_size)

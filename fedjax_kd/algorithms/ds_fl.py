@@ -89,6 +89,7 @@ from fedjax_kd.algorithms.personal import (
     target_loss,
 )
 from fedjax_kd.client import local_train
+from fedjax_kd.data.federated import as_client_data
 from fedjax_kd.types import FederatedAlgorithm, Params
 
 AGGREGATIONS = ("era", "mean")
@@ -226,6 +227,7 @@ def ds_fl(
         )
 
     def round_fn(state: DSFLState, cohort_data, key: jax.Array, server_data=None):
+        cohort_data = as_client_data(cohort_data)  # no chunking: the whole cohort at once
         ids = require(server_data, "cohort_ids", "ds_fl")
         proxy_x = require(server_data, "proxy_x", "ds_fl")
         k = ids.shape[0]

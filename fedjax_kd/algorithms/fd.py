@@ -77,6 +77,7 @@ from fedjax_kd.algorithms.personal import (
 )
 from fedjax_kd.client import local_train
 from fedjax_kd.compress import tree_bytes
+from fedjax_kd.data.federated import as_client_data
 from fedjax_kd.types import ApplyFn, FederatedAlgorithm
 
 LABEL_WEIGHTINGS = ("count", "uniform")
@@ -265,6 +266,7 @@ def fd(
         )
 
     def round_fn(state: FDState, cohort_data, key: jax.Array, server_data=None):
+        cohort_data = as_client_data(cohort_data)  # no chunking: the whole cohort at once
         ids = require(server_data, "cohort_ids", "fd")
         k = ids.shape[0]
         groups = group_rows(ids, num_groups)

@@ -23,6 +23,7 @@ import optax
 from fedjax_kd import aggregate
 from fedjax_kd.client import ClientUpdateFn, make_client_update
 from fedjax_kd.compress import tree_bytes
+from fedjax_kd.data.federated import as_cohort
 from fedjax_kd.types import FederatedAlgorithm, ServerState
 
 
@@ -84,27 +85,30 @@ def from_client_update(
 
     def round_fn(state: ServerState, cohort, key: jax.Array, server_data=None):
         del server_data  # FedAvg uses no server-side data.
-        num_clients = cohort.count.shape[0]
+        num_clients = as_cohort(cohort).size
         keys = jax.random.split(key, num_clients)
-        if targets_fn is None:
-            out = jax.vmap(client_update, in_axes=(None, 0, 0, 0, 0))(
-                state.params, cohort.x, cohort.y, cohort.count, keys
-            )
-        else:
-            targets = jax.vmap(targets_fn, in_axes=(None, 0))(state.params, cohort.x)
-            out = jax.vmap(client_update, in_axes=(None, 0, 0, 0, 0, 0))(
-                state.params, cohort.x, cohort.y, cohort.count, keys, targets
-            )
-        weights = aggregate.client_weights(out.weight, uniform=uniform_weighting)
-        delta = aggregate.weighted_mean(out.delta, weights)
+
+        def contribution(client, client_key):
+            targets = None if targets_fn is None else targets_fn(state.params, client.x)
+            out = client_update(state.params, client.x, client.y, client.count, client_key, targets)
+            w = aggregate.client_weights(out.weight, uniform=uniform_weighting)
+            return {
+                "weighted_delta": jax.tree.map(lambda d: w * d, out.delta),
+                "weight": w,
+                "loss_sum": out.weight * out.metrics["train_loss"],
+                "examples": out.weight,
+            }
+
+        sums = aggregate.sum_over_clients(contribution, cohort, keys)
+        delta = aggregate.divide(sums["weighted_delta"], sums["weight"])
         params, opt_state = aggregate.server_update(
             state.params, state.opt_state, delta, server_optimizer
         )
-        # Arrays actually exchanged: params down; delta and weight up (per client).
+        # Arrays actually exchanged: params down; delta (params-shaped) and weight up.
         per_client_down = tree_bytes(state.params)
-        per_client_up = (tree_bytes(out.delta) + tree_bytes(out.weight)) // num_clients
+        per_client_up = tree_bytes(state.params) + tree_bytes(sums["weight"])
         metrics = {
-            "train_loss": aggregate.weighted_mean(out.metrics["train_loss"], out.weight),
+            "train_loss": sums["loss_sum"] / jnp.maximum(sums["examples"], 1.0),
             "uplink_bytes": jnp.full((num_clients,), per_client_up, jnp.int32),
             "downlink_bytes": jnp.full((num_clients,), per_client_down, jnp.int32),
             "finite": aggregate.tree_all_finite(delta) & aggregate.tree_all_finite(params),

@@ -40,6 +40,7 @@ import optax
 from fedjax_kd import aggregate, cohort, distill
 from fedjax_kd.client import make_client_update
 from fedjax_kd.compress import tree_bytes
+from fedjax_kd.data.federated import as_cohort
 from fedjax_kd.types import FederatedAlgorithm, PyTree
 
 
@@ -118,48 +119,60 @@ def fed_df(
         return FedDFState(params=params, opt_state=tuple(server_optimizer.init(p) for p in params))
 
     def round_fn(state: FedDFState, cohort_data, key: jax.Array, server_data=None):
-        num_clients = cohort_data.count.shape[0]
+        full = as_cohort(cohort_data)
+        num_clients = full.size
         per_group = num_clients // num_groups
         keys = jax.random.split(key, num_clients)
-        new_params, new_opt, locals_, weights_all = [], [], [], []
-        losses, up, down, finite = [], [], [], []
-        for g in range(num_groups):
-            rows = slice(g * per_group, (g + 1) * per_group)
-            sub = jax.tree.map(lambda a, rows=rows: a[rows], cohort_data)
-            out = jax.vmap(updates[g], in_axes=(None, 0, 0, 0, 0))(
-                state.params[g], sub.x, sub.y, sub.count, keys[rows]
-            )
-            weights = aggregate.client_weights(out.weight, uniform=uniform_weighting)
-            delta = aggregate.weighted_mean(out.delta, weights)
-            p, o = aggregate.server_update(
-                state.params[g], state.opt_state[g], delta, server_optimizer
-            )
-            new_params.append(p)
-            new_opt.append(o)
-            finite.append(aggregate.tree_all_finite(p))
-            locals_.append(jax.tree.map(lambda w, d: w[None] - d, state.params[g], out.delta))
-            weights_all.append(out.weight)
-            losses.append(out.metrics["train_loss"])
-            finite.append(aggregate.tree_all_finite(delta))
-            up.append(
-                jnp.full(
-                    (per_group,),
-                    (tree_bytes(out.delta) + tree_bytes(out.weight)) // per_group,
-                    jnp.int32,
-                )
-            )
-            down.append(jnp.full((per_group,), tree_bytes(state.params[g]), jnp.int32))
-        weights_all = jnp.concatenate(weights_all)
-        distill_loss = jnp.zeros((), jnp.float32)
-        server_forward = 0
+        proxy_x = None
         if distill_steps > 0:
             if not server_data or "proxy_x" not in server_data:
                 raise ValueError("fed_df with distill_steps > 0 needs a proxy set")
             proxy_x = server_data["proxy_x"]
-            members = [(m.apply, loc) for m, loc in zip(models, locals_, strict=True)]
-            target = distill.ensemble_logits(
-                members, proxy_x, weights=(weights_all > 0).astype(jnp.float32)
+        new_params, new_opt, finite, up, down = [], [], [], [], []
+        loss_sum = examples = members = 0.0
+        proxy_logits = 0.0
+        for g in range(num_groups):
+            rows = slice(g * per_group, (g + 1) * per_group)
+            params_g = state.params[g]
+
+            def contribution(client, client_key, g=g, params_g=params_g):
+                out = updates[g](params_g, client.x, client.y, client.count, client_key)
+                w = aggregate.client_weights(out.weight, uniform=uniform_weighting)
+                sums = {
+                    "weighted_delta": jax.tree.map(lambda d: w * d, out.delta),
+                    "weight": w,
+                    "loss_sum": out.weight * out.metrics["train_loss"],
+                    "examples": out.weight,
+                }
+                if proxy_x is not None:
+                    has_data = (out.weight > 0).astype(jnp.float32)
+                    local = jax.tree.map(jnp.subtract, params_g, out.delta)
+                    sums["proxy_logits"] = has_data * models[g].apply(local, proxy_x)
+                    sums["members"] = has_data
+                return sums
+
+            sums = aggregate.sum_over_clients(
+                contribution, full.slice(rows.start, rows.stop), keys[rows]
             )
+            delta = aggregate.divide(sums["weighted_delta"], sums["weight"])
+            p, o = aggregate.server_update(params_g, state.opt_state[g], delta, server_optimizer)
+            new_params.append(p)
+            new_opt.append(o)
+            finite += [aggregate.tree_all_finite(delta), aggregate.tree_all_finite(p)]
+            loss_sum = loss_sum + sums["loss_sum"]
+            examples = examples + sums["examples"]
+            if proxy_x is not None:
+                proxy_logits = proxy_logits + sums["proxy_logits"]
+                members = members + sums["members"]
+            up.append(
+                jnp.full((per_group,), tree_bytes(params_g) + tree_bytes(sums["weight"]), jnp.int32)
+            )
+            down.append(jnp.full((per_group,), tree_bytes(params_g), jnp.int32))
+        distill_loss = jnp.zeros((), jnp.float32)
+        server_forward = 0
+        if proxy_x is not None:
+            # Ensemble of ALL cohort clients (every group's local models): mean logits.
+            target = proxy_logits / jnp.maximum(members, 1.0)
             dl = []
             for g in range(num_groups):
                 p, m = distillers[g](new_params[g], proxy_x, target, jax.random.fold_in(key, g + 1))
@@ -169,7 +182,7 @@ def fed_df(
             distill_loss = jnp.mean(jnp.stack(dl))
             server_forward = num_clients * proxy_x.shape[0]
         metrics = {
-            "train_loss": aggregate.weighted_mean(jnp.concatenate(losses), weights_all),
+            "train_loss": loss_sum / jnp.maximum(examples, 1.0),
             "uplink_bytes": jnp.concatenate(up),
             "downlink_bytes": jnp.concatenate(down),
             "finite": jnp.all(jnp.stack(finite)),

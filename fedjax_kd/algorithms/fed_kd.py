@@ -87,6 +87,7 @@ from fedjax_kd import aggregate, losses
 from fedjax_kd import cohort as cohort_lib
 from fedjax_kd.client import local_train
 from fedjax_kd.compress import compress_tree, energy_threshold, tree_bytes
+from fedjax_kd.data.federated import as_client_data
 from fedjax_kd.types import FederatedAlgorithm, Params, PyTree
 
 KL_REDUCTIONS = ("batchmean", "mean")
@@ -313,6 +314,7 @@ def fed_kd(
         return tree, jnp.asarray(tree_bytes(tree), jnp.int32)
 
     def round_fn(state: FedKDState, cohort, key: jax.Array, server_data=None):
+        cohort = as_client_data(cohort)  # no chunking: the whole cohort at once
         if not server_data or "cohort_ids" not in server_data:
             raise ValueError("fed_kd's round needs server_data['cohort_ids'] (the sampled ids)")
         ids = server_data["cohort_ids"]

@@ -80,6 +80,7 @@ from fedjax_kd.algorithms.personal import (
     require,
     stacked_outputs,
 )
+from fedjax_kd.data.federated import as_client_data
 from fedjax_kd.types import FederatedAlgorithm
 
 # --- FedMD ---
@@ -165,6 +166,7 @@ def fed_md(
         )
 
     def round_fn(state: FedMDState, cohort_data, key: jax.Array, server_data=None):
+        cohort_data = as_client_data(cohort_data)  # no chunking: the whole cohort at once
         ids = require(server_data, "cohort_ids", "fed_md")
         proxy_x = require(server_data, "proxy_x", "fed_md")
         k = ids.shape[0]

@@ -43,6 +43,7 @@ import optax
 from fedjax_kd import aggregate, distill
 from fedjax_kd.client import make_client_update
 from fedjax_kd.compress import tree_bytes
+from fedjax_kd.data.federated import as_cohort
 from fedjax_kd.types import FederatedAlgorithm, Params, PyTree
 
 
@@ -135,44 +136,54 @@ def teacher_student(
         )
 
     def round_fn(state: TeacherStudentState, cohort, key: jax.Array, server_data=None):
-        num_clients = cohort.count.shape[0]
+        num_clients = as_cohort(cohort).size
         keys = jax.random.split(key, num_clients)  # as FedAvg: identical client streams
-        if use_kd:
-            targets = jax.vmap(teacher.apply, in_axes=(None, 0))(state.teacher, cohort.x)
-            kd_scale = (state.round >= kd_start_round).astype(jnp.float32)
-            out = jax.vmap(client_update, in_axes=(None, 0, 0, 0, 0, 0, None))(
-                state.params, cohort.x, cohort.y, cohort.count, keys, targets, kd_scale
+        kd_scale = (state.round >= kd_start_round).astype(jnp.float32)
+        proxy_x = None
+        if distill_steps > 0:
+            if not server_data or "proxy_x" not in server_data:
+                raise ValueError("teacher_student with distill_steps > 0 needs a proxy set")
+            proxy_x = server_data["proxy_x"]
+
+        def contribution(client, client_key):
+            targets = teacher.apply(state.teacher, client.x) if use_kd else None
+            out = client_update(
+                state.params, client.x, client.y, client.count, client_key, targets, kd_scale
             )
-        else:
-            out = jax.vmap(client_update, in_axes=(None, 0, 0, 0, 0))(
-                state.params, cohort.x, cohort.y, cohort.count, keys
-            )
-        weights = aggregate.client_weights(out.weight, uniform=uniform_weighting)
-        delta = aggregate.weighted_mean(out.delta, weights)
+            w = aggregate.client_weights(out.weight, uniform=uniform_weighting)
+            sums = {
+                "weighted_delta": jax.tree.map(lambda d: w * d, out.delta),
+                "weight": w,
+                "loss_sum": out.weight * out.metrics["train_loss"],
+                "examples": out.weight,
+            }
+            if proxy_x is not None:
+                # This client's local student on the proxy set, for the ensemble target.
+                has_data = (out.weight > 0).astype(jnp.float32)
+                local = jax.tree.map(jnp.subtract, state.params, out.delta)
+                sums["proxy_logits"] = has_data * student.apply(local, proxy_x)
+                sums["members"] = has_data
+            return sums
+
+        sums = aggregate.sum_over_clients(contribution, cohort, keys)
+        delta = aggregate.divide(sums["weighted_delta"], sums["weight"])
         params, opt_state = aggregate.server_update(
             state.params, state.opt_state, delta, server_optimizer
         )
         new_teacher = state.teacher
         distill_metrics = {"distill_loss": jnp.zeros((), jnp.float32)}
         server_forward = 0
-        if distill_steps > 0:
-            if not server_data or "proxy_x" not in server_data:
-                raise ValueError("teacher_student with distill_steps > 0 needs a proxy set")
-            proxy_x = server_data["proxy_x"]
-            local_students = jax.tree.map(lambda p, d: p[None] - d, state.params, out.delta)
-            has_data = (out.weight > 0).astype(jnp.float32)
-            target = distill.ensemble_logits(
-                [(student.apply, local_students)], proxy_x, weights=has_data
-            )
+        if proxy_x is not None:
+            target = sums["proxy_logits"] / jnp.maximum(sums["members"], 1.0)
             new_teacher, distill_metrics = server_distill(
                 state.teacher, proxy_x, target, jax.random.fold_in(key, 1)
             )
             server_forward = num_clients * proxy_x.shape[0]
         per_client_down = tree_bytes(state.params) + (tree_bytes(state.teacher) if use_kd else 0)
-        per_client_up = (tree_bytes(out.delta) + tree_bytes(out.weight)) // num_clients
-        teacher_forward = jnp.sum(cohort.count) if use_kd else jnp.zeros((), jnp.int32)
+        per_client_up = tree_bytes(state.params) + tree_bytes(sums["weight"])
+        teacher_forward = sums["examples"] if use_kd else jnp.zeros(())
         metrics = {
-            "train_loss": aggregate.weighted_mean(out.metrics["train_loss"], out.weight),
+            "train_loss": sums["loss_sum"] / jnp.maximum(sums["examples"], 1.0),
             "uplink_bytes": jnp.full((num_clients,), per_client_up, jnp.int32),
             "downlink_bytes": jnp.full((num_clients,), per_client_down, jnp.int32),
             "finite": aggregate.tree_all_finite(delta)

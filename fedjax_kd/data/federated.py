@@ -39,6 +39,7 @@ __all__ = [
     "Cohort",
     "FederatedDataset",
     "RaggedClientData",
+    "as_client_data",
     "as_cohort",
     "gather_clients",
     "gather_cohort",
@@ -202,17 +203,23 @@ class Cohort:
 
     Not a pytree: it is built inside the compiled round and hands out padded
     :class:`ClientData` for rows of the cohort. Algorithms call
-    :func:`as_cohort` on their ``cohort`` argument so that a plain
-    ``ClientData`` (as tests pass) works too.
+    :func:`as_cohort` (or :func:`as_client_data`) on their ``cohort``
+    argument so that a plain ``ClientData`` (as tests pass) works too.
 
     Attributes:
       ids: int32 ``[K]`` client ids.
-      cap: examples per client in the gathered arrays.
+      chunk_size: clients trained together (vmapped) at a time; ``None`` = all
+        K at once. Chunks are processed in sequence (``lax.scan``), so memory
+        grows with the chunk, not with K.
+      multiple: gathered row counts are padded to a multiple of this (the
+        number of devices the client axis is sharded over).
     """
 
-    def __init__(self, ids: jax.Array, gather_rows):
+    def __init__(self, ids: jax.Array, gather_rows, *, chunk_size=None, multiple: int = 1):
         self.ids = ids
         self._gather_rows = gather_rows
+        self.chunk_size = chunk_size
+        self.multiple = multiple
 
     @property
     def size(self) -> int:
@@ -227,10 +234,38 @@ class Cohort:
         """Padded data of the whole cohort, ``[K, cap, ...]``."""
         return self._gather_rows(jnp.arange(self.size))
 
+    def slice(self, start: int, stop: int) -> Cohort:
+        """The sub-cohort of rows ``start:stop`` (e.g. one architecture group)."""
+        return Cohort(
+            self.ids[start:stop],
+            lambda rows: self._gather_rows(start + rows),
+            chunk_size=self.chunk_size,
+            multiple=self.multiple,
+        )
+
     @classmethod
-    def from_store(cls, store, ids: jax.Array, cap: int, key: jax.Array | None = None):
-        """A cohort gathered from a population store with :func:`gather_cohort`."""
-        return cls(ids, lambda rows: gather_cohort(store, jnp.take(ids, rows), cap, key))
+    def from_store(
+        cls,
+        store,
+        ids: jax.Array,
+        cap: int,
+        key: jax.Array | None = None,
+        *,
+        chunk_size=None,
+        multiple: int = 1,
+        constrain=None,
+    ):
+        """A cohort gathered from a population store with :func:`gather_cohort`.
+
+        ``constrain`` (e.g. a sharding constraint) is applied to every gathered
+        :class:`ClientData`.
+        """
+
+        def gather_rows(rows):
+            out = gather_cohort(store, jnp.take(ids, rows), cap, key)
+            return out if constrain is None else constrain(out)
+
+        return cls(ids, gather_rows, chunk_size=chunk_size, multiple=multiple)
 
 
 def as_cohort(cohort) -> Cohort:
@@ -240,6 +275,11 @@ def as_cohort(cohort) -> Cohort:
     data = cohort
     ids = jnp.arange(data.count.shape[0], dtype=jnp.int32)
     return Cohort(ids, lambda rows: jax.tree.map(lambda a: jnp.take(a, rows, axis=0), data))
+
+
+def as_client_data(cohort) -> ClientData:
+    """The whole cohort as one padded :class:`ClientData` ``[K, N, ...]``."""
+    return cohort.materialize() if isinstance(cohort, Cohort) else cohort
 
 
 def pack(
