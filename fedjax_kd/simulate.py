@@ -233,6 +233,13 @@ def run(
     if dataset.proxy_x is not None:
         server_data["proxy_x"] = jnp.asarray(dataset.proxy_x)
     state = jax.jit(algorithm.init)(init_key)
+    if mesh is not None:
+        # Everything but the cohort is replicated; the compiled round then keeps
+        # the same (replicated) shardings from round to round.
+        replicated = NamedSharding(mesh, P())
+        state, data, server_data, test, rounds_key = jax.device_put(
+            (state, data, server_data, test, rounds_key), replicated
+        )
 
     step_fn = make_round_step(
         algorithm,

@@ -1,0 +1,154 @@
+"""Bounded-memory rounds: chunks, ragged stores, per-round caps, device sharding."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fedjax_kd import algorithms, data, models, simulate
+from fedjax_kd.data import FederatedDataset, RaggedClientData
+
+COMMON = dict(
+    client_optimizer=optax.sgd(0.1), server_optimizer=optax.sgd(1.0), epochs=1, batch_size=8
+)
+
+
+def to_ragged(dataset: FederatedDataset) -> FederatedDataset:
+    """The same clients stored back to back (the layout of heavy-tailed datasets)."""
+    t = dataset.train
+    parts, offset = [], 0
+    xs, ys = [], []
+    for c in range(t.num_clients):
+        n = int(t.count[c])
+        xs.append(t.x[c, :n])
+        ys.append(t.y[c, :n])
+        parts.append(np.arange(offset, offset + n))
+        offset += n
+    store = data.pack_ragged(np.concatenate(xs), np.concatenate(ys), parts)
+    return FederatedDataset(
+        dataset.name, store, dataset.test_x, dataset.test_y, dataset.num_classes, dataset.proxy_x
+    )
+
+
+def run(algo, dataset, **kwargs):
+    return simulate.run(
+        algo, dataset, rounds=3, clients_per_round=7, eval_every=3, seed=0, progress=False,
+        **kwargs,
+    )  # fmt: skip
+
+
+def test_gather_cohort_hand_computed_window_and_cap():
+    store = data.pack_ragged(
+        np.arange(9, dtype=np.float32)[:, None], np.arange(9), [[0, 1], [2, 3, 4, 5, 6], [7, 8]]
+    )
+    assert isinstance(store, RaggedClientData)
+    out = data.gather_cohort(jax.tree.map(jnp.asarray, store), jnp.array([2, 0]), 3)
+    np.testing.assert_array_equal(out.x[..., 0], [[7, 8, 0], [0, 1, 0]])
+    np.testing.assert_array_equal(out.count, [2, 2])
+    # Client 1 has 5 > cap 3 examples: a window of 3 consecutive ones, counted as 3.
+    starts = set()
+    for seed in range(20):
+        w = data.gather_cohort(
+            jax.tree.map(jnp.asarray, store), jnp.array([1]), 3, jax.random.key(seed)
+        )
+        xs = np.asarray(w.x[0, :, 0])
+        assert int(w.count[0]) == 3 and np.all(np.diff(xs) == 1) and 2 <= xs[0] <= 4
+        starts.add(int(xs[0]))
+    assert starts == {2, 3, 4}
+
+
+def test_ragged_store_gives_bit_identical_runs(digits_small):
+    model = models.create("mlp-8", feature_shape=(64,), num_classes=10)
+    algo = algorithms.fed_avg(model, **COMMON)
+    padded = run(algo, digits_small)
+    ragged = run(algo, to_ragged(digits_small))
+    chex.assert_trees_all_equal(padded.state.params, ragged.state.params)
+    assert padded.history[-1]["test_accuracy"] == ragged.history[-1]["test_accuracy"]
+
+
+@pytest.mark.parametrize("name", ["fedavg", "teacher_student", "feddf"])
+def test_chunked_equals_unchunked(digits_proxy, name):
+    student = models.create("mlp-8", feature_shape=(64,), num_classes=10)
+    teacher = models.create("mlp-16", feature_shape=(64,), num_classes=10)
+    algo = {
+        "fedavg": lambda: algorithms.fed_avg(student, **COMMON),
+        "teacher_student": lambda: algorithms.teacher_student(
+            student, teacher, distill_steps=3, distill_batch_size=32, **COMMON
+        ),
+        "feddf": lambda: algorithms.fed_df(
+            [student], distill_steps=3, distill_batch_size=32, **COMMON
+        ),
+    }[name]()
+    whole = run(algo, digits_proxy)
+    chunked = run(
+        algo, digits_proxy, client_chunk_size=3
+    )  # 7 clients: chunks 3 + 3 + 1(+2 dummies)
+    chex.assert_trees_all_close(whole.state, chunked.state, rtol=1e-5, atol=1e-6)
+    for a, b in zip(whole.history, chunked.history, strict=True):
+        np.testing.assert_allclose(a["train_loss"], b["train_loss"], rtol=1e-5)
+        assert a["uplink_bytes"] == b["uplink_bytes"]
+
+
+def test_cap_bounds_local_work_and_keeps_small_clients_exact(digits_small):
+    model = models.create("mlp-8", feature_shape=(64,), num_classes=10)
+    algo = algorithms.fed_avg(model, **COMMON)
+    largest = int(digits_small.train.count.max())
+    exact = run(algo, digits_small)
+    same = run(algo, digits_small, max_local_examples=largest)
+    chex.assert_trees_all_equal(exact.state.params, same.state.params)
+    capped = run(algo, digits_small, max_local_examples=8)
+    assert not np.allclose(
+        capped.state.params["head"]["kernel"], exact.state.params["head"]["kernel"]
+    )
+
+
+SHARDED = textwrap.dedent(
+    """
+    import json, sys
+    import jax, numpy as np, optax
+    from fedjax_kd import algorithms, data, models, simulate
+    assert len(jax.devices()) == 4, jax.devices()
+    ds = data.digits(num_clients=20, partition="dirichlet", alpha=0.5, seed=0, proxy_fraction=0.1)
+    student = models.create("mlp-8", feature_shape=(64,), num_classes=10)
+    teacher = models.create("mlp-16", feature_shape=(64,), num_classes=10)
+    common = dict(client_optimizer=optax.sgd(0.1), server_optimizer=optax.sgd(1.0),
+                  epochs=1, batch_size=8)
+    out = {}
+    for name, algo in [
+        ("fedavg", algorithms.fed_avg(student, **common)),
+        ("teacher_student", algorithms.teacher_student(student, teacher, distill_steps=2,
+                                                       distill_batch_size=32, **common)),
+    ]:
+        for mesh in (None, "auto"):
+            for chunk in (None, 4):
+                r = simulate.run(algo, ds, rounds=2, clients_per_round=6, eval_every=2, seed=0,
+                                 progress=False, mesh=mesh, client_chunk_size=chunk)
+                leaves = [np.asarray(l).ravel().tolist() for l in jax.tree.leaves(r.state.params)]
+                out[f"{name}/{mesh}/{chunk}"] = leaves
+    json.dump(out, sys.stdout)
+    """
+)
+
+
+def test_sharded_over_four_devices_matches_single_device(tmp_path):
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", SHARDED], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    for name in ("fedavg", "teacher_student"):
+        reference = out[f"{name}/None/None"]
+        for key in (f"{name}/auto/None", f"{name}/auto/4", f"{name}/None/4"):
+            for a, b in zip(reference, out[key], strict=True):
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
