@@ -188,6 +188,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         ),
         ("eval_every", c.eval_every >= 1, ">= 1"),
         ("eval_batch_size", c.eval_batch_size >= 1, ">= 1"),
+        ("client_chunk_size", c.client_chunk_size >= 0, ">= 0 (0 = whole cohort)"),
+        ("client.max_examples", c.client.max_examples >= 0, ">= 0 (0 = no cap)"),
         ("data.alpha", c.data.alpha > 0, "> 0"),
         ("data.min_client_size", c.data.min_client_size >= 1, ">= 1"),
         ("data.shards_per_client", c.data.shards_per_client >= 1, ">= 1"),
@@ -488,6 +490,8 @@ def run(
         eval_every=config.eval_every,
         seed=config.seed,
         eval_batch_size=config.eval_batch_size,
+        max_local_examples=config.client.max_examples or None,
+        client_chunk_size=config.client_chunk_size or None,
         progress=progress,
         on_eval=on_eval,
     )

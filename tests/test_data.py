@@ -439,3 +439,16 @@ def test_pack_refuses_huge_padding():
     x = np.zeros((10, 3), np.float32)
     with pytest.raises(ValueError, match="GiB"):
         data.pack(x, np.zeros(10, np.int32), [np.arange(10)], pad_to=10, max_bytes=100)
+
+
+def test_synthetic_ragged_layout_holds_the_same_clients():
+    padded = datasets.synthetic(num_clients=8, seed=1, layout="padded")
+    ragged = datasets.synthetic(num_clients=8, seed=1, layout="ragged")
+    assert isinstance(ragged.train, data.RaggedClientData)
+    np.testing.assert_array_equal(padded.train.count, ragged.train.count)
+    for c in range(8):
+        n, o = int(ragged.train.count[c]), int(ragged.train.offsets[c])
+        np.testing.assert_array_equal(padded.train.x[c, :n], ragged.train.x[o : o + n])
+        np.testing.assert_array_equal(padded.train.y[c, :n], ragged.train.y[o : o + n])
+    np.testing.assert_array_equal(padded.label_counts(), ragged.label_counts())
+    assert ragged.train.max_examples == padded.train.max_examples

@@ -21,6 +21,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.clients_per_round = 10
     c.eval_every = 10
     c.eval_batch_size = 1024
+    # Clients vmapped together; chunks run in sequence, so memory grows with the
+    # chunk, not with clients_per_round (0 = the whole cohort at once).
+    c.client_chunk_size = 0
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "digits"  # digits | synthetic
@@ -56,6 +59,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.client.momentum = 0.9  # client.optimizer=momentum
     c.client.epochs = 5
     c.client.batch_size = 10
+    # Per-round cap on a client's examples: a larger client trains on a random
+    # window of this many (heavy-tailed Synthetic users); 0 = no cap.
+    c.client.max_examples = 1024
 
     c.algorithm = ml_collections.ConfigDict()
     # fedavg | fedprox | teacher_student | feddf | fedntd | fedkd | fedmd | dsfl | fd

@@ -35,7 +35,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from fedjax_kd.data.federated import FederatedDataset, pack
+from fedjax_kd.data.federated import FederatedDataset, pack, pack_ragged
 from fedjax_kd.data.partition import PARTITIONERS
 
 __all__ = ["DATASETS", "digits", "synthetic"]
@@ -191,6 +191,7 @@ def synthetic(
     proxy_fraction: float = 0.0,
     partition: str = "natural",
     partition_kwargs: dict | None = None,
+    layout: str = "auto",
 ) -> FederatedDataset:
     """FedProx Synthetic(alpha, beta) with its natural partition (user k = client k).
 
@@ -215,6 +216,9 @@ def synthetic(
       partition_kwargs: extra arguments of the partitioner (e.g.
         ``{"alpha": 0.1}`` for Dirichlet; a dict because ``alpha`` here is
         Synthetic's own).
+      layout: "padded" (:class:`ClientData`), "ragged"
+        (:class:`RaggedClientData`, no padding) or "auto": ragged when the
+        padded arrays would exceed 1 GiB (thousands of heavy-tailed users).
 
     Returns:
       A :class:`FederatedDataset` named "synthetic" with 60 features and 10 classes.
@@ -263,9 +267,19 @@ def synthetic(
             arrays.y[pooled], num_clients, seed=seed, **(partition_kwargs or {})
         )
         train_parts = [pooled[p] for p in parts]
+    if layout not in ("auto", "padded", "ragged"):
+        raise ValueError(f"layout must be auto, padded or ragged; got {layout!r}.")
+    largest = max((len(p) for p in train_parts), default=0)
+    padded_bytes = len(train_parts) * largest * _SYNTHETIC_DIM * 4
+    ragged = layout == "ragged" or (layout == "auto" and padded_bytes > 2**30)
+    train = (
+        pack_ragged(arrays.x, arrays.y, train_parts)
+        if ragged
+        else pack(arrays.x, arrays.y, train_parts)
+    )
     return FederatedDataset(
         name="synthetic",
-        train=pack(arrays.x, arrays.y, train_parts),
+        train=train,
         test_x=arrays.x[test_rows],
         test_y=arrays.y[test_rows],
         num_classes=_SYNTHETIC_CLASSES,
