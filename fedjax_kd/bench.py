@@ -60,8 +60,9 @@ compile, via ``jax.jit(f).lower(...).compile()``; for ``loop`` the sum of its
 three small programs), run once (warm-up and the loop/vmap equality check),
 then timed in rotation -- every (algorithm, method) of that K, and the
 teacher-forward diagnostic, once per repetition, in the same order -- so that
-slow phases of a shared machine hit all methods alike. Each method carries its own state from round to round (its rounds
-really train). ``s_per_round`` is the MEDIAN over ``--reps`` timed rounds
+slow phases of a shared machine hit all methods alike. Each method carries
+its own state from round to round (its rounds really train).
+``s_per_round`` is the MEDIAN over ``--reps`` timed rounds
 (each ending in ``block_until_ready``); ``examples_per_s = epochs * K * n /
 s_per_round``. ``peak_rss_mb`` is the process's ``ru_maxrss`` after that
 method's last timed round: it is a high-water mark, monotone over the whole
@@ -95,7 +96,10 @@ Knobs (issue item 6): ``--dtype f32,bf16`` runs every method with the models'
 params and inputs cast to bfloat16 inside ``apply`` (f32 master params,
 gradients and optimizer); ``--donate`` adds a ``vmap`` row whose round donates
 the state's buffers (``donate_argnums=0``). Both appear as separate rows
-(``dtype``, ``donate``) measured in the same rotation. The third knob of
+(``dtype``, ``donate``) measured in the same rotation. ``--chunk-size C``
+runs the vmap rows' cohort in chunks of C clients (vmap inside a chunk,
+``lax.scan`` across chunks, as ``client_chunk_size`` does in ``fedjax-kd
+run``; JSON ``chunk_size``). The third knob of
 item 6, a block of rounds inside one ``lax.scan``, is not measured here.
 
 Entry points: :func:`add_arguments` + :func:`run` (for the ``fedjax-kd``
@@ -126,7 +130,7 @@ from fedjax_kd import aggregate, models
 from fedjax_kd.algorithms.fed_avg import fed_avg
 from fedjax_kd.algorithms.teacher_student import teacher_student
 from fedjax_kd.client import make_client_update
-from fedjax_kd.data import ClientData
+from fedjax_kd.data import ClientData, Cohort
 
 ALGORITHMS = ("fedavg", "teacher_student")
 METHODS = ("vmap", "loop", "central")
@@ -139,7 +143,8 @@ USAGE = (
     "fedjax-kd bench [--clients 10,100,1000,10000] [--json PATH] "
     "[--algorithms fedavg,teacher_student] [--reps 5] [--examples-per-client 64] "
     "[--max-loop-seconds S] [--batch-size 32] [--epochs 1] [--lr 0.05] "
-    "[--student mlp-64] [--teacher mlp-256-256] [--dtype f32[,bf16]] [--donate] [--seed 0]"
+    "[--student mlp-64] [--teacher mlp-256-256] [--dtype f32[,bf16]] [--donate] "
+    "[--chunk-size C] [--seed 0]"
 )
 
 
@@ -163,6 +168,7 @@ class BenchConfig:
     max_loop_seconds: float | None = None
     dtypes: tuple[str, ...] = ("f32",)
     donate: bool = False
+    chunk_size: int | None = None
     seed: int = 0
 
     def validate(self) -> None:
@@ -191,6 +197,8 @@ class BenchConfig:
             )
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise BenchError(f"--lr must be a finite number > 0, got {self.lr}")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise BenchError(f"--chunk-size must be >= 1, got {self.chunk_size}")
         if self.max_loop_seconds is not None and not self.max_loop_seconds > 0:
             raise BenchError(f"--max-loop-seconds must be > 0, got {self.max_loop_seconds}")
         for flag, name in (("--student", self.student), ("--teacher", self.teacher)):
@@ -354,8 +362,15 @@ def build_methods(
     def kd_scale_of(state):
         return (state.round >= 0).astype(jnp.float32)  # kd_start_round = 0
 
-    # (a) vmap: the algorithm's own round.
+    # (a) vmap: the algorithm's own round (clients in chunks of --chunk-size, if set).
     def vmap_round(state, cohort, key):
+        if config.chunk_size is not None:
+            data = cohort
+            cohort = Cohort(
+                jnp.arange(num_clients, dtype=jnp.int32),
+                lambda rows: jax.tree.map(lambda a: jnp.take(a, rows, axis=0), data),
+                chunk_size=config.chunk_size,
+            )
         return algo.round(state, cohort, key, None)
 
     methods = []
@@ -634,6 +649,7 @@ def _row(e: _Entry, config: BenchConfig, num_clients, f_student, f_teacher, devi
         "s_per_round_all": [round(t, 6) for t in e.times],
         "dtype": e.dtype,
         "donate": e.method.donate,
+        "chunk_size": config.chunk_size if e.method.name == "vmap" else None,
         "student": config.student,
         "teacher": config.teacher if e.algorithm == "teacher_student" else None,
         "server_distill_steps": 0,
@@ -666,6 +682,8 @@ def format_table(rows: Sequence[dict]) -> str:
     ]
     for r in rows:
         method = r["method"] + ("+donate" if r.get("donate") else "")
+        if r.get("chunk_size"):
+            method += f"/c{r['chunk_size']}"
         lines.append(
             f"{r['algorithm']:<16}{r['dtype']:<6}{r['clients']:>7}  {method:<13}"
             f"{_fmt(r['examples_per_s'], '12,.0f')}{_fmt(r['s_per_round'], '11.4f')}"
@@ -837,6 +855,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--donate", action="store_true", help="add a vmap row that donates the state's buffers"
     )
+    parser.add_argument(
+        "--chunk-size",
+        type=_number(int, minimum=1, strict=False),
+        default=None,
+        help="vmap rows: train the cohort in chunks of this many clients (default: all at once)",
+    )
     parser.add_argument("--seed", type=_number(int, minimum=0, strict=False), default=d.seed)
 
 
@@ -860,6 +884,7 @@ def run(args: argparse.Namespace) -> int:
         max_loop_seconds=args.max_loop_seconds,
         dtypes=tuple(args.dtype),
         donate=args.donate,
+        chunk_size=args.chunk_size,
         seed=args.seed,
     )
     try:

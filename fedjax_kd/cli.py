@@ -14,9 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
-USAGE = "fedjax-kd run [--config PATH] [--config.KEY=VALUE ...] [--workdir DIR] [--no-progress]"
+USAGE = (
+    "fedjax-kd run [--config PATH] [--config.KEY=VALUE ...] [--workdir DIR] [--no-progress] "
+    "[--coordinator HOST:PORT --num-processes N --process-id I]"
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -49,6 +53,26 @@ def _split_overrides(tokens: list[str]) -> tuple[list[tuple[str, str]], list[str
     return overrides, rest
 
 
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value in (None, ""):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise SystemExit(_fail(f"environment variable {name} must be an integer, got {value!r}"))
+
+
+def _initialize_hosts(coordinator: str, num_processes: int, process_id: int) -> None:
+    """``jax.distributed.initialize``; CPU processes talk through gloo collectives."""
+    import jax
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
+    )
+
+
 def _fail(message: str, code: int = 2) -> int:
     print(f"error: {message}", file=sys.stderr)
     return code
@@ -71,6 +95,26 @@ def main(argv: list[str] | None = None) -> int:
     run_p.add_argument("--config", help="Python file with get_config() (default: embedded)")
     run_p.add_argument("--workdir", help="write config.json, metrics.jsonl, summary.json here")
     run_p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    hosts = run_p.add_argument_group(
+        "multi-host", "one process per host; every process runs the same command"
+    )
+    hosts.add_argument(
+        "--coordinator",
+        default=os.environ.get("FEDJAX_KD_COORDINATOR"),
+        help="address HOST:PORT of process 0 (env FEDJAX_KD_COORDINATOR)",
+    )
+    hosts.add_argument(
+        "--num-processes",
+        type=int,
+        default=_env_int("FEDJAX_KD_NUM_PROCESSES"),
+        help="number of processes (env FEDJAX_KD_NUM_PROCESSES)",
+    )
+    hosts.add_argument(
+        "--process-id",
+        type=int,
+        default=_env_int("FEDJAX_KD_PROCESS_ID"),
+        help="this process's id in [0, N) (env FEDJAX_KD_PROCESS_ID)",
+    )
     try:
         overrides, rest = _split_overrides(argv)
         args = parser.parse_args(rest)
@@ -78,6 +122,15 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     if args.command is None:
         return _fail(f"missing command (usage: {USAGE})")
+
+    if args.coordinator or args.num_processes or args.process_id is not None:
+        if not (args.coordinator and args.num_processes and args.process_id is not None):
+            return _fail("multi-host runs need --coordinator, --num-processes and --process-id")
+        if not 0 <= args.process_id < args.num_processes:
+            return _fail(
+                f"--process-id must be in [0, {args.num_processes}), got {args.process_id}"
+            )
+        _initialize_hosts(args.coordinator, args.num_processes, args.process_id)
 
     # Imported late so `fedjax-kd --help` and argument errors need no JAX start-up.
     from fedjax_kd import experiment
@@ -93,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(e), code=1)
     except KeyboardInterrupt:
         return _fail("interrupted", code=130)
+    import jax
+
+    if jax.process_index() != 0:
+        return 0  # process 0 reports; every process holds the same results
     s = result.summary
     print(
         f"test_accuracy {s['test_accuracy']:.4f} after {s['rounds']} rounds; "

@@ -19,6 +19,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+import jax
 import ml_collections
 import optax
 
@@ -468,6 +469,8 @@ def run(
         )
     algorithm = build_algorithm(config, dataset)
     on_eval = None
+    if workdir is not None and jax.process_index() != 0:
+        workdir = None  # multi-host: process 0 writes the files
     if workdir is not None:
         workdir = Path(workdir)
         try:

@@ -80,6 +80,24 @@ def client_mesh(devices=None) -> Mesh | None:
     return Mesh(np.array(devices), ("clients",), axis_types=(AxisType.Auto,))
 
 
+def replicate(tree, sharding: NamedSharding):
+    """Places every leaf of ``tree`` fully replicated on ``sharding``'s devices.
+
+    Built from host copies with ``make_array_from_callback``, so it also works
+    when the mesh spans devices of other processes (multi-host runs, where
+    every process holds the same values).
+    """
+
+    def place(leaf):
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            data = replicate(jax.random.key_data(leaf), sharding)
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(leaf))
+        host = np.asarray(jax.device_get(leaf))
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(place, tree)
+
+
 def make_round_step(
     algorithm: FederatedAlgorithm,
     *,
@@ -233,13 +251,16 @@ def run(
     if dataset.proxy_x is not None:
         server_data["proxy_x"] = jnp.asarray(dataset.proxy_x)
     state = jax.jit(algorithm.init)(init_key)
+    jit_kwargs = {}
     if mesh is not None:
-        # Everything but the cohort is replicated; the compiled round then keeps
-        # the same (replicated) shardings from round to round.
+        # Everything but the cohort is replicated (also the outputs); the compiled
+        # round then keeps the same shardings from round to round, and with
+        # several processes (hosts) every process holds whole metrics.
         replicated = NamedSharding(mesh, P())
-        state, data, server_data, test, rounds_key = jax.device_put(
+        state, data, server_data, test, rounds_key = replicate(
             (state, data, server_data, test, rounds_key), replicated
         )
+        jit_kwargs = {"out_shardings": replicated}
 
     step_fn = make_round_step(
         algorithm,
@@ -249,9 +270,13 @@ def run(
         client_chunk_size=client_chunk_size,
         mesh=mesh,
     )
-    step = jax.jit(step_fn).lower(state, data, server_data, rounds_key, jnp.int32(0)).compile()
+    step = (
+        jax.jit(step_fn, **jit_kwargs)
+        .lower(state, data, server_data, rounds_key, jnp.int32(0))
+        .compile()
+    )
     evaluate_fn = make_evaluate(algorithm, batch_size=eval_batch_size)
-    evaluate = jax.jit(evaluate_fn).lower(state, *test).compile()
+    evaluate = jax.jit(evaluate_fn, **jit_kwargs).lower(state, *test).compile()
     # jit returns dicts with sorted keys; the headline is eval_models' FIRST entry.
     names = list(algorithm.eval_models(state))
     compile_s = time.perf_counter() - start
@@ -259,7 +284,11 @@ def run(
     history: list[dict] = []
     cum_up = cum_down = 0
     bar = tqdm(
-        total=rounds, unit="round", disable=not progress, file=sys.stderr, dynamic_ncols=True
+        total=rounds,
+        unit="round",
+        disable=not progress or jax.process_index() != 0,
+        file=sys.stderr,
+        dynamic_ncols=True,
     )
     record: dict = {}
     try:
