@@ -3,6 +3,7 @@
 Usage::
 
     fedjax-kd run [--config PATH] [--config.KEY=VALUE ...] [--workdir DIR] [--no-progress]
+    fedjax-kd bench --clients 10,100,1000,10000 --json PATH   (see fedjax_kd/bench.py)
 
 A user's mistake (unknown key, wrong type, value out of range, unknown name,
 missing config file) ends with exit code 2 and one line ``error: ...`` on
@@ -27,7 +28,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports mistakes as one ``error:`` line (exit 2)."""
 
     def error(self, message: str):  # noqa: D102 - argparse's hook
-        print(f"error: {message} (usage: {USAGE})", file=sys.stderr)
+        print(f"error: {message} (usage: {self.usage or USAGE})", file=sys.stderr)
         raise SystemExit(2)
 
 
@@ -60,7 +61,8 @@ def _env_int(name: str) -> int | None:
     try:
         return int(value)
     except ValueError:
-        raise SystemExit(_fail(f"environment variable {name} must be an integer, got {value!r}"))
+        message = f"environment variable {name} must be an integer, got {value!r}"
+        raise SystemExit(_fail(message)) from None
 
 
 def _initialize_hosts(coordinator: str, num_processes: int, process_id: int) -> None:
@@ -115,13 +117,23 @@ def main(argv: list[str] | None = None) -> int:
         default=_env_int("FEDJAX_KD_PROCESS_ID"),
         help="this process's id in [0, N) (env FEDJAX_KD_PROCESS_ID)",
     )
+    from fedjax_kd import bench  # light: JAX is imported only when a benchmark runs
+
+    bench_p = sub.add_parser(
+        "bench", help="vmap round vs per-client loop vs centralized", usage=bench.USAGE
+    )
+    bench.add_arguments(bench_p)
     try:
         overrides, rest = _split_overrides(argv)
         args = parser.parse_args(rest)
     except SystemExit as e:  # argument mistakes (code 2) and --help (code 0)
         return int(e.code or 0)
     if args.command is None:
-        return _fail(f"missing command (usage: {USAGE})")
+        return _fail(f"missing command (usage: {USAGE} | fedjax-kd bench ...)")
+    if args.command == "bench":
+        if overrides:
+            return _fail("bench takes no --config.KEY overrides")
+        return bench.run(args)
 
     if args.coordinator or args.num_processes or args.process_id is not None:
         if not (args.coordinator and args.num_processes and args.process_id is not None):

@@ -1,0 +1,166 @@
+"""fedjax-kd bench: rows for every (algorithm, K, method), an honest loop, equal work, bad input."""
+
+import json
+import math
+import statistics
+import time
+
+import chex
+import jax
+import jax.numpy as jnp
+import pytest
+
+from fedjax_kd import bench
+
+TINY = bench.BenchConfig(clients=(2, 4), reps=2, examples_per_client=32, batch_size=16)
+KEYS = ("algorithm", "clients", "method", "examples_per_s", "s_per_round", "compile_s")
+
+
+@pytest.fixture(scope="module")
+def tiny_rows(tmp_path_factory):
+    """The whole command on a tiny workload, through the standalone entry point.
+
+    ``--chunk-size 3``: K=2 is one chunk, K=4 two chunks (the second padded with a
+    dummy client), so the loop == vmap check below also covers the chunked round.
+    """
+    path = tmp_path_factory.mktemp("bench") / "rows.json"
+    argv = ["--clients", "2,4", "--reps", "2", "--examples-per-client", "32"]
+    argv += ["--batch-size", "16", "--chunk-size", "3", "--json", str(path)]
+    assert bench.main(argv) == 0
+    return json.loads(path.read_text())
+
+
+def test_rows_cover_every_algorithm_k_and_method_with_positive_numbers(tiny_rows):
+    got = {(r["algorithm"], r["clients"], r["method"]) for r in tiny_rows}
+    assert got == {(a, k, m) for a in bench.ALGORITHMS for k in (2, 4) for m in bench.METHODS}
+    assert len(tiny_rows) == len(got)
+    for r in tiny_rows:
+        for key in (*KEYS, "peak_rss_mb", "reps", "n_per_client"):
+            assert key in r, key
+        for key in ("examples_per_s", "s_per_round", "compile_s", "peak_rss_mb"):
+            assert r[key] > 0 and math.isfinite(r[key]), (key, r)
+        assert r["reps"] == 2 and len(r["s_per_round_all"]) == 2
+        assert r["s_per_round"] == pytest.approx(statistics.median(r["s_per_round_all"]), abs=1e-6)
+        assert r["examples_per_s"] == pytest.approx(r["examples_per_round"] / r["s_per_round"])
+        assert "skipped" not in r
+
+
+def test_every_method_does_the_same_work(tiny_rows):
+    """Same examples per round and, with n a multiple of the batch, the same SGD steps."""
+    for r in tiny_rows:
+        assert r["examples_per_round"] == r["clients"] * 32
+        assert r["sgd_steps"] == r["clients"] * 32 // 16  # measured for loop and central
+    for r in (r for r in tiny_rows if r["method"] == "loop"):
+        assert r["max_abs_diff_vs_vmap"] < 1e-5  # checked on every bench run
+    assert {r["chunk_size"] for r in tiny_rows if r["method"] == "vmap"} == {3}
+
+
+def test_table_has_ratios_and_kd_overhead(tiny_rows):
+    table = bench.format_table(tiny_rows)
+    assert "vmap/central" in table and "vmap/loop" in table
+    assert "KD overhead" in table and "meas/pred" in table
+
+
+def test_loop_round_equals_the_vmapped_round():
+    """Same state and key: the loop baseline computes the same round as the vmapped one.
+
+    teacher_student exercises every part of the loop (teacher logits in the per-client
+    call, kd_scale, the round counter); for fedavg the same comparison runs inside
+    every bench run (``max_abs_diff_vs_vmap``, asserted on the tiny run above).
+    """
+    algorithm = "teacher_student"
+    cohort = jax.tree.map(jnp.asarray, bench.make_cohort(3, 32, seed=1))
+    key = jax.random.key(7)
+    built = bench.build_methods(algorithm, TINY, cohort, key, include=("vmap", "loop"))
+    methods = {m.name: m for m in built}
+    assert set(methods) == {"vmap", "loop"}
+    start = methods["vmap"].state.params
+    vmap_state, vmap_metrics = methods["vmap"].run(methods["vmap"].state, key)
+    loop_state, loop_metrics = methods["loop"].run(methods["loop"].state, key)
+    chex.assert_trees_all_close(loop_state.params, vmap_state.params, atol=1e-6, rtol=1e-5)
+    moved = jax.tree.map(lambda a, b: jnp.max(jnp.abs(a - b)), vmap_state.params, start)
+    assert max(jax.tree.leaves(moved)) > 1e-4  # a real training step, not a no-op
+    assert float(loop_metrics["train_loss"]) == pytest.approx(float(vmap_metrics["train_loss"]))
+    assert int(loop_metrics["local_steps"]) == 3 * 2 and bool(loop_metrics["finite"])
+    assert int(loop_state.round) == int(vmap_state.round) == 1
+
+
+def test_flops_are_counted_per_dense_layer():
+    assert bench.forward_flops("mlp-64", 60, 10) == 2 * (60 * 64 + 64 * 10)
+    assert bench.forward_flops("mlp-256-256", 60, 10) == 2 * (60 * 256 + 256 * 256 + 256 * 10)
+    assert bench.forward_flops("linear", 60, 10) == 2 * 60 * 10
+
+
+def test_cohort_is_unpadded_and_deterministic():
+    a, b = bench.make_cohort(5, 8, seed=3), bench.make_cohort(5, 8, seed=3)
+    assert a.x.shape == (5, 8, 60) and a.y.shape == (5, 8) and (a.count == 8).all()
+    assert (a.x == b.x).all() and (a.y == b.y).all()
+    assert 0 <= a.y.min() and a.y.max() < 10
+
+
+def test_loop_over_budget_is_skipped_not_faked(tiny_rows):
+    """--max-loop-seconds: a probe estimates the loop; over budget it is never run or faked."""
+    config = bench.BenchConfig(clients=(1000,), reps=4, max_loop_seconds=1.0)
+
+    def never(*args):
+        raise AssertionError("a skipped loop must not run")
+
+    probed = []
+
+    def probe(state, key, num_clients):  # 10 ms per 32 clients: ~0.3 s per round of 1000
+        probed.append(num_clients)
+        time.sleep(0.01)
+
+    loop = bench.Method("loop", never, 0.5, state=None, probe=probe)
+    entry = bench._Entry("fedavg", "f32", loop, None)
+    bench._warm_up([entry], None, config, 1000, log=lambda msg: None)
+    assert probed == [bench.PROBE_CLIENTS] * 2 and entry.skipped
+    assert "max-loop-seconds" in entry.skipped and entry.extra["loop_estimate_s"] >= 0
+    row = bench._row(entry, config, 1000, 1, 1, jax.devices()[0])
+    assert row["s_per_round"] is None and row["examples_per_s"] is None and row["reps"] == 0
+    assert row["skipped"] == entry.skipped
+    assert "skipped" in bench.format_table([*tiny_rows, row])
+
+
+BAD_ARGS = [
+    (["--clients", "10,x"], "argument --clients"),
+    (["--clients", "0"], "argument --clients"),
+    (["--algorithms", "fedfoo"], "unknown 'fedfoo'"),
+    (["--reps", "0"], "argument --reps"),
+    (["--examples-per-client", "40"], "multiple of --batch-size"),
+    (["--max-loop-seconds", "0"], "argument --max-loop-seconds"),
+    (["--lr", "nan"], "argument --lr"),
+    (["--student", "resnet"], "--student: unknown model"),
+    (["--teacher", "cnn-8"], "--teacher: the benchmark supports"),
+    (["--dtype", "fp8"], "argument --dtype"),
+    (["--chunk-size", "0"], "argument --chunk-size"),
+    (["--json", "/nonexistent/dir/rows.json"], "does not exist"),
+    (["--bogus"], "unrecognized arguments"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), BAD_ARGS)
+def test_bad_arguments_fail_with_one_error_line(argv, message, capsys, monkeypatch):
+    monkeypatch.setattr(bench, "run_benchmark", lambda *a, **k: pytest.fail("benchmark ran"))
+    assert bench.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
+
+
+def test_add_arguments_and_run_for_the_cli(monkeypatch, tmp_path, capsys):
+    """The pieces the `fedjax-kd` command wires in: add_arguments(parser) + run(args)."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--clients", "3", "--algorithms", "fedavg"])
+    assert args.clients == (3,) and args.algorithms == ("fedavg",) and args.reps == 5
+    seen = {}
+
+    def fake(config, **kwargs):
+        seen["config"] = config
+        return []
+
+    monkeypatch.setattr(bench, "run_benchmark", fake)
+    assert bench.run(args) == 0
+    assert seen["config"].clients == (3,) and seen["config"].examples_per_client == 64
