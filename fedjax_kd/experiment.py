@@ -190,6 +190,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         ("eval_every", c.eval_every >= 1, ">= 1"),
         ("eval_batch_size", c.eval_batch_size >= 1, ">= 1"),
         ("client_chunk_size", c.client_chunk_size >= 0, ">= 0 (0 = whole cohort)"),
+        ("rounds_per_call", c.rounds_per_call >= 1, ">= 1"),
         ("client.max_examples", c.client.max_examples >= 0, ">= 0 (0 = no cap)"),
         ("data.alpha", c.data.alpha > 0, "> 0"),
         ("data.min_client_size", c.data.min_client_size >= 1, ">= 1"),
@@ -495,6 +496,7 @@ def run(
         eval_batch_size=config.eval_batch_size,
         max_local_examples=config.client.max_examples or None,
         client_chunk_size=config.client_chunk_size or None,
+        rounds_per_call=config.rounds_per_call,
         progress=progress,
         on_eval=on_eval,
     )

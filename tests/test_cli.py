@@ -58,14 +58,10 @@ BAD_OVERRIDES = [
         ["--config.model.student_groups=mlp-8,mlp-16", "--config.algorithm.name=fedavg"],
         "'model.student_groups': algorithm 'fedavg' needs one model",
     ),
-    (
-        [
-            "--config.data.name=synthetic",
-            "--config.data.num_clients=3000",
-            "--config.clients_per_round=10",
-        ],
-        "cap the client sizes",
-    ),
+    (["--config.data.synthetic_max_examples=1"], "'data.synthetic_max_examples' must be 0"),
+    (["--config.client_chunk_size=-1"], "'client_chunk_size' must be >= 0"),
+    (["--config.rounds_per_call=0"], "'rounds_per_call' must be >= 1"),
+    (["--config.client.max_examples=-5"], "'client.max_examples' must be >= 0"),
 ]
 
 

@@ -101,3 +101,27 @@ def test_learns(digits_small):
     result = run(algo, digits_small, rounds=30)
     assert result.history[-1]["test_accuracy"] > 0.7
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+
+
+@pytest.mark.parametrize("rounds_per_call", [2, 3])
+def test_rounds_in_one_scan_equal_one_round_per_call(digits_small, rounds_per_call):
+    _, algo = fedavg(digits_small)
+    kwargs = dict(rounds=7, clients_per_round=5, eval_every=4, seed=0, progress=False)
+    one = simulate.run(algo, digits_small, **kwargs)
+    block = simulate.run(algo, digits_small, rounds_per_call=rounds_per_call, **kwargs)
+    assert [r["round"] for r in block.history] == [4, 7]
+    for a, b in zip(without_time(one.history), without_time(block.history), strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-5, err_msg=key)
+    jax.tree.map(
+        lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
+        one.state.params,
+        block.state.params,
+    )
+
+
+def test_non_finite_inside_a_block_names_its_round(digits_small):
+    _, algo = fedavg(digits_small, lr=1e30)
+    with pytest.raises(simulate.NonFiniteError, match=r"^round 1:"):
+        run(algo, digits_small, rounds=6, rounds_per_call=3)

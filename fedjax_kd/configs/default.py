@@ -24,6 +24,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Clients vmapped together; chunks run in sequence, so memory grows with the
     # chunk, not with clients_per_round (0 = the whole cohort at once).
     c.client_chunk_size = 0
+    # Rounds run inside one compiled lax.scan between host syncs (never across an
+    # evaluation); same results, fewer dispatches.
+    c.rounds_per_call = 1
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "digits"  # digits | synthetic
