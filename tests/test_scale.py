@@ -127,12 +127,11 @@ SHARDED = textwrap.dedent(
         ("teacher_student", algorithms.teacher_student(student, teacher, distill_steps=2,
                                                        distill_batch_size=32, **common)),
     ]:
-        for mesh in (None, "auto"):
-            for chunk in (None, 4):
-                r = simulate.run(algo, ds, rounds=2, clients_per_round=6, eval_every=2, seed=0,
-                                 progress=False, mesh=mesh, client_chunk_size=chunk)
-                leaves = [np.asarray(l).ravel().tolist() for l in jax.tree.leaves(r.state.params)]
-                out[f"{name}/{mesh}/{chunk}"] = leaves
+        for mesh, chunk in ((None, None), ("auto", None), ("auto", 4)):
+            r = simulate.run(algo, ds, rounds=2, clients_per_round=6, eval_every=2, seed=0,
+                             progress=False, mesh=mesh, client_chunk_size=chunk)
+            leaves = [np.asarray(l).ravel().tolist() for l in jax.tree.leaves(r.state.params)]
+            out[f"{name}/{mesh}/{chunk}"] = leaves
     json.dump(out, sys.stdout)
     """
 )
@@ -149,6 +148,6 @@ def test_sharded_over_four_devices_matches_single_device(tmp_path):
     out = json.loads(proc.stdout)
     for name in ("fedavg", "teacher_student"):
         reference = out[f"{name}/None/None"]
-        for key in (f"{name}/auto/None", f"{name}/auto/4", f"{name}/None/4"):
+        for key in (f"{name}/auto/None", f"{name}/auto/4"):
             for a, b in zip(reference, out[key], strict=True):
                 np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
