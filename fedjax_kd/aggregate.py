@@ -63,6 +63,34 @@ def server_update(
     return optax.apply_updates(params, updates), opt_state
 
 
+def fedavg_contribution(out, *, uniform: bool = False) -> dict:
+    """One client's terms of the FedAvg sums, for :func:`sum_over_clients`.
+
+    ``weighted_delta = w * delta`` and ``weight = w`` (example count, or 1 with
+    ``uniform``), plus ``loss_sum`` and ``examples`` for the example-weighted
+    train loss. Divide the summed ``weighted_delta`` by the summed ``weight``
+    (:func:`divide`) for the aggregate.
+    """
+    w = client_weights(out.weight, uniform=uniform)
+    return {
+        "weighted_delta": jax.tree.map(lambda d: w * d, out.delta),
+        "weight": w,
+        "loss_sum": out.weight * out.metrics["train_loss"],
+        "examples": out.weight,
+    }
+
+
+def ensemble_contribution(apply_fn, global_params: Params, out, proxy_x: jax.Array) -> dict:
+    """One client's local model's logits on the proxy set (FedDF-style ensemble).
+
+    Sum over clients and divide ``proxy_logits`` by ``members`` for the mean
+    logits of the clients that had data.
+    """
+    has_data = (out.weight > 0).astype(jnp.float32)
+    local = jax.tree.map(jnp.subtract, global_params, out.delta)
+    return {"proxy_logits": has_data * apply_fn(local, proxy_x), "members": has_data}
+
+
 def sum_over_clients(fn, cohort, keys: jax.Array) -> PyTree:
     """``sum_k fn(client_k, keys[k])`` over a cohort, in chunks of bounded memory.
 

@@ -91,13 +91,7 @@ def from_client_update(
         def contribution(client, client_key):
             targets = None if targets_fn is None else targets_fn(state.params, client.x)
             out = client_update(state.params, client.x, client.y, client.count, client_key, targets)
-            w = aggregate.client_weights(out.weight, uniform=uniform_weighting)
-            return {
-                "weighted_delta": jax.tree.map(lambda d: w * d, out.delta),
-                "weight": w,
-                "loss_sum": out.weight * out.metrics["train_loss"],
-                "examples": out.weight,
-            }
+            return aggregate.fedavg_contribution(out, uniform=uniform_weighting)
 
         sums = aggregate.sum_over_clients(contribution, cohort, keys)
         delta = aggregate.divide(sums["weighted_delta"], sums["weight"])

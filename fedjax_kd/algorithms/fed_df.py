@@ -137,18 +137,9 @@ def fed_df(
 
             def contribution(client, client_key, g=g, params_g=params_g):
                 out = updates[g](params_g, client.x, client.y, client.count, client_key)
-                w = aggregate.client_weights(out.weight, uniform=uniform_weighting)
-                sums = {
-                    "weighted_delta": jax.tree.map(lambda d: w * d, out.delta),
-                    "weight": w,
-                    "loss_sum": out.weight * out.metrics["train_loss"],
-                    "examples": out.weight,
-                }
+                sums = aggregate.fedavg_contribution(out, uniform=uniform_weighting)
                 if proxy_x is not None:
-                    has_data = (out.weight > 0).astype(jnp.float32)
-                    local = jax.tree.map(jnp.subtract, params_g, out.delta)
-                    sums["proxy_logits"] = has_data * models[g].apply(local, proxy_x)
-                    sums["members"] = has_data
+                    sums |= aggregate.ensemble_contribution(models[g].apply, params_g, out, proxy_x)
                 return sums
 
             sums = aggregate.sum_over_clients(

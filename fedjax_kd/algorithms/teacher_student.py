@@ -150,19 +150,10 @@ def teacher_student(
             out = client_update(
                 state.params, client.x, client.y, client.count, client_key, targets, kd_scale
             )
-            w = aggregate.client_weights(out.weight, uniform=uniform_weighting)
-            sums = {
-                "weighted_delta": jax.tree.map(lambda d: w * d, out.delta),
-                "weight": w,
-                "loss_sum": out.weight * out.metrics["train_loss"],
-                "examples": out.weight,
-            }
+            sums = aggregate.fedavg_contribution(out, uniform=uniform_weighting)
             if proxy_x is not None:
                 # This client's local student on the proxy set, for the ensemble target.
-                has_data = (out.weight > 0).astype(jnp.float32)
-                local = jax.tree.map(jnp.subtract, state.params, out.delta)
-                sums["proxy_logits"] = has_data * student.apply(local, proxy_x)
-                sums["members"] = has_data
+                sums |= aggregate.ensemble_contribution(student.apply, state.params, out, proxy_x)
             return sums
 
         sums = aggregate.sum_over_clients(contribution, cohort, keys)
