@@ -1,8 +1,19 @@
 """Shared fixtures: small real datasets that compile and run in seconds."""
 
-import pytest
+import os
 
-from fedjax_kd import data
+# The suite is dominated by XLA compile time of many small programs; skipping
+# LLVM's backend optimisations halves it. Results are still exact IEEE float
+# computations (every comparison in the tests is between programs compiled the
+# same way, or against NumPy with a tolerance). Speed is measured in
+# experiments/, never here.
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+).strip()
+
+import pytest  # noqa: E402
+
+from fedjax_kd import data  # noqa: E402
 
 
 @pytest.fixture(scope="session")
