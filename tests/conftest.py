@@ -26,3 +26,11 @@ def digits_small():
 def digits_proxy():
     """digits over 30 clients, Dirichlet(0.5), with a 10% unlabeled server proxy set."""
     return data.digits(num_clients=30, partition="dirichlet", alpha=0.5, seed=0, proxy_fraction=0.1)
+
+
+@pytest.fixture(scope="session")
+def linear():
+    """Softmax regression on digits' 64 features, 10 classes."""
+    from fedjax_kd import models
+
+    return models.create("linear", feature_shape=(64,), num_classes=10)

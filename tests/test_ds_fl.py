@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import client_params, cohort_of
 
 from fedjax_kd import models, simulate
 from fedjax_kd.algorithms import personal
@@ -13,19 +14,6 @@ from fedjax_kd.algorithms.ds_fl import aggregate_soft_labels, ds_fl, entropy
 from fedjax_kd.client import local_train
 
 C = 10
-
-
-@pytest.fixture(scope="module")
-def linear():
-    return models.create("linear", feature_shape=(64,), num_classes=C)
-
-
-def cohort_of(dataset, ids):
-    return jax.tree.map(lambda a: jnp.asarray(a)[jnp.asarray(ids)], dataset.train)
-
-
-def client_params(stores, client, num_groups):
-    return jax.tree.map(lambda a: a[client // num_groups], stores[client % num_groups])
 
 
 def np_entropy(p):

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import cohort_of
 
 from fedjax_kd import aggregate, algorithms, distill, models, simulate
 from fedjax_kd.algorithms.fed_df import fed_df
@@ -52,10 +53,6 @@ def test_reductions_to_fedavg_are_exact(digits_proxy, student, teacher):
     # And the distillation terms do change things.
     ntd1 = run(fed_ntd(student, beta=1.0, **COMMON), digits_proxy)
     assert not np.allclose(ntd1.state.params["head"]["kernel"], reference["head"]["kernel"])
-
-
-def cohort_of(dataset, ids):
-    return jax.tree.map(lambda a: jnp.asarray(a)[jnp.asarray(ids)], dataset.train)
 
 
 def test_teacher_student_round_equals_python_loop(digits_proxy, student, teacher):
