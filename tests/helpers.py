@@ -12,3 +12,27 @@ def cohort_of(dataset, ids):
 def client_params(stores, client, num_groups):
     """Client ``client``'s personal params (row ``client // G`` of group ``client % G``)."""
     return jax.tree.map(lambda a: a[client // num_groups], stores[client % num_groups])
+
+
+def assert_only_sampled_clients_changed(algo, result, *, rounds, k, num_clients, num_groups):
+    """Replays the run's cohorts; checks exactly the sampled clients' models moved.
+
+    Returns the set of sampled client ids.
+    """
+    from fedjax_kd import simulate
+
+    init_key, rounds_key = simulate.seed_keys(0)
+    sampled = set()
+    for r in range(rounds):
+        key_r = jax.random.fold_in(rounds_key, r)
+        sample_key = jax.random.fold_in(key_r, simulate.SAMPLE)
+        sampled |= set(algo.sample_cohort(sample_key, num_clients, k).tolist())
+    initial = jax.jit(algo.init)(init_key)
+    for client in range(num_clients):
+        same = jax.tree.map(
+            lambda a, b: bool(jnp.all(a == b)),
+            client_params(result.state.stores, client, num_groups),
+            client_params(initial.stores, client, num_groups),
+        )
+        assert all(jax.tree.leaves(same)) == (client not in sampled), client
+    return sampled

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import client_params, cohort_of
+from helpers import assert_only_sampled_clients_changed, client_params, cohort_of
 
 from fedjax_kd import models, simulate
 from fedjax_kd.algorithms import personal
@@ -199,21 +199,9 @@ def test_heterogeneous_groups_run_through_simulate_traced_once(digits_proxy):
     assert record["test_accuracy"] == record["clients_test_accuracy"]
     assert 0.0 <= record["target_entropy"] <= np.log(C)
 
-    init_key, rounds_key = simulate.seed_keys(0)
-    sampled = set()
-    for r in range(rounds):
-        key_r = jax.random.fold_in(rounds_key, r)
-        sampled |= set(
-            algo.sample_cohort(jax.random.fold_in(key_r, simulate.SAMPLE), 30, k).tolist()
-        )
-    initial = jax.jit(algo.init)(init_key)
-    for client in range(30):
-        same = jax.tree.map(
-            lambda a, b: bool(jnp.all(a == b)),
-            client_params(result.state.stores, client, 3),
-            client_params(initial.stores, client, 3),
-        )
-        assert all(jax.tree.leaves(same)) == (client not in sampled), client
+    assert_only_sampled_clients_changed(
+        algo, result, rounds=rounds, k=k, num_clients=30, num_groups=3
+    )
 
 
 def test_bad_arguments_are_rejected(linear):
