@@ -106,7 +106,9 @@ def sum_over_clients(fn, cohort, keys: jax.Array) -> PyTree:
       fn: ``fn(client: ClientData with x [N, ...], y [N], count [], key) ->
         pytree of arrays`` (no client axis).
       cohort: a :class:`fedjax_kd.data.Cohort` or a gathered ``ClientData``.
-      keys: ``[K]`` per-client keys (the same keys whatever the chunking).
+      keys: ``[K]`` per-client keys (the same keys whatever the chunking), or
+        any pytree of per-client arrays with leading axis ``K`` (e.g. keys and
+        each client's epoch budget), passed to ``fn`` as its second argument.
 
     Returns:
       The pytree of sums over the K real clients.
@@ -120,7 +122,9 @@ def sum_over_clients(fn, cohort, keys: jax.Array) -> PyTree:
     rows = jnp.arange(total)
     valid = rows < k
     rows = jnp.where(valid, rows, 0)
-    all_keys = jnp.concatenate([keys, jnp.broadcast_to(keys[:1], (total - k, *keys.shape[1:]))])
+    all_keys = jax.tree.map(
+        lambda a: jnp.concatenate([a, jnp.broadcast_to(a[:1], (total - k, *a.shape[1:]))]), keys
+    )
 
     def chunk_sum(rows_c, valid_c, keys_c):
         data = cohort.gather(rows_c)
@@ -138,7 +142,7 @@ def sum_over_clients(fn, cohort, keys: jax.Array) -> PyTree:
     shaped = (
         rows.reshape(num_chunks, chunk),
         valid.reshape(num_chunks, chunk),
-        all_keys.reshape(num_chunks, chunk, *keys.shape[1:]),
+        jax.tree.map(lambda a: a.reshape(num_chunks, chunk, *a.shape[1:]), all_keys),
     )
     first = jax.tree.map(lambda a: a[0], shaped)
     init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(chunk_sum, *first))

@@ -88,6 +88,7 @@ def local_train(
     *,
     epochs: int,
     batch_size: int,
+    num_epochs: jax.Array | None = None,
 ) -> tuple[Params, dict[str, jax.Array]]:
     """Runs ``epochs`` of shuffled minibatch steps as one ``lax.scan``.
 
@@ -109,6 +110,9 @@ def local_train(
       key: the client's key; epoch ``e`` shuffles with ``fold_in(key, e)``.
       epochs: passes over the data (static).
       batch_size: minibatch size (static).
+      num_epochs: optional (traced) number of epochs this client actually
+        runs, ``1 <= num_epochs <= epochs`` (FedProx's stragglers); steps of
+        later epochs are no-ops, exactly like padded steps.
 
     Returns:
       ``(final_params, metrics)`` with metrics ``train_loss`` (mean of the
@@ -127,6 +131,9 @@ def local_train(
     batch_idx = orders.reshape(epochs * steps_per_epoch, batch_size)
     slot = jnp.arange(padded_len).reshape(steps_per_epoch, batch_size)
     batch_valid = jnp.tile(slot < count, (epochs, 1))
+    if num_epochs is not None:
+        epoch_of_step = jnp.repeat(jnp.arange(epochs), steps_per_epoch)
+        batch_valid = batch_valid & (epoch_of_step < num_epochs)[:, None]
     grad_fn = jax.grad(loss_fn, has_aux=True)
 
     def step(carry, inputs):
@@ -144,7 +151,8 @@ def local_train(
 
     init = (params, optimizer.init(params), jnp.zeros((), jnp.float32))
     (local, _, loss_sum), has_real = jax.lax.scan(step, init, (batch_idx, batch_valid))
-    seen = jnp.maximum(count * epochs, 1).astype(jnp.float32)
+    run_epochs = epochs if num_epochs is None else jnp.clip(num_epochs, 0, epochs)
+    seen = jnp.maximum(count * run_epochs, 1).astype(jnp.float32)
     metrics = {
         "train_loss": loss_sum / seen,
         "local_steps": jnp.sum(has_real).astype(jnp.int32),
@@ -192,10 +200,13 @@ def make_client_update(
         distillation, e.g. FedMD's digest phase).
 
     Returns:
-      ``client_update(params, x, y, count, key, targets=None, kd_scale=1.0)``
-      where ``x`` is ``[N, ...]``, ``y`` is ``[N]``, ``count`` the number of
-      real examples, ``targets`` ``[N, ...]`` per-example distillation targets
-      and ``kd_scale`` a (traced) factor on the distillation term, returning a
+      ``client_update(params, x, y, count, key, targets=None, kd_scale=1.0,
+      num_epochs=None)`` where ``x`` is ``[N, ...]``, ``y`` is ``[N]``,
+      ``count`` the number of real examples, ``targets`` ``[N, ...]``
+      per-example distillation targets, ``kd_scale`` a (traced) factor on the
+      distillation term and ``num_epochs`` an optional (traced) number of
+      epochs ``<= epochs`` this client runs (a straggler's partial work),
+      returning a
       :class:`~fedjax_kd.types.ClientOutput` with ``delta = params -
       local_params``, ``weight = count`` and metrics ``train_loss`` (mean task
       loss over the examples seen) and ``local_steps``.
@@ -218,7 +229,9 @@ def make_client_update(
             loss = loss + 0.5 * prox_mu * tree_sq_norm(diff)
         return loss, jnp.sum(jnp.where(valid, task, 0.0))
 
-    def client_update(params, x, y, count, key, targets=None, kd_scale=1.0) -> ClientOutput:
+    def client_update(
+        params, x, y, count, key, targets=None, kd_scale=1.0, num_epochs=None
+    ) -> ClientOutput:
         examples = {"x": x, "y": y}
         if use_kd:
             if targets is None:
@@ -233,6 +246,7 @@ def make_client_update(
             key,
             epochs=epochs,
             batch_size=batch_size,
+            num_epochs=num_epochs,
         )
         delta = jax.tree.map(jnp.subtract, params, local)
         return ClientOutput(delta=delta, weight=count.astype(jnp.float32), metrics=metrics)

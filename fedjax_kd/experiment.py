@@ -43,6 +43,8 @@ ALGORITHMS = (
 NEEDS_PROXY = ("teacher_student", "feddf", "fedmd", "dsfl")
 #: Algorithms that accept heterogeneous client models (model.student_groups).
 HETEROGENEOUS = ("feddf", "fedmd", "dsfl", "fd")
+# Algorithms with FedProx's systems heterogeneity (client.straggler_fraction).
+STRAGGLERS = ("fedavg", "fedprox", "fedntd")
 
 
 class ConfigError(ValueError):
@@ -50,10 +52,31 @@ class ConfigError(ValueError):
 
 
 def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
-    """Loads ``get_config()`` from the Python file at ``path``."""
-    path = Path(path)
+    """Loads the config of the Python file ``PATH`` or ``PATH:VARIANT``.
+
+    ``PATH`` calls the file's ``get_config()``; ``PATH:VARIANT`` calls
+    ``get_config("VARIANT")`` (big_vision's convention), e.g.
+    ``experiments/configs/my.py:smoke``. The text is split at its last ``:``
+    only when it is not itself a file and the part before the ``:`` is one. A
+    file whose ``get_config`` takes no argument has no variants; one whose
+    ``get_config`` needs an argument must be given a variant.
+
+    Raises:
+      ConfigError: missing file, no ``get_config``, a variant it cannot take,
+        or any exception raised by the file (all as one line).
+    """
+    import inspect
+
+    text = os.fspath(path)
+    path, variant = Path(text), None
+    if not path.is_file() and ":" in text:
+        head, tail = text.rsplit(":", 1)
+        if Path(head).is_file():
+            path, variant = Path(head), tail
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+    if variant == "":
+        raise ConfigError(f"config file {path}: empty variant after ':'")
     spec = importlib.util.spec_from_file_location(f"_fedjax_kd_config_{path.stem}", path)
     if spec is None or spec.loader is None:
         raise ConfigError(f"cannot load config file {path}: not a Python file")
@@ -62,7 +85,31 @@ def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
         spec.loader.exec_module(module)
         if not hasattr(module, "get_config"):
             raise ConfigError(f"config file {path} defines no get_config()")
-        config = module.get_config()
+        try:
+            params = list(inspect.signature(module.get_config).parameters.values())
+        except (TypeError, ValueError):  # no signature (a builtin): let the call decide
+            params = None
+        positional = (
+            inspect.Parameter.POSITIONAL_ONLY,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            inspect.Parameter.VAR_POSITIONAL,
+        )
+        takes_variant = params is None or any(p.kind in positional for p in params)
+        needs_variant = params is not None and any(
+            p.kind in positional[:2] and p.default is inspect.Parameter.empty for p in params
+        )
+        if variant is not None:
+            if not takes_variant:
+                raise ConfigError(
+                    f"config file {path}: get_config() takes no variant, got ':{variant}'"
+                )
+            config = module.get_config(variant)
+        else:
+            if needs_variant:
+                raise ConfigError(
+                    f"config file {path}: get_config() needs a variant (use {path}:VARIANT)"
+                )
+            config = module.get_config()
     except ConfigError:
         raise
     except Exception as e:  # a user's file can fail in any way; report it in one line
@@ -209,6 +256,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         ("client.momentum", 0 <= c.client.momentum < 1, "in [0, 1)"),
         ("client.epochs", c.client.epochs >= 1, ">= 1"),
         ("client.batch_size", c.client.batch_size >= 1, ">= 1"),
+        (
+            "client.straggler_fraction",
+            0 <= c.client.straggler_fraction <= 1,
+            "in [0, 1]",
+        ),
         ("algorithm.mu", c.algorithm.mu >= 0, ">= 0"),
         ("algorithm.kd_weight", c.algorithm.kd_weight >= 0, ">= 0"),
         ("algorithm.temperature", c.algorithm.temperature > 0, "> 0"),
@@ -263,6 +315,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"algorithm '{name}' distils on a server proxy set: set data.proxy_fraction > 0 "
             "(e.g. --config.data.proxy_fraction=0.1)"
+        )
+    if c.client.straggler_fraction > 0 and name not in STRAGGLERS:
+        raise ConfigError(
+            f"config key 'client.straggler_fraction': algorithm '{name}' has no stragglers; "
+            f"they work with {', '.join(STRAGGLERS)}"
         )
     groups = len(group_names(c))
     if groups > 1 and name not in HETEROGENEOUS:
@@ -362,12 +419,13 @@ def build_algorithm(
         distill_batch_size=s.distill_batch_size,
     )
     name = a.name
+    stragglers = dict(straggler_fraction=c.straggler_fraction, drop_stragglers=c.drop_stragglers)
     if name == "fedavg":
-        return algorithms.fed_avg(student, **common)
+        return algorithms.fed_avg(student, **stragglers, **common)
     if name == "fedprox":
-        return algorithms.fed_prox(student, mu=a.mu, **common)
+        return algorithms.fed_prox(student, mu=a.mu, **stragglers, **common)
     if name == "fedntd":
-        return algorithms.fed_ntd(student, beta=a.ntd_beta, tau=a.ntd_tau, **common)
+        return algorithms.fed_ntd(student, beta=a.ntd_beta, tau=a.ntd_tau, **stragglers, **common)
     if name == "teacher_student":
         return algorithms.teacher_student(
             student,

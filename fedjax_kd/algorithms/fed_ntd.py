@@ -47,6 +47,8 @@ def fed_ntd(
     beta: float = 1.0,
     tau: float = 1.0,
     uniform_weighting: bool = False,
+    straggler_fraction: float = 0.0,
+    drop_stragglers: bool = False,
 ) -> FederatedAlgorithm:
     """Builds FedNTD.
 
@@ -59,6 +61,8 @@ def fed_ntd(
       beta: weight of the not-true distillation term (>= 0; 0 = FedAvg).
       tau: distillation temperature (> 0).
       uniform_weighting: average deltas uniformly instead of by example count.
+      straggler_fraction: fraction of each cohort that are stragglers.
+      drop_stragglers: drop stragglers instead of keeping their partial work.
     """
     if beta < 0 or tau <= 0:
         raise ValueError(f"FedNTD needs beta >= 0 and tau > 0, got beta={beta}, tau={tau}")
@@ -76,4 +80,7 @@ def fed_ntd(
         server_optimizer,
         uniform_weighting=uniform_weighting,
         targets_fn=model.apply if beta > 0 else None,
+        epochs=epochs,
+        straggler_fraction=straggler_fraction,
+        drop_stragglers=drop_stragglers,
     )

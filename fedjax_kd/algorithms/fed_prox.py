@@ -27,10 +27,13 @@ def fed_prox(
     batch_size: int,
     mu: float,
     uniform_weighting: bool = False,
+    straggler_fraction: float = 0.0,
+    drop_stragglers: bool = False,
 ) -> FederatedAlgorithm:
     """Builds FedProx with proximal weight ``mu >= 0``.
 
-    Other arguments are those of :func:`fedjax_kd.algorithms.fed_avg`.
+    Other arguments are those of :func:`fedjax_kd.algorithms.fed_avg`; the
+    paper's FedProx keeps stragglers' partial work (``drop_stragglers=False``).
     """
     if mu < 0:
         raise ValueError(f"FedProx mu must be >= 0, got {mu}")
@@ -38,5 +41,11 @@ def fed_prox(
         model.apply, client_optimizer, epochs=epochs, batch_size=batch_size, prox_mu=mu
     )
     return from_client_update(
-        model, client_update, server_optimizer, uniform_weighting=uniform_weighting
+        model,
+        client_update,
+        server_optimizer,
+        uniform_weighting=uniform_weighting,
+        epochs=epochs,
+        straggler_fraction=straggler_fraction,
+        drop_stragglers=drop_stragglers,
     )

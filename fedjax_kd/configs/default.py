@@ -65,6 +65,11 @@ def get_config() -> ml_collections.ConfigDict:
     # Per-round cap on a client's examples: a larger client trains on a random
     # window of this many (heavy-tailed Synthetic users); 0 = no cap.
     c.client.max_examples = 1024
+    # FedProx's systems heterogeneity (fedavg, fedprox, fedntd): this fraction of
+    # each cohort are stragglers that run U{1..E-1} local epochs, or are dropped
+    # (client.drop_stragglers, FedAvg's rule in the FedProx paper).
+    c.client.straggler_fraction = 0.0
+    c.client.drop_stragglers = False
 
     c.algorithm = ml_collections.ConfigDict()
     # fedavg | fedprox | teacher_student | feddf | fedntd | fedkd | fedmd | dsfl | fd

@@ -1,0 +1,115 @@
+"""FedProx's systems heterogeneity: stragglers run fewer epochs, or are dropped."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from helpers import cohort_of
+
+from fedjax_kd import algorithms, experiment
+from fedjax_kd.algorithms.fed_avg import straggler_epochs
+from fedjax_kd.client import make_client_update
+
+
+def test_partial_epochs_equal_a_shorter_run(digits_small, linear):
+    # Two formulations: E=5 with a budget of 2 epochs == E=2 (epoch e shuffles with
+    # fold_in(key, e) either way, and the later steps are exact no-ops).
+    x, y, count = (jnp.asarray(a[3]) for a in digits_small.train)
+    params = linear.init(jax.random.key(0))
+    key = jax.random.key(7)
+    long = make_client_update(linear.apply, optax.sgd(0.1), epochs=5, batch_size=8)
+    short = make_client_update(linear.apply, optax.sgd(0.1), epochs=2, batch_size=8)
+    a = jax.jit(long)(params, x, y, count, key, num_epochs=jnp.int32(2))
+    b = jax.jit(short)(params, x, y, count, key)
+    chex.assert_trees_all_equal(a.delta, b.delta)
+    np.testing.assert_array_equal(a.metrics["local_steps"], b.metrics["local_steps"])
+    np.testing.assert_allclose(a.metrics["train_loss"], b.metrics["train_loss"], rtol=1e-6)
+    full = jax.jit(long)(params, x, y, count, key, num_epochs=jnp.int32(5))
+    chex.assert_trees_all_equal(full.delta, jax.jit(long)(params, x, y, count, key).delta)
+
+
+@pytest.mark.parametrize("k,fraction,expected", [(10, 0.5, 5), (10, 0.9, 9), (7, 0.5, 4)])
+def test_straggler_epochs_counts(k, fraction, expected):
+    budget = np.asarray(straggler_epochs(jax.random.key(3), k, epochs=20, fraction=fraction))
+    stragglers = budget < 20
+    assert stragglers.sum() == expected  # round(fraction * K); round(3.5) = 4
+    assert budget[stragglers].min() >= 1 and budget[stragglers].max() <= 19
+    assert (budget[~stragglers] == 20).all()
+    assert (np.asarray(straggler_epochs(jax.random.key(3), k, epochs=20, fraction=0.0)) == 20).all()
+
+
+def _reference_round(model, params, cohort, key, budget, active, epochs):
+    """Python loop: each active client trains its budget; example-weighted mean."""
+    update = jax.jit(make_client_update(model.apply, optax.sgd(0.1), epochs=epochs, batch_size=8))
+    keys = jax.random.split(key, len(budget))
+    total, weight = None, 0.0
+    for k in range(len(budget)):
+        if not active[k]:
+            continue
+        out = update(params, cohort.x[k], cohort.y[k], cohort.count[k], keys[k])
+        if budget[k] < epochs:
+            out = update(
+                params, cohort.x[k], cohort.y[k], cohort.count[k], keys[k], num_epochs=budget[k]
+            )
+        w = float(cohort.count[k])
+        term = jax.tree.map(lambda d, w=w: w * np.asarray(d, np.float64), out.delta)
+        total = term if total is None else jax.tree.map(np.add, total, term)
+        weight += w
+    return jax.tree.map(lambda p, d: np.asarray(p) - d / weight, params, total)
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_straggler_round_equals_python_loop(digits_small, linear, drop):
+    epochs, k = 3, 6
+    algo = algorithms.fed_avg(
+        linear,
+        client_optimizer=optax.sgd(0.1),
+        server_optimizer=optax.sgd(1.0),
+        epochs=epochs,
+        batch_size=8,
+        straggler_fraction=0.5,
+        drop_stragglers=drop,
+    )
+    cohort = cohort_of(digits_small, [1, 4, 6, 9, 11, 15])
+    state = algo.init(jax.random.key(0))
+    key = jax.random.key(5)
+    new_state, metrics = jax.jit(algo.round)(state, cohort, key)
+    budget = np.asarray(
+        straggler_epochs(jax.random.fold_in(key, 1), k, epochs=epochs, fraction=0.5)
+    )
+    assert (budget < epochs).sum() == 3
+    active = np.ones(k, bool) if not drop else budget == epochs
+    expected = _reference_round(linear, state.params, cohort, key, budget, active, epochs)
+    chex.assert_trees_all_close(new_state.params, expected, rtol=1e-5, atol=1e-6)
+    up = np.asarray(metrics["uplink_bytes"])
+    assert (up[~active] == 0).all() and (up[active] > 0).all()
+
+
+def test_no_stragglers_is_plain_fedavg(digits_small, linear):
+    kwargs = dict(
+        client_optimizer=optax.sgd(0.1), server_optimizer=optax.sgd(1.0), epochs=2, batch_size=8
+    )
+    cohort = cohort_of(digits_small, [0, 2, 5])
+    plain = algorithms.fed_avg(linear, **kwargs)
+    prox0 = algorithms.fed_prox(linear, mu=0.0, straggler_fraction=0.0, **kwargs)
+    state = plain.init(jax.random.key(0))
+    a, _ = jax.jit(plain.round)(state, cohort, jax.random.key(1))
+    b, _ = jax.jit(prox0.round)(state, cohort, jax.random.key(1))
+    chex.assert_trees_all_equal(a.params, b.params)
+
+
+def test_stragglers_config_checks():
+    cfg = experiment.resolve(overrides=[("client.straggler_fraction", "0.5")])
+    assert experiment.build_algorithm(cfg, experiment.build_dataset(cfg)) is not None
+    with pytest.raises(experiment.ConfigError, match="straggler_fraction.*in \\[0, 1\\]"):
+        experiment.resolve(overrides=[("client.straggler_fraction", "1.5")])
+    with pytest.raises(experiment.ConfigError, match="has no stragglers"):
+        experiment.resolve(
+            overrides=[
+                ("client.straggler_fraction", "0.5"),
+                ("algorithm.name", "feddf"),
+                ("data.proxy_fraction", "0.1"),
+            ]
+        )
