@@ -2,13 +2,22 @@
 
 Usage::
 
-    fedjax-kd run [--config PATH] [--config.KEY=VALUE ...] [--workdir DIR] [--no-progress]
+    fedjax-kd run [--config PATH] [--config.KEY=VALUE ...] [--workdir DIR]
+                  [--overwrite | --resume] [--no-progress]
     fedjax-kd bench --clients 10,100,1000,10000 --json PATH   (see fedjax_kd/bench.py)
+    fedjax-kd sweep --config PATH[:VARIANT] --workdir DIR [--grid KEY=V1,V2]... [--seeds 0,1,2]
+                    [--config.KEY=VALUE ...] [--no-progress]   (see fedjax_kd/sweep.py)
+    fedjax-kd report DIR... --out OUTDIR [--metric test_accuracy]   (see fedjax_kd/report.py)
+
+``--config`` takes ``PATH:VARIANT`` too: ``get_config("VARIANT")`` of the file.
 
 A user's mistake (unknown key, wrong type, value out of range, unknown name,
 missing config file) ends with exit code 2 and one line ``error: ...`` on
 stderr, before anything is compiled. A run that diverges (non-finite update)
-ends with exit code 1 and one line naming the round.
+ends with exit code 1 and one line naming the round. ``run`` with a
+``--workdir`` that holds checkpoints resumes from the last one (see
+``experiment.run``); a different config there is an exit-2 error unless
+``--resume`` or ``--overwrite`` is given.
 """
 
 from __future__ import annotations
@@ -19,7 +28,8 @@ import os
 import sys
 
 USAGE = (
-    "fedjax-kd run [--config PATH] [--config.KEY=VALUE ...] [--workdir DIR] [--no-progress] "
+    "fedjax-kd run [--config PATH] [--config.KEY=VALUE ...] [--workdir DIR] "
+    "[--overwrite | --resume] [--no-progress] "
     "[--coordinator HOST:PORT --num-processes N --process-id I]"
 )
 
@@ -95,7 +105,22 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     run_p = sub.add_parser("run", help="run a federated simulation", usage=USAGE)
     run_p.add_argument("--config", help="Python file with get_config() (default: embedded)")
-    run_p.add_argument("--workdir", help="write config.json, metrics.jsonl, summary.json here")
+    run_p.add_argument(
+        "--workdir",
+        help="write config.json, metrics.jsonl, summary.json and checkpoints/ here; "
+        "a rerun resumes from the last checkpoint",
+    )
+    again = run_p.add_mutually_exclusive_group()
+    again.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start from scratch in a used --workdir (deletes its checkpoints and metrics)",
+    )
+    again.add_argument(
+        "--resume",
+        action="store_true",
+        help="resume the --workdir's checkpoint even though its config.json differs",
+    )
     run_p.add_argument("--no-progress", action="store_true", help="no progress bar")
     hosts = run_p.add_argument_group(
         "multi-host", "one process per host; every process runs the same command"
@@ -123,13 +148,28 @@ def main(argv: list[str] | None = None) -> int:
         "bench", help="vmap round vs per-client loop vs centralized", usage=bench.USAGE
     )
     bench.add_arguments(bench_p)
+    from fedjax_kd import report, sweep  # light: JAX/matplotlib are imported when they run
+
+    sweep_p = sub.add_parser("sweep", help="run a grid of configs x seeds", usage=sweep.USAGE)
+    sweep.add_arguments(sweep_p)
+    report_p = sub.add_parser(
+        "report", help="table and plots over run directories", usage=report.USAGE
+    )
+    report.add_arguments(report_p)
     try:
         overrides, rest = _split_overrides(argv)
         args = parser.parse_args(rest)
     except SystemExit as e:  # argument mistakes (code 2) and --help (code 0)
         return int(e.code or 0)
     if args.command is None:
-        return _fail(f"missing command (usage: {USAGE} | fedjax-kd bench ...)")
+        return _fail(f"missing command (usage: {USAGE} | fedjax-kd bench|sweep|report ...)")
+    if args.command == "sweep":
+        args.overrides = overrides
+        return sweep.run(args)
+    if args.command == "report":
+        if overrides:
+            return _fail("report takes no --config.KEY overrides")
+        return report.run(args)
     if args.command == "bench":
         if overrides:
             return _fail("bench takes no --config.KEY overrides")
@@ -151,7 +191,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = experiment.load_config_file(args.config) if args.config else None
         config = experiment.resolve(config, overrides)
-        result = experiment.run(config, workdir=args.workdir, progress=not args.no_progress)
+        result = experiment.run(
+            config,
+            workdir=args.workdir,
+            progress=not args.no_progress,
+            overwrite=args.overwrite,
+            resume=args.resume,
+        )
     except experiment.ConfigError as e:
         return _fail(str(e))
     except NonFiniteError as e:

@@ -1,0 +1,495 @@
+"""``fedjax-kd report``: a table and two plots over the run directories of sweeps and runs.
+
+Command::
+
+    fedjax-kd report DIR... --out OUTDIR [--metric test_accuracy] [--target 0.9]
+
+Every directory under each ``DIR`` (``DIR`` included) that holds
+``config.json`` and ``metrics.jsonl`` (what ``fedjax-kd run --workdir`` and
+``fedjax-kd sweep`` write) is a run. Runs whose configs are equal except for
+``seed`` form a group (a key missing from an older ``config.json`` counts as
+its default); a group is labelled by the config keys whose values
+differ between groups (``algorithm.name=feddf, data.alpha=0.1``), or, when
+there is one group, by its ``algorithm.name``.
+
+Writes to ``OUTDIR``:
+
+* ``report.md``: one row per group: label, number of seeds, the final
+  evaluation's metric as mean ± std over seeds, the best evaluation's metric
+  (each seed's best round, then mean ± std), the final round, and the mean
+  cumulative uplink and downlink bytes at that round. ``std`` is the SAMPLE
+  standard deviation (``ddof=1``), shown as ``n/a`` for a single seed. With
+  ``--target T``, also the rounds to reach ``T`` (McMahan et al.'s measure of
+  speed): each seed's first evaluation round with the metric ``>= T`` (``<=``
+  for a loss), then mean ± std; "not reached" when a seed never gets there.
+* ``report.json``: the same numbers, plus each group's curve (per round: mean
+  and std of the metric, mean cumulative bytes), machine-readable.
+* ``accuracy_vs_round.png``: the metric's mean over seeds per evaluation round,
+  with a shaded ±std band.
+* ``accuracy_vs_bytes.png``: the same against the mean cumulative uplink +
+  downlink bytes.
+
+Runs of one group evaluated at different rounds (an unfinished run, another
+``eval_every``) are aggregated over the rounds they all have; the report says
+so in its notes, and "final" is then the last common round. A run without
+``summary.json`` (unfinished) counts, and is noted. No run found: exit code 2
+with one ``error:`` line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+USAGE = "fedjax-kd report DIR [DIR ...] --out OUTDIR [--metric test_accuracy] [--target T]"
+#: Sample standard deviation over seeds (NaN / ``None`` / ``n/a`` for one seed).
+DDOF = 1
+ROUND_PLOT = "accuracy_vs_round.png"
+BYTES_PLOT = "accuracy_vs_bytes.png"
+_MISSING = "<missing>"
+
+
+class ReportError(ValueError):
+    """A user mistake: no runs found, an unknown metric, an unwritable ``--out``."""
+
+
+class Run(NamedTuple):
+    """One run directory.
+
+    Attributes:
+      path: the directory.
+      config: its ``config.json`` flattened to dotted keys (missing schema keys
+        at their defaults).
+      records: the parsed lines of ``metrics.jsonl`` (one per evaluation).
+      finished: whether ``summary.json`` exists.
+    """
+
+    path: Path
+    config: dict
+    records: list[dict]
+    finished: bool
+
+
+def flatten(config: dict, prefix: str = "") -> dict:
+    """Nested dict -> ``{"dotted.key": value}``."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def find_runs(dirs: Iterable[str | os.PathLike]) -> list[Path]:
+    """Run directories (with ``config.json`` and ``metrics.jsonl``) under ``dirs``, sorted.
+
+    Raises:
+      ReportError: a ``DIR`` that is not a directory.
+    """
+    found: dict[str, Path] = {}
+    for d in dirs:
+        d = Path(d)
+        if not d.is_dir():
+            raise ReportError(f"not a directory: {d}")
+        for root, subdirs, files in os.walk(d):
+            subdirs.sort()
+            if "config.json" in files and "metrics.jsonl" in files:
+                found.setdefault(os.path.realpath(root), Path(root))
+    return sorted(found.values())
+
+
+@functools.cache
+def _schema_defaults() -> dict:
+    from fedjax_kd.configs import default
+
+    return flatten(default.get_config().to_dict())
+
+
+def load_run(path: str | os.PathLike) -> Run:
+    """Reads one run directory; a torn last line of ``metrics.jsonl`` is ignored.
+
+    Config keys missing from ``config.json`` (added to the schema since the run)
+    take their defaults, so old and new runs of the same config group together.
+
+    Raises:
+      ReportError: unreadable ``config.json`` or ``metrics.jsonl``.
+    """
+    path = Path(path)
+    try:
+        config = json.loads((path / "config.json").read_text())
+        lines = (path / "metrics.jsonl").read_text().splitlines()
+    except (OSError, ValueError) as e:
+        raise ReportError(f"{path}: cannot read the run ({e})") from None
+    if not isinstance(config, dict):
+        raise ReportError(f"{path}/config.json: expected a JSON object")
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if i == len(lines) - 1:
+                break  # written while we read it
+            raise ReportError(f"{path}/metrics.jsonl: line {i + 1} is not JSON") from None
+    return Run(
+        path, {**_schema_defaults(), **flatten(config)}, records, (path / "summary.json").is_file()
+    )
+
+
+def _format_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def group_runs(runs: Sequence[Run]) -> list[tuple[str, dict, list[Run]]]:
+    """Groups runs whose configs are equal except ``seed``.
+
+    Returns:
+      ``(label, differing, runs)`` per group in order of first appearance:
+      ``differing`` maps the keys whose values differ between groups (sorted)
+      to this group's values; ``label`` is ``"k=v, k=v"`` of those (the
+      ``algorithm.name`` when there is one group).
+    """
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        rest = {k: v for k, v in run.config.items() if k != "seed"}
+        groups.setdefault(json.dumps(rest, sort_keys=True), []).append(run)
+    members = list(groups.values())
+    keys = {key for group in members for key in group[0].config if key != "seed"}
+    differing = sorted(
+        k for k in keys if len({json.dumps(g[0].config.get(k, _MISSING)) for g in members}) > 1
+    )
+    out = []
+    for group in members:
+        values = {k: group[0].config.get(k, _MISSING) for k in differing}
+        if len(members) == 1:
+            label = _format_value(group[0].config.get("algorithm.name", "run"))
+        else:
+            label = ", ".join(f"{k}={_format_value(v)}" for k, v in values.items())
+        out.append((label, values, group))
+    return out
+
+
+def _stats(values: Sequence[float]) -> dict:
+    a = np.asarray(values, dtype=np.float64)
+    std = float(np.std(a, ddof=DDOF)) if len(a) > DDOF else None
+    return {"mean": float(np.mean(a)), "std": std, "values": [float(v) for v in a]}
+
+
+def _bytes_at(record: dict, key: str) -> float | None:
+    value = record.get(key)
+    return float(value) if isinstance(value, int | float) else None
+
+
+def _mean_or_none(values: Sequence[float | None]) -> float | None:
+    return None if any(v is None for v in values) else float(np.mean(values))
+
+
+def rounds_to_target(records: Sequence[dict], metric: str, target: float) -> int | None:
+    """First evaluation round whose ``metric`` reaches ``target`` (None: never).
+
+    "Reaches" is ``>=`` for accuracies and ``<=`` for anything else (losses).
+    """
+    higher_is_better = "accuracy" in metric
+    for r in sorted((r for r in records if metric in r and "round" in r), key=lambda r: r["round"]):
+        if (r[metric] >= target) if higher_is_better else (r[metric] <= target):
+            return int(r["round"])
+    return None
+
+
+def summarize_group(
+    label: str, differing: dict, runs: Sequence[Run], metric: str, target: float | None = None
+) -> dict:
+    """The numbers of one group (one row of the table, one curve of each plot)."""
+    higher_is_better = "accuracy" in metric
+    by_round = [
+        {r["round"]: r for r in run.records if metric in r and "round" in r} for run in runs
+    ]
+    round_sets = [set(rounds) for rounds in by_round]
+    common = sorted(set.intersection(*round_sets)) if round_sets else []
+    notes = []
+    if any(s != round_sets[0] for s in round_sets):
+        ranges = sorted({f"{min(s)}..{max(s)}" if s else "none" for s in round_sets})
+        notes.append(
+            f"runs have different eval rounds ({', '.join(ranges)}); aggregated over the "
+            f"{len(common)} common rounds" + (f", final = round {common[-1]}" if common else "")
+        )
+    unfinished = sum(not run.finished for run in runs)
+    if unfinished:
+        notes.append(f"{unfinished} of {len(runs)} runs unfinished (no summary.json)")
+    seeds = [run.config.get("seed") for run in runs]
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1}, key=str)
+    if repeated:
+        notes.append(f"seeds {repeated} appear more than once (separate runs of the same config)")
+    group = {
+        "label": label,
+        "config": differing,
+        "seeds": seeds,
+        "runs": [str(run.path) for run in runs],
+        "num_runs": len(runs),
+        "unfinished": unfinished,
+        "common_rounds": common,
+        "notes": notes,
+        "final": None,
+        "best": None,
+        "round": None,
+        "uplink_bytes": None,
+        "downlink_bytes": None,
+        "rounds_to_target": None,
+        "curve": [],
+    }
+    if target is not None:
+        reached = [rounds_to_target(run.records, metric, target) for run in runs]
+        hits = [r for r in reached if r is not None]
+        group["rounds_to_target"] = {
+            "target": target,
+            "per_seed": reached,
+            "reached": len(hits),
+            "stats": _stats(hits) if len(hits) == len(runs) else None,
+        }
+    if not common:
+        notes.append(f"no evaluation round with '{metric}' common to all runs")
+        return group
+    final = [rounds[common[-1]] for rounds in by_round]
+    best_fn = max if higher_is_better else min
+    group.update(
+        final=_stats([r[metric] for r in final]),
+        best=_stats([best_fn(rounds[t][metric] for t in common) for rounds in by_round]),
+        round=common[-1],
+        uplink_bytes=_mean_or_none([_bytes_at(r, "cumulative_uplink_bytes") for r in final]),
+        downlink_bytes=_mean_or_none([_bytes_at(r, "cumulative_downlink_bytes") for r in final]),
+    )
+    for t in common:
+        stats = _stats([rounds[t][metric] for rounds in by_round])
+        total = [
+            None if up is None or down is None else up + down
+            for up, down in (
+                (
+                    _bytes_at(rounds[t], "cumulative_uplink_bytes"),
+                    _bytes_at(rounds[t], "cumulative_downlink_bytes"),
+                )
+                for rounds in by_round
+            )
+        ]
+        group["curve"].append(
+            {"round": t, "mean": stats["mean"], "std": stats["std"], "bytes": _mean_or_none(total)}
+        )
+    return group
+
+
+def summarize(
+    dirs: Sequence[str | os.PathLike], metric: str = "test_accuracy", target: float | None = None
+) -> dict:
+    """Finds, loads and groups the runs under ``dirs``; the content of ``report.json``.
+
+    Raises:
+      ReportError: no run directories, or no run records ``metric``.
+    """
+    paths = find_runs(dirs)
+    if not paths:
+        raise ReportError(
+            "no run directories (with config.json and metrics.jsonl) under "
+            + ", ".join(str(d) for d in dirs)
+        )
+    runs = [load_run(p) for p in paths]
+    if not any(metric in r for run in runs for r in run.records):
+        available = sorted(
+            {
+                k
+                for run in runs
+                for r in run.records
+                for k, v in r.items()
+                if k != "round" and isinstance(v, int | float) and not isinstance(v, bool)
+            }
+        )
+        raise ReportError(
+            f"no run records metric '{metric}' (available: {', '.join(available) or 'none'})"
+        )
+    groups = [summarize_group(*g, metric, target) for g in group_runs(runs)]
+    return {
+        "metric": metric,
+        "target": target,
+        "std": f"sample standard deviation over seeds (ddof={DDOF}); null for one seed",
+        "best": ("max" if "accuracy" in metric else "min") + " over the common eval rounds, "
+        "per seed, then mean and std",
+        "dirs": [str(d) for d in dirs],
+        "num_runs": len(runs),
+        "groups": groups,
+    }
+
+
+def human_bytes(n: float | None) -> str:
+    """``12345678`` -> ``"12.3 MB"`` (decimal units); ``None`` -> ``"n/a"``."""
+    if n is None:
+        return "n/a"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def _mean_std(stats: dict | None) -> str:
+    if stats is None:
+        return "n/a"
+    std = "n/a" if stats["std"] is None else f"{stats['std']:.4f}"
+    return f"{stats['mean']:.4f} ± {std}"
+
+
+def _rounds_to_target(entry: dict | None) -> str:
+    if entry is None:
+        return "n/a"
+    if entry["stats"] is None:
+        return f"not reached ({entry['reached']} of {len(entry['per_seed'])} seeds)"
+    stats = entry["stats"]
+    std = "n/a" if stats["std"] is None else f"{stats['std']:.1f}"
+    return f"{stats['mean']:.1f} ± {std}"
+
+
+def format_markdown(summary: dict) -> str:
+    """``report.md`` for the output of :func:`summarize`."""
+    m = summary["metric"]
+    target = summary.get("target")
+    extra_head = "" if target is None else f" rounds to {m} {target:g} (mean ± std) |"
+    best = "max" if "accuracy" in m else "min"
+    lines = [
+        f"# Report: {m}",
+        "",
+        f"{summary['num_runs']} runs in {len(summary['groups'])} groups from "
+        + ", ".join(f"`{d}`" for d in summary["dirs"])
+        + f". ± is the sample standard deviation over seeds (ddof={DDOF}); "
+        "bytes are cumulative at the final round, mean over seeds.",
+        "",
+        f"| group | seeds | final {m} (mean ± sample std, ddof={DDOF}) | best-round {m} "
+        f"({best} per seed, mean ± std) | rounds | uplink (mean) | downlink (mean) |" + extra_head,
+        "|---|---:|---:|---:|---:|---:|---:|" + ("" if target is None else "---:|"),
+    ]
+    for g in summary["groups"]:
+        label = g["label"].replace("|", "\\|")
+        lines.append(
+            f"| {label} | {g['num_runs']} | {_mean_std(g['final'])} | {_mean_std(g['best'])} | "
+            f"{g['round'] if g['round'] is not None else 'n/a'} | "
+            f"{human_bytes(g['uplink_bytes'])} | {human_bytes(g['downlink_bytes'])} |"
+            + ("" if target is None else f" {_rounds_to_target(g['rounds_to_target'])} |")
+        )
+    notes = [f"* {g['label']}: {note}" for g in summary["groups"] for note in g["notes"]]
+    if notes:
+        lines += ["", "Notes:", "", *notes]
+    lines += [
+        "",
+        f"![{m} vs round]({ROUND_PLOT})",
+        "",
+        f"![{m} vs cumulative bytes]({BYTES_PLOT})",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot(summary: dict, out: str | os.PathLike) -> list[Path]:
+    """Writes the two PNGs (Agg backend, no pyplot state) into ``out``; returns their paths."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ReportError("report needs matplotlib (pip install matplotlib)") from None
+    metric = summary["metric"]
+    paths = []
+    for filename, x_key, x_label in (
+        (ROUND_PLOT, "round", "round"),
+        (BYTES_PLOT, "bytes", "cumulative uplink + downlink bytes (mean over seeds)"),
+    ):
+        fig = Figure(figsize=(7, 4.5), layout="constrained")
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        all_x = []
+        for g in summary["groups"]:
+            points = [p for p in g["curve"] if p[x_key] is not None]
+            if not points:
+                continue
+            x = np.array([p[x_key] for p in points], dtype=np.float64)
+            y = np.array([p["mean"] for p in points])
+            (line,) = ax.plot(
+                x, y, marker="o", markersize=3, label=f"{g['label']} (n={g['num_runs']})"
+            )
+            if all(p["std"] is not None for p in points):
+                s = np.array([p["std"] for p in points])
+                ax.fill_between(x, y - s, y + s, color=line.get_color(), alpha=0.2, linewidth=0)
+            all_x.extend(x)
+        if x_key == "bytes" and all_x and min(all_x) > 0 and max(all_x) / min(all_x) > 100:
+            ax.set_xscale("log")
+            x_label += ", log scale"
+        ax.set_xlabel(x_label)
+        ax.set_ylabel(f"{metric} (mean ± sample std over seeds)")
+        ax.grid(alpha=0.3)
+        if all_x:
+            ax.legend(fontsize="small")
+        path = Path(out) / filename
+        fig.savefig(path, dpi=110)
+        paths.append(path)
+    return paths
+
+
+def make_report(
+    dirs: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    metric: str = "test_accuracy",
+    target: float | None = None,
+) -> dict:
+    """Writes ``report.md``, ``report.json`` and the two PNGs into ``out``; returns the summary.
+
+    Raises:
+      ReportError: see :func:`summarize`; ``out`` not writable; matplotlib missing.
+    """
+    summary = summarize(dirs, metric, target)
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.json").write_text(json.dumps(summary, indent=1) + "\n")
+        (out / "report.md").write_text(format_markdown(summary))
+        plot(summary, out)
+    except OSError as e:
+        raise ReportError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+    return summary
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the ``fedjax-kd report`` arguments to ``parser`` (see :func:`run`)."""
+    parser.add_argument("dirs", nargs="+", metavar="DIR", help="searched recursively for runs")
+    parser.add_argument("--out", required=True, metavar="OUTDIR", help="report.md/json and PNGs")
+    parser.add_argument(
+        "--metric",
+        default="test_accuracy",
+        help="metrics.jsonl key to report (default test_accuracy)",
+    )
+    parser.add_argument(
+        "--target",
+        type=float,
+        default=None,
+        help="also report the rounds until the metric reaches this value",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs ``fedjax-kd report`` with parsed ``args``; returns the exit code."""
+    if args.target is not None and not np.isfinite(args.target):
+        print(f"error: --target must be a finite number, got {args.target}", file=sys.stderr)
+        return 2
+    try:
+        summary = make_report(args.dirs, args.out, args.metric, args.target)
+    except ReportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_markdown(summary).split("\n\n![")[0])
+    print(f"wrote {args.out}/report.md, report.json, {ROUND_PLOT}, {BYTES_PLOT}")
+    return 0

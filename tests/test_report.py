@@ -1,0 +1,174 @@
+"""fedjax-kd report: groups, mean ± std over seeds, common rounds, PNGs, one-line errors."""
+
+import json
+
+import numpy as np
+import pytest
+
+from fedjax_kd import cli, report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+#: Final accuracies per group (3 seeds each) and the config keys that tell them apart.
+GROUPS = {
+    ("fedavg", 0.5): [0.80, 0.82, 0.87],
+    ("feddf", 0.1): [0.90, 0.91, 0.95],
+}
+
+
+def write_run(
+    path, *, algorithm="fedavg", alpha=0.5, seed=0, accuracies=(0.5,), rounds=None, finished=True
+):
+    """A run directory as experiment.run writes it, with made-up numbers."""
+    path.mkdir(parents=True)
+    config = {
+        "seed": seed,
+        "rounds": 3,
+        "data": {"name": "digits", "alpha": alpha},
+        "algorithm": {"name": algorithm, "mu": 0.01},
+    }
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    rounds = rounds or list(range(1, len(accuracies) + 1))
+    lines = []
+    for r, acc in zip(rounds, accuracies, strict=True):
+        record = {
+            "round": r,
+            "test_accuracy": acc,
+            "test_loss": 1.0 - acc,
+            "train_loss": 0.5,
+            "uplink_bytes": 100,
+            "downlink_bytes": 200,
+            "cumulative_uplink_bytes": 100 * r,
+            "cumulative_downlink_bytes": 200 * r,
+            "wall_s": 0.1 * r,
+        }
+        lines.append(json.dumps(record))
+    (path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    if finished:
+        (path / "summary.json").write_text(json.dumps({"test_accuracy": accuracies[-1]}))
+
+
+def write_groups(root):
+    for (algorithm, alpha), finals in GROUPS.items():
+        for seed, final in enumerate(finals):
+            # Three evals; the best round is the second (final + 0.01) for seed 0 only.
+            best = final + 0.01 if seed == 0 else final - 0.05
+            write_run(
+                root / f"{algorithm}-{alpha}" / f"seed{seed}",
+                algorithm=algorithm,
+                alpha=alpha,
+                seed=seed,
+                accuracies=(0.1, best, final),
+            )
+
+
+def test_groups_mean_std_labels_and_files(tmp_path):
+    write_groups(tmp_path / "runs")
+    summary = report.make_report([tmp_path / "runs"], tmp_path / "out")
+    by_label = {g["label"]: g for g in summary["groups"]}
+    assert set(by_label) == {
+        "algorithm.name=fedavg, data.alpha=0.5",
+        "algorithm.name=feddf, data.alpha=0.1",
+    }
+    g = by_label["algorithm.name=fedavg, data.alpha=0.5"]
+    assert g["num_runs"] == 3 and sorted(g["seeds"]) == [0, 1, 2]
+    assert g["round"] == 3 and g["common_rounds"] == [1, 2, 3]
+    # Hand-computed: mean 0.83, deviations -0.03, -0.01, 0.04 -> var 0.0026 / 2.
+    assert g["final"]["mean"] == pytest.approx(0.83)
+    assert g["final"]["std"] == pytest.approx(np.sqrt(0.0013))
+    assert g["final"]["std"] == pytest.approx(np.std([0.80, 0.82, 0.87], ddof=1))
+    # best per seed: 0.81, 0.82, 0.87 (seed 0's best is its second round).
+    assert g["best"]["mean"] == pytest.approx(np.mean([0.81, 0.82, 0.87]))
+    assert g["uplink_bytes"] == 300 and g["downlink_bytes"] == 600
+    curve = {p["round"]: p for p in g["curve"]}
+    assert curve[1]["mean"] == pytest.approx(0.1) and curve[3]["bytes"] == 900
+    assert g["notes"] == []
+
+    out = tmp_path / "out"
+    md = (out / "report.md").read_text()
+    assert "| algorithm.name=feddf, data.alpha=0.1 | 3 | 0.9200 ± 0.0265 |" in md
+    assert "| algorithm.name=fedavg, data.alpha=0.5 | 3 | 0.8300 ± 0.0361 |" in md
+    assert "ddof=1" in md and "300 B" in md
+    assert json.loads((out / "report.json").read_text())["groups"] == json.loads(
+        json.dumps(summary["groups"])
+    )
+    for name in ("accuracy_vs_round.png", "accuracy_vs_bytes.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 1000
+
+
+def test_one_group_is_labelled_by_its_algorithm_and_common_rounds(tmp_path):
+    root = tmp_path / "runs"
+    write_run(root / "a", algorithm="fedprox", seed=0, accuracies=(0.5, 0.6, 0.7))
+    write_run(root / "b", algorithm="fedprox", seed=1, accuracies=(0.4, 0.8), finished=False)
+    [g] = report.summarize([root])["groups"]
+    assert g["label"] == "fedprox"
+    assert g["common_rounds"] == [1, 2] and g["round"] == 2
+    assert g["final"]["values"] == [0.6, 0.8]  # round 2 of both, not seed 0's round 3
+    assert g["final"]["mean"] == pytest.approx(0.7)
+    assert any("2 common rounds" in n for n in g["notes"])
+    assert any("1 of 2 runs unfinished" in n for n in g["notes"])
+    assert g["unfinished"] == 1
+
+
+def test_single_seed_has_no_std(tmp_path):
+    write_run(tmp_path / "r", accuracies=(0.5, 0.6))
+    summary = report.make_report([tmp_path], tmp_path / "out")
+    assert summary["groups"][0]["final"]["std"] is None
+    assert "0.6000 ± n/a" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_cli_report(tmp_path, capsys):
+    write_groups(tmp_path / "runs")
+    out = tmp_path / "out"
+    code = cli.main(["report", str(tmp_path / "runs"), "--out", str(out), "--metric", "test_loss"])
+    assert code == 0, capsys.readouterr().err
+    stdout = capsys.readouterr().out
+    assert "| algorithm.name=fedavg, data.alpha=0.5 | 3 | 0.1700 ± 0.0361 |" in stdout
+    data = json.loads((out / "report.json").read_text())
+    assert data["metric"] == "test_loss"
+    for name in ("report.md", "accuracy_vs_round.png", "accuracy_vs_bytes.png"):
+        assert (out / name).is_file()
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["{empty}"], "no run directories"),
+        (["{missing}"], "not a directory"),
+        (["{runs}", "--metric", "nope"], "no run records metric 'nope'"),
+        (["{runs}", "--config.rounds=2"], "report takes no --config.KEY overrides"),
+        ([], "--out"),
+    ],
+)
+def test_errors_exit_2_with_one_line(tmp_path, capsys, argv, message):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    write_run(tmp_path / "runs" / "r", accuracies=(0.5,))
+    paths = dict(empty=tmp_path / "empty", missing=tmp_path / "missing", runs=tmp_path / "runs")
+    argv = [a.format(**paths) for a in argv]
+    code = cli.main(["report", *argv] + (["--out", str(tmp_path / "out")] if argv else []))
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+    assert not (tmp_path / "out" / "report.md").exists()
+
+
+def test_rounds_to_target_hand_computed(tmp_path):
+    # Seed 0 first reaches 0.8 at round 3, seed 1 at round 2 (0.85 >= 0.8), seed 2 at round 4.
+    curves = {0: [0.5, 0.7, 0.8, 0.9], 1: [0.6, 0.85, 0.7, 0.9], 2: [0.1, 0.2, 0.3, 0.95]}
+    for seed, accs in curves.items():
+        write_run(tmp_path / "g" / f"seed{seed}", seed=seed, accuracies=accs)
+    s = report.summarize([tmp_path], target=0.8)
+    entry = s["groups"][0]["rounds_to_target"]
+    assert entry["per_seed"] == [3, 2, 4]
+    assert entry["stats"]["mean"] == pytest.approx(3.0)
+    assert entry["stats"]["std"] == pytest.approx(1.0)  # sample std of 3, 2, 4
+    # A loss reaches its target from above; a target nobody reaches is reported as such.
+    assert report.rounds_to_target([{"round": 1, "test_loss": 0.4}], "test_loss", 0.5) == 1
+    never = report.summarize([tmp_path], target=0.99)["groups"][0]["rounds_to_target"]
+    assert never["stats"] is None and never["reached"] == 0
+    out = tmp_path / "out"
+    assert cli.main(["report", str(tmp_path / "g"), "--out", str(out), "--target", "0.8"]) == 0
+    assert "rounds to test_accuracy 0.8" in (out / "report.md").read_text()
+    assert "3.0 ± 1.0" in (out / "report.md").read_text()
