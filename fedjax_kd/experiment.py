@@ -16,6 +16,7 @@ import importlib.util
 import json
 import math
 import os
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import jax
 import ml_collections
 import optax
 
-from fedjax_kd import algorithms, cohort, models, optimizers, simulate
+from fedjax_kd import algorithms, checkpoint, cohort, models, optimizers, simulate
 from fedjax_kd.configs import default as default_config
 from fedjax_kd.data import DATASETS, PARTITIONERS, FederatedDataset
 from fedjax_kd.types import FederatedAlgorithm
@@ -238,6 +239,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         ("eval_batch_size", c.eval_batch_size >= 1, ">= 1"),
         ("client_chunk_size", c.client_chunk_size >= 0, ">= 0 (0 = whole cohort)"),
         ("rounds_per_call", c.rounds_per_call >= 1, ">= 1"),
+        ("checkpoint_every", c.checkpoint_every >= 0, ">= 0 (0 = at every evaluation)"),
         ("client.max_examples", c.client.max_examples >= 0, ">= 0 (0 = no cap)"),
         ("data.alpha", c.data.alpha > 0, "> 0"),
         ("data.min_client_size", c.data.min_client_size >= 1, ">= 1"),
@@ -492,17 +494,99 @@ def build_algorithm(
     raise ConfigError(f"config key 'algorithm.name' must be one of {ALGORITHMS}, got {name!r}")
 
 
+#: Config keys a checkpointed run may change when it resumes: its length (a larger
+#: ``rounds`` extends a finished run) and its checkpoint cadence.
+RESUMABLE_KEYS = ("rounds", "checkpoint_every")
+
+
+def _flatten_json(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten_json(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _check_same_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
+    """ConfigError if ``workdir/config.json`` differs from ``config`` beyond RESUMABLE_KEYS."""
+    path = workdir / "config.json"
+    if not path.is_file():
+        return
+    hint = "pass --resume to continue its checkpoint anyway or --overwrite to start from scratch"
+    try:
+        old = json.loads(path.read_text())
+        if not isinstance(old, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--workdir {workdir}: cannot read config.json ({e}); {hint}") from None
+    before, defaults = _flatten_json(old), _flatten(default_config.get_config())
+    diffs = [
+        f"{key} {before.get(key, defaults[key])!r} -> {value!r}"
+        for key, value in _flatten(config).items()
+        if key not in RESUMABLE_KEYS and before.get(key, defaults[key]) != value
+    ]
+    if diffs:
+        shown = ", ".join(diffs[:4]) + (f", ... ({len(diffs)} keys)" if len(diffs) > 4 else "")
+        raise ConfigError(
+            f"--workdir {workdir} holds a checkpointed run with a different config ({shown}); "
+            + hint
+        )
+
+
+def _truncate_metrics(path: Path, round_: int, config: ml_collections.ConfigDict) -> None:
+    """Keeps the records an uninterrupted run would have written up to ``round_``.
+
+    Drops records after the checkpoint's round, lines cut short by a killed
+    process, and the record of ``round_`` itself when it is not an evaluation
+    round of this run (the last round of a shorter run that is now extended).
+    """
+    kept = []
+    lines = path.read_text().splitlines() if path.is_file() else []
+    for line in lines:
+        try:
+            r = json.loads(line)["round"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        if r < round_ or (r == round_ and (r % config.eval_every == 0 or r == config.rounds)):
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
 def run(
     config: ml_collections.ConfigDict | None = None,
     *,
     workdir: str | os.PathLike | None = None,
     progress: bool = True,
+    overwrite: bool = False,
+    resume: bool = False,
 ) -> simulate.RunResult:
     """Runs the experiment described by ``config`` (default: the embedded default).
 
     With a ``workdir``, writes ``config.json`` at the start, one line of
-    ``metrics.jsonl`` per evaluation as it happens, and ``summary.json`` at the
-    end.
+    ``metrics.jsonl`` per evaluation as it happens, ``summary.json`` at the
+    end, and checkpoints into ``workdir/checkpoints/`` every
+    ``config.checkpoint_every`` rounds (0: at every evaluation) and after the
+    last round (:mod:`fedjax_kd.checkpoint`; the newest 3 are kept).
+
+    Running again with the same ``workdir`` resumes from the newest intact
+    checkpoint (``resuming from round N`` on stderr; a corrupt one is skipped
+    with a warning): ``metrics.jsonl`` is cut back to that round and appended
+    to, and the results equal an uninterrupted run bit for bit. A larger
+    ``rounds`` extends a finished run. A workdir without a checkpoint starts
+    from scratch.
+
+    Args:
+      config: the experiment config (resolved and validated here).
+      workdir: output directory (None: write nothing).
+      progress: show a progress bar on stderr.
+      overwrite: start from scratch, deleting the workdir's checkpoints and metrics.
+      resume: resume even when the workdir's ``config.json`` differs from
+        ``config`` in keys other than ``rounds`` and ``checkpoint_every``
+        (without it, such a difference is a ConfigError naming the keys).
 
     Example::
 
@@ -511,6 +595,8 @@ def run(
       result = experiment.run(cfg, progress=False)
       print(result.summary["test_accuracy"])
     """
+    if overwrite and resume:
+        raise ConfigError("--overwrite and --resume exclude each other; pass one of them")
     config = resolve(config)
     dataset = build_dataset(config)
     groups = len(group_names(config))
@@ -527,22 +613,65 @@ def run(
             f"clients, got {config.clients_per_round}"
         )
     algorithm = build_algorithm(config, dataset)
-    on_eval = None
+    on_eval = on_checkpoint = restored = None
     if workdir is not None and jax.process_index() != 0:
         workdir = None  # multi-host: process 0 writes the files
     if workdir is not None:
         workdir = Path(workdir)
+        checkpoints: Path | None = workdir / "checkpoints"
+        metrics_path = workdir / "metrics.jsonl"
         try:
             workdir.mkdir(parents=True, exist_ok=True)
+            if jax.process_count() > 1:
+                # Every process would have to restore the same checkpoint; not supported.
+                print(
+                    "warning: no checkpoints in multi-host runs; a rerun starts from scratch",
+                    file=sys.stderr,
+                )
+                checkpoints = None
+            elif not overwrite and checkpoint.rounds(checkpoints):
+                if not resume:
+                    _check_same_config(workdir, config)
+                template = jax.eval_shape(algorithm.init, simulate.seed_keys(config.seed)[0])
+                restored = checkpoint.latest_valid(checkpoints, template)
+                if restored is None:
+                    # Never delete a run's checkpoints on a guess (e.g. --resume with
+                    # another model: none fits); the user decides.
+                    raise ConfigError(
+                        f"--workdir {workdir}: no checkpoint in {checkpoints} can be restored "
+                        "into this config's state (corrupt, or another model/algorithm); "
+                        "pass --overwrite to start from scratch"
+                    )
+                if restored.round > config.rounds:
+                    raise ConfigError(
+                        f"--workdir {workdir} has a checkpoint after round {restored.round}, "
+                        f"past config.rounds={config.rounds}; pass --overwrite to start from "
+                        "scratch"
+                    )
+            elif not overwrite and (metrics_path.is_file() or (workdir / "summary.json").exists()):
+                print(f"note: {workdir} has no checkpoint; starting from scratch", file=sys.stderr)
+            if checkpoints is not None:
+                # Past the one resumed from (or all when starting afresh): corrupt or stale.
+                checkpoint.prune(checkpoints, above=restored.round if restored else -1)
+            (workdir / "summary.json").unlink(missing_ok=True)
             (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-            metrics_path = workdir / "metrics.jsonl"
-            metrics_path.write_text("")
+            if restored is not None:
+                _truncate_metrics(metrics_path, restored.round, config)
+            else:
+                metrics_path.write_text("")
         except OSError as e:
             raise ConfigError(f"--workdir {workdir}: cannot write there ({e.strerror})") from None
+        if restored is not None:
+            print(f"resuming from round {restored.round}", file=sys.stderr, flush=True)
 
         def on_eval(record: dict) -> None:
             with metrics_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+
+        if checkpoints is not None:
+
+            def on_checkpoint(round_: int, state, extra: dict) -> None:
+                checkpoint.save(checkpoints, round_, state, extra)
 
     result = simulate.run(
         algorithm,
@@ -557,6 +686,9 @@ def run(
         rounds_per_call=config.rounds_per_call,
         progress=progress,
         on_eval=on_eval,
+        checkpoint_every=config.checkpoint_every,
+        on_checkpoint=on_checkpoint,
+        resume=restored,
     )
     if workdir is not None:
         (workdir / "summary.json").write_text(json.dumps(result.summary, indent=2) + "\n")

@@ -37,6 +37,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from fedjax_kd import losses
+from fedjax_kd.checkpoint import Restored
 from fedjax_kd.data import ClientData, Cohort, FederatedDataset, sample_clients
 from fedjax_kd.types import FederatedAlgorithm
 
@@ -210,10 +211,20 @@ def run(
     rounds_per_call: int = 1,
     progress: bool = True,
     on_eval: Callable[[dict], None] | None = None,
+    checkpoint_every: int = 0,
+    on_checkpoint: Callable[[int, Any, dict], None] | None = None,
+    resume: Restored | None = None,
 ) -> RunResult:
     """Runs ``rounds`` rounds of ``algorithm`` on ``dataset``.
 
     Evaluates on the test set every ``eval_every`` rounds and after the last.
+    With ``on_checkpoint``, hands the state to it every ``checkpoint_every``
+    rounds (0: at every evaluation) and after the last round; a later call with
+    ``resume`` (what :func:`fedjax_kd.checkpoint.save` stored and
+    :func:`fedjax_kd.checkpoint.latest_valid` restored) continues from there
+    with results bit-identical to an uninterrupted run: round ``r``'s
+    randomness is ``fold_in(rounds_key, r)``, so the state, the round and the
+    cumulative byte counters are all a run carries from round to round.
 
     Args:
       algorithm: the federated algorithm.
@@ -229,11 +240,22 @@ def run(
         memory grows with the chunk, not with ``clients_per_round``.
       mesh: shard the client axis over a device mesh; "auto" = all local
         devices when there are several (:func:`client_mesh`), None = no sharding.
-      rounds_per_call: run this many rounds inside one compiled ``lax.scan``
-        (fewer dispatches and host syncs); blocks never cross an evaluation,
-        and the results equal one round per call.
+      rounds_per_call: run up to this many rounds inside one compiled loop
+        (fewer dispatches and host syncs); blocks never cross an evaluation or
+        a checkpoint. One executable runs every block (its trip count is an
+        argument), so how rounds are grouped into blocks changes no bit; the
+        results equal one round per call up to float rounding.
       progress: show a progress bar on stderr.
       on_eval: called with each evaluation record as it is made.
+      checkpoint_every: checkpoint cadence in rounds (0 = at every evaluation);
+        used only with ``on_checkpoint``.
+      on_checkpoint: called as ``on_checkpoint(round, state, extra)`` after
+        each checkpoint round (after its evaluation, if any) and after the
+        last; ``extra`` holds ``uplink_bytes``/``downlink_bytes`` (cumulative)
+        and ``last_record`` (the latest evaluation record, or None).
+      resume: start after round ``resume.round`` from ``resume.state`` (host
+        arrays with the structure of ``algorithm.init``'s output) and the
+        counters in ``resume.extra`` instead of from scratch.
 
     Returns:
       A :class:`RunResult`.
@@ -243,6 +265,10 @@ def run(
     """
     if rounds < 1 or eval_every < 1:
         raise ValueError(f"rounds and eval_every must be >= 1, got {rounds}, {eval_every}")
+    if checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every}")
+    if resume is not None and not 0 <= resume.round <= rounds:
+        raise ValueError(f"cannot resume after round {resume.round} of a {rounds}-round run")
     start = time.perf_counter()
     init_key, rounds_key = seed_keys(seed)
     data = jax.tree.map(jnp.asarray, dataset.train)
@@ -255,6 +281,13 @@ def run(
     if dataset.proxy_x is not None:
         server_data["proxy_x"] = jnp.asarray(dataset.proxy_x)
     state = jax.jit(algorithm.init)(init_key)
+    first = 0
+    if resume is not None:
+        first = resume.round
+        fresh = jax.tree.structure(state)
+        state = jax.tree.map(jnp.asarray, resume.state)
+        if jax.tree.structure(state) != fresh:
+            raise ValueError("resume.state does not have the structure of algorithm.init's state")
     jit_kwargs = {}
     if mesh is not None:
         # Everything but the cohort is replicated (also the outputs); the compiled
@@ -274,30 +307,42 @@ def run(
         client_chunk_size=client_chunk_size,
         mesh=mesh,
     )
-    step = (
-        jax.jit(step_fn, **jit_kwargs)
-        .lower(state, data, server_data, rounds_key, jnp.int32(0))
-        .compile()
-    )
-    block = None
-    if rounds_per_call > 1:
+    step = block = None
+    if rounds_per_call == 1:
+        step = (
+            jax.jit(step_fn, **jit_kwargs)
+            .lower(state, data, server_data, rounds_key, jnp.int32(0))
+            .compile()
+        )
+    else:
+        metrics_shape = jax.eval_shape(step_fn, state, data, server_data, rounds_key, 0)[1]
 
-        def block_fn(state, data, server_data, rounds_key, r0):
-            def body(s, i):
-                return step_fn(s, data, server_data, rounds_key, r0 + i)
+        def block_fn(state, data, server_data, rounds_key, r0, n):
+            """Rounds r0..r0+n-1 (n <= rounds_per_call) in one loop; metrics stacked."""
 
-            return jax.lax.scan(body, state, jnp.arange(rounds_per_call, dtype=jnp.int32))
+            def body(i, carry):
+                s, stacked = carry
+                s, metrics = step_fn(s, data, server_data, rounds_key, r0 + i)
+                stacked = jax.tree.map(lambda b, m: b.at[i].set(m), stacked, metrics)
+                return s, stacked
+
+            stacked = jax.tree.map(
+                lambda m: jnp.zeros((rounds_per_call, *m.shape), m.dtype), metrics_shape
+            )
+            # A traced trip count: the same executable (and loop body) runs every
+            # block, whatever its length, so the grouping of rounds changes no bit.
+            return jax.lax.fori_loop(0, n, body, (state, stacked))
 
         block = (
             jax.jit(block_fn, **jit_kwargs)
-            .lower(state, data, server_data, rounds_key, jnp.int32(0))
+            .lower(state, data, server_data, rounds_key, jnp.int32(0), jnp.int32(1))
             .compile()
         )
 
     def advance(state, r: int, n: int):
         """Runs rounds r..r+n-1; returns the state and each round's metrics."""
-        if block is not None and n == rounds_per_call:
-            state, stacked = block(state, data, server_data, rounds_key, jnp.int32(r))
+        if block is not None:
+            state, stacked = block(state, data, server_data, rounds_key, jnp.int32(r), jnp.int32(n))
             stacked = jax.device_get(stacked)
             return state, [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n)]
         out = []
@@ -316,19 +361,27 @@ def run(
 
     history: list[dict] = []
     cum_up = cum_down = 0
+    record: dict = {}
+    if resume is not None:
+        cum_up = int(resume.extra.get("uplink_bytes", 0))
+        cum_down = int(resume.extra.get("downlink_bytes", 0))
+        record = dict(resume.extra.get("last_record") or {})
     bar = tqdm(
         total=rounds,
+        initial=first,
         unit="round",
         disable=not progress or jax.process_index() != 0,
         file=sys.stderr,
         dynamic_ncols=True,
     )
-    record: dict = {}
     try:
-        r = 0
+        r = first
         while r < rounds:
             next_eval = min(rounds, (r // eval_every + 1) * eval_every)
-            state, per_round = advance(state, r, min(rounds_per_call, next_eval - r))
+            stop = next_eval
+            if on_checkpoint is not None and checkpoint_every > 0:
+                stop = min(stop, (r // checkpoint_every + 1) * checkpoint_every)
+            state, per_round = advance(state, r, min(rounds_per_call, stop - r))
             for i, metrics in enumerate(per_round):
                 if not bool(metrics["finite"]):
                     raise NonFiniteError(
@@ -367,6 +420,12 @@ def run(
                 if on_eval is not None:
                     on_eval(record)
                 bar.set_postfix(test_acc=f"{record['test_accuracy']:.4f}")
+            if on_checkpoint is not None and (
+                r == rounds
+                or (r % checkpoint_every == 0 if checkpoint_every > 0 else r == next_eval)
+            ):
+                extra = {"uplink_bytes": cum_up, "downlink_bytes": cum_down}
+                on_checkpoint(r, state, {**extra, "last_record": record or None})
     finally:
         bar.close()
     summary = {

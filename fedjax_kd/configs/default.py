@@ -27,6 +27,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Rounds run inside one compiled lax.scan between host syncs (never across an
     # evaluation); same results, fewer dispatches.
     c.rounds_per_call = 1
+    # With --workdir: checkpoint into WORKDIR/checkpoints/ every this many rounds
+    # and after the last; 0 = at every evaluation. A rerun resumes from there.
+    c.checkpoint_every = 0
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "digits"  # digits | synthetic
