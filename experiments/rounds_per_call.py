@@ -1,4 +1,4 @@
-"""Knob check: rounds inside one compiled lax.scan vs one round per call.
+"""Knob check: rounds inside one compiled loop (``rounds_per_call``) vs one round per call.
 
 Runs the embedded default (digits, FedAvg, 100 rounds) with
 ``rounds_per_call`` 1 and 10, interleaved ``--reps`` times in one process, and

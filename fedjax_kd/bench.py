@@ -100,7 +100,7 @@ the state's buffers (``donate_argnums=0``). Both appear as separate rows
 runs the vmap rows' cohort in chunks of C clients (vmap inside a chunk,
 ``lax.scan`` across chunks, as ``client_chunk_size`` does in ``fedjax-kd
 run``; JSON ``chunk_size``). The third knob of
-item 6, a block of rounds inside one ``lax.scan``, is not measured here.
+item 6, a block of rounds inside one compiled loop, is not measured here.
 
 Entry points: :func:`add_arguments` + :func:`run` (for the ``fedjax-kd``
 command), :func:`main` (``python -m fedjax_kd.bench``), and

@@ -396,8 +396,25 @@ def format_markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def legend_labels(groups: Sequence[dict]) -> list[str]:
+    """Group labels for a plot legend: config keys shortened to their last part
+    (``algorithm.name=feddf`` -> ``name=feddf``) when that stays unambiguous."""
+    keys = sorted({k for g in groups for k in g["config"]})
+    short = {k: k.rsplit(".", 1)[-1] for k in keys}
+    if len(set(short.values())) < len(keys) or not keys:
+        return [g["label"] for g in groups]
+    return [
+        ", ".join(f"{short[k]}={_format_value(v)}" for k, v in g["config"].items()) or g["label"]
+        for g in groups
+    ]
+
+
 def plot(summary: dict, out: str | os.PathLike) -> list[Path]:
-    """Writes the two PNGs (Agg backend, no pyplot state) into ``out``; returns their paths."""
+    """Writes the two PNGs (Agg backend, no pyplot state) into ``out``; returns their paths.
+
+    The legend sits below the axes (one line per group), so long labels never
+    cover the curves.
+    """
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -409,19 +426,18 @@ def plot(summary: dict, out: str | os.PathLike) -> list[Path]:
         (ROUND_PLOT, "round", "round"),
         (BYTES_PLOT, "bytes", "cumulative uplink + downlink bytes (mean over seeds)"),
     ):
-        fig = Figure(figsize=(7, 4.5), layout="constrained")
+        groups = summary["groups"]
+        fig = Figure(figsize=(8, 4.5 + 0.22 * len(groups)), layout="constrained")
         FigureCanvasAgg(fig)
         ax = fig.add_subplot()
         all_x = []
-        for g in summary["groups"]:
+        for g, name in zip(groups, legend_labels(groups), strict=True):
             points = [p for p in g["curve"] if p[x_key] is not None]
             if not points:
                 continue
             x = np.array([p[x_key] for p in points], dtype=np.float64)
             y = np.array([p["mean"] for p in points])
-            (line,) = ax.plot(
-                x, y, marker="o", markersize=3, label=f"{g['label']} (n={g['num_runs']})"
-            )
+            (line,) = ax.plot(x, y, marker="o", markersize=3, label=f"{name} (n={g['num_runs']})")
             if all(p["std"] is not None for p in points):
                 s = np.array([p["std"] for p in points])
                 ax.fill_between(x, y - s, y + s, color=line.get_color(), alpha=0.2, linewidth=0)
@@ -433,7 +449,9 @@ def plot(summary: dict, out: str | os.PathLike) -> list[Path]:
         ax.set_ylabel(f"{metric} (mean ± sample std over seeds)")
         ax.grid(alpha=0.3)
         if all_x:
-            ax.legend(fontsize="small")
+            ax.legend(
+                fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False
+            )
         path = Path(out) / filename
         fig.savefig(path, dpi=110)
         paths.append(path)

@@ -172,3 +172,22 @@ def test_rounds_to_target_hand_computed(tmp_path):
     assert cli.main(["report", str(tmp_path / "g"), "--out", str(out), "--target", "0.8"]) == 0
     assert "rounds to test_accuracy 0.8" in (out / "report.md").read_text()
     assert "3.0 ± 1.0" in (out / "report.md").read_text()
+
+
+def test_legend_labels_shorten_keys_only_when_unambiguous():
+    groups = [
+        {
+            "label": "algorithm.name=feddf, data.alpha=0.1",
+            "config": {"algorithm.name": "feddf", "data.alpha": 0.1},
+        },
+        {
+            "label": "algorithm.name=fedavg, data.alpha=1.0",
+            "config": {"algorithm.name": "fedavg", "data.alpha": 1.0},
+        },
+    ]
+    assert report.legend_labels(groups) == ["name=feddf, alpha=0.1", "name=fedavg, alpha=1.0"]
+    clash = [
+        {"label": "a.lr=0.1, b.lr=1.0", "config": {"a.lr": 0.1, "b.lr": 1.0}},
+        {"label": "a.lr=0.2, b.lr=1.0", "config": {"a.lr": 0.2, "b.lr": 1.0}},
+    ]
+    assert report.legend_labels(clash) == ["a.lr=0.1, b.lr=1.0", "a.lr=0.2, b.lr=1.0"]

@@ -24,8 +24,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Clients vmapped together; chunks run in sequence, so memory grows with the
     # chunk, not with clients_per_round (0 = the whole cohort at once).
     c.client_chunk_size = 0
-    # Rounds run inside one compiled lax.scan between host syncs (never across an
-    # evaluation); same results, fewer dispatches.
+    # Rounds run inside one compiled loop between host syncs (never across an
+    # evaluation or checkpoint); fewer dispatches, results equal up to float
+    # rounding (any grouping of rounds into blocks gives the same bits).
     c.rounds_per_call = 1
     # With --workdir: checkpoint into WORKDIR/checkpoints/ every this many rounds
     # and after the last; 0 = at every evaluation. A rerun resumes from there.
