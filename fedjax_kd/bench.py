@@ -99,7 +99,9 @@ the state's buffers (``donate_argnums=0``). Both appear as separate rows
 (``dtype``, ``donate``) measured in the same rotation. ``--chunk-size C``
 runs the vmap rows' cohort in chunks of C clients (vmap inside a chunk,
 ``lax.scan`` across chunks, as ``client_chunk_size`` does in ``fedjax-kd
-run``; JSON ``chunk_size``). The third knob of
+run``; JSON ``chunk_size``); ``--compare-chunk C`` instead ADDS a vmap row
+chunked by C beside the unchunked one, in the same rotation, with its own
+ratio columns (``cC/central``, ``cC/loop``, ``cC/vmap``). The third knob of
 item 6, a block of rounds inside one compiled loop, is not measured here.
 
 Entry points: :func:`add_arguments` + :func:`run` (for the ``fedjax-kd``
@@ -144,7 +146,7 @@ USAGE = (
     "[--algorithms fedavg,teacher_student] [--reps 5] [--examples-per-client 64] "
     "[--max-loop-seconds S] [--batch-size 32] [--epochs 1] [--lr 0.05] "
     "[--student mlp-64] [--teacher mlp-256-256] [--dtype f32[,bf16]] [--donate] "
-    "[--chunk-size C] [--seed 0]"
+    "[--chunk-size C] [--compare-chunk C] [--seed 0]"
 )
 
 
@@ -169,6 +171,7 @@ class BenchConfig:
     dtypes: tuple[str, ...] = ("f32",)
     donate: bool = False
     chunk_size: int | None = None
+    compare_chunk: int | None = None
     seed: int = 0
 
     def validate(self) -> None:
@@ -199,6 +202,8 @@ class BenchConfig:
             raise BenchError(f"--lr must be a finite number > 0, got {self.lr}")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise BenchError(f"--chunk-size must be >= 1, got {self.chunk_size}")
+        if self.compare_chunk is not None and self.compare_chunk < 1:
+            raise BenchError(f"--compare-chunk must be >= 1, got {self.compare_chunk}")
         if self.max_loop_seconds is not None and not self.max_loop_seconds > 0:
             raise BenchError(f"--max-loop-seconds must be > 0, got {self.max_loop_seconds}")
         for flag, name in (("--student", self.student), ("--teacher", self.teacher)):
@@ -262,6 +267,7 @@ class Method(NamedTuple):
       state: the state this method's chain of rounds starts from.
       donate: whether the round donates the state's buffers.
       probe: for ``loop``: ``probe(state, key, num_clients)`` runs a partial round.
+      chunk: for ``vmap``: clients per chunk (None: the whole cohort at once).
     """
 
     name: str
@@ -270,6 +276,7 @@ class Method(NamedTuple):
     state: Any
     donate: bool = False
     probe: Callable | None = None
+    chunk: int | None = None
 
 
 def _cast_apply(apply_fn, dtype):
@@ -363,20 +370,29 @@ def build_methods(
         return (state.round >= 0).astype(jnp.float32)  # kd_start_round = 0
 
     # (a) vmap: the algorithm's own round (clients in chunks of --chunk-size, if set).
-    def vmap_round(state, cohort, key):
-        if config.chunk_size is not None:
+    def vmap_round(state, cohort, key, chunk=config.chunk_size):
+        if chunk is not None:
             data = cohort
             cohort = Cohort(
                 jnp.arange(num_clients, dtype=jnp.int32),
                 lambda rows: jax.tree.map(lambda a: jnp.take(a, rows, axis=0), data),
-                chunk_size=config.chunk_size,
+                chunk_size=chunk,
             )
         return algo.round(state, cohort, key, None)
 
+    variants = [(False, config.chunk_size)]
+    if config.donate:
+        variants.append((True, config.chunk_size))
+    if config.compare_chunk is not None:
+        variants.append((False, config.compare_chunk))
     methods = []
-    for donate in ((False, True) if config.donate else (False,)) if "vmap" in include else ():
+    for donate, chunk in variants if "vmap" in include else ():
         compiled, compile_s = _compile(
-            vmap_round, state0, cohort, key, donate_argnums=(0,) if donate else ()
+            lambda s, c, k, chunk=chunk: vmap_round(s, c, k, chunk),
+            state0,
+            cohort,
+            key,
+            donate_argnums=(0,) if donate else (),
         )
         methods.append(
             Method(
@@ -385,6 +401,7 @@ def build_methods(
                 compile_s,
                 copy_state(),
                 donate=donate,
+                chunk=chunk,
             )
         )
 
@@ -546,7 +563,8 @@ def run_benchmark(config: BenchConfig, *, log: Callable[[str], None] | None = No
                 log(
                     f"K={num_clients} {algorithm} {dtype}: compiled "
                     + ", ".join(
-                        f"{m.name}{'+donate' if m.donate else ''} {m.compile_s:.2f}s"
+                        f"{m.name}{'+donate' if m.donate else ''}"
+                        f"{f'/c{m.chunk}' if m.chunk else ''} {m.compile_s:.2f}s"
                         for m in methods
                     )
                 )
@@ -573,7 +591,7 @@ def run_benchmark(config: BenchConfig, *, log: Callable[[str], None] | None = No
         log(
             f"K={num_clients}: "
             + ", ".join(
-                f"{r['algorithm']}/{r['method']}{'+donate' if r['donate'] else ''}"
+                f"{r['algorithm']}/{_method_label(r)}"
                 f"{'/bf16' if r['dtype'] == 'bf16' else ''} "
                 + (f"{r['s_per_round']:.4f}s" if r["s_per_round"] else "skipped")
                 for r in rows
@@ -610,7 +628,7 @@ def _warm_up(entries, key, config, num_clients, log) -> None:
         e.extra["first_round_s"] = round(time.perf_counter() - start, 6)
         e.state = new_state
         group = (e.algorithm, e.dtype)
-        if m.name == "vmap" and not m.donate:
+        if m.name == "vmap" and not m.donate and m.chunk == config.chunk_size:
             vmap_out[group] = new_state.params
         if m.name in ("loop", "central"):
             e.extra["sgd_steps"] = int(metrics["local_steps"])
@@ -649,7 +667,9 @@ def _row(e: _Entry, config: BenchConfig, num_clients, f_student, f_teacher, devi
         "s_per_round_all": [round(t, 6) for t in e.times],
         "dtype": e.dtype,
         "donate": e.method.donate,
-        "chunk_size": config.chunk_size if e.method.name == "vmap" else None,
+        "chunk_size": e.method.chunk if e.method.name == "vmap" else None,
+        # The extra vmap row of --compare-chunk (not the main vmap row).
+        "compare_chunk": e.method.name == "vmap" and e.method.chunk != config.chunk_size,
         "student": config.student,
         "teacher": config.teacher if e.algorithm == "teacher_student" else None,
         "server_distill_steps": 0,
@@ -674,6 +694,14 @@ def _fmt(value, spec: str) -> str:
     return format(value, spec)
 
 
+def _method_label(row: dict) -> str:
+    """``vmap``, ``vmap+donate``, ``vmap/c100`` (a chunked vmap row), ``loop``, ..."""
+    label = row["method"] + ("+donate" if row.get("donate") else "")
+    if row.get("chunk_size"):
+        label += f"/c{row['chunk_size']}"
+    return label
+
+
 def format_table(rows: Sequence[dict]) -> str:
     """The printed summary: timings, vmap ratios per (algorithm, K) and the KD overhead."""
     lines = [
@@ -681,16 +709,22 @@ def format_table(rows: Sequence[dict]) -> str:
         f"{'s/round':>11}{'compile_s':>10}{'peak_rss_MB':>12}",
     ]
     for r in rows:
-        method = r["method"] + ("+donate" if r.get("donate") else "")
-        if r.get("chunk_size"):
-            method += f"/c{r['chunk_size']}"
+        method = _method_label(r)
         lines.append(
             f"{r['algorithm']:<16}{r['dtype']:<6}{r['clients']:>7}  {method:<13}"
             f"{_fmt(r['examples_per_s'], '12,.0f')}{_fmt(r['s_per_round'], '11.4f')}"
             f"{r['compile_s']:>10.2f}{r['peak_rss_mb']:>12.0f}"
             + (f"  ({r['skipped']})" if r.get("skipped") else "")
         )
-    index = {(r["algorithm"], r["dtype"], r["clients"], r["method"], r["donate"]): r for r in rows}
+    index = {
+        (r["algorithm"], r["dtype"], r["clients"], r["method"], r["donate"]): r
+        for r in rows
+        if not r.get("compare_chunk")
+    }
+    compared = {
+        (r["algorithm"], r["dtype"], r["clients"]): r for r in rows if r.get("compare_chunk")
+    }
+    chunk_label = next((f"c{r['chunk_size']}" for r in compared.values()), None)
 
     def eps(*k):
         r = index.get(k)
@@ -706,6 +740,11 @@ def format_table(rows: Sequence[dict]) -> str:
         "ratios of examples/s (> 1: vmap faster)",
         f"{'algorithm':<16}{'dtype':<6}{'K':>7}{'vmap/central':>14}{'vmap/loop':>11}"
         + (f"{'donate/vmap':>13}" if has_donate else "")
+        + (
+            f"{chunk_label + '/central':>14}{chunk_label + '/loop':>11}{chunk_label + '/vmap':>11}"
+            if chunk_label
+            else ""
+        )
         + (f"{'vmap bf16/f32':>15}" if has_bf16 else ""),
     ]
     groups = sorted({(r["algorithm"], r["dtype"], r["clients"]) for r in rows}, key=_group_order)
@@ -716,6 +755,12 @@ def format_table(rows: Sequence[dict]) -> str:
         line = f"{alg:<16}{dtype:<6}{k:>7}{_fmt(to_central, '14.2f')}{_fmt(to_loop, '11.2f')}"
         if has_donate:
             line += _fmt(ratio(eps(alg, dtype, k, "vmap", True), vmap), "13.2f")
+        if chunk_label:
+            row = compared.get((alg, dtype, k))
+            chunked = row["examples_per_s"] if row else None
+            line += _fmt(ratio(chunked, eps(alg, dtype, k, "central", False)), "14.2f")
+            line += _fmt(ratio(chunked, eps(alg, dtype, k, "loop", False)), "11.2f")
+            line += _fmt(ratio(chunked, vmap), "11.2f")
         if has_bf16:
             f32 = eps(alg, "f32", k, "vmap", False)
             line += _fmt(ratio(vmap, f32) if dtype == "bf16" else None, "15.2f")
@@ -861,6 +906,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="vmap rows: train the cohort in chunks of this many clients (default: all at once)",
     )
+    parser.add_argument(
+        "--compare-chunk",
+        type=_number(int, minimum=1, strict=False),
+        default=None,
+        help="add a vmap row chunked by this many clients beside the main one (same rotation)",
+    )
     parser.add_argument("--seed", type=_number(int, minimum=0, strict=False), default=d.seed)
 
 
@@ -885,6 +936,7 @@ def run(args: argparse.Namespace) -> int:
         dtypes=tuple(args.dtype),
         donate=args.donate,
         chunk_size=args.chunk_size,
+        compare_chunk=args.compare_chunk,
         seed=args.seed,
     )
     try:

@@ -134,6 +134,7 @@ BAD_ARGS = [
     (["--teacher", "cnn-8"], "--teacher: the benchmark supports"),
     (["--dtype", "fp8"], "argument --dtype"),
     (["--chunk-size", "0"], "argument --chunk-size"),
+    (["--compare-chunk", "0"], "argument --compare-chunk"),
     (["--json", "/nonexistent/dir/rows.json"], "does not exist"),
     (["--bogus"], "unrecognized arguments"),
 ]
@@ -164,3 +165,37 @@ def test_add_arguments_and_run_for_the_cli(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(bench, "run_benchmark", fake)
     assert bench.run(args) == 0
     assert seen["config"].clients == (3,) and seen["config"].examples_per_client == 64
+
+
+def test_compare_chunk_columns_hand_computed():
+    """An extra chunked vmap row gets its own ratio columns; the main ratios ignore it."""
+
+    def row(method, eps, chunk=None, compare=False):
+        return {
+            "algorithm": "fedavg",
+            "dtype": "f32",
+            "clients": 100,
+            "method": method,
+            "donate": False,
+            "chunk_size": chunk,
+            "compare_chunk": compare,
+            "examples_per_s": eps,
+            "s_per_round": 6400 / eps,
+            "compile_s": 1.0,
+            "peak_rss_mb": 1.0,
+        }
+
+    rows = [
+        row("vmap", 800.0),
+        row("vmap", 1200.0, chunk=10, compare=True),
+        row("loop", 400.0),
+        row("central", 1000.0),
+    ]
+    table = bench.format_table(rows)
+    header = next(line for line in table.splitlines() if "vmap/central" in line)
+    assert header.split()[-3:] == ["c10/central", "c10/loop", "c10/vmap"]
+    lines = table.splitlines()
+    ratios = lines[lines.index(header) + 1]
+    # vmap/central 0.8, vmap/loop 2.0; c10/central 1.2, c10/loop 3.0, c10/vmap 1.5.
+    assert ratios.split()[-5:] == ["0.80", "2.00", "1.20", "3.00", "1.50"]
+    assert "vmap/c10" in table
