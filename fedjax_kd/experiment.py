@@ -323,6 +323,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"config key 'client.straggler_fraction': algorithm '{name}' has no stragglers; "
             f"they work with {', '.join(STRAGGLERS)}"
         )
+    if c.client.straggler_fraction > 0 and not c.client.drop_stragglers and c.client.epochs < 2:
+        raise ConfigError(
+            "config key 'client.straggler_fraction': stragglers run U{1..E-1} local epochs, "
+            "which needs client.epochs >= 2 (or client.drop_stragglers=true)"
+        )
+    if c.client.drop_stragglers and round(c.client.straggler_fraction * c.clients_per_round) >= (
+        c.clients_per_round
+    ):
+        raise ConfigError(
+            f"config key 'client.straggler_fraction': {c.client.straggler_fraction} of "
+            f"{c.clients_per_round} clients per round would drop every client "
+            "(client.drop_stragglers=true); lower it"
+        )
     groups = len(group_names(c))
     if groups > 1 and name not in HETEROGENEOUS:
         raise ConfigError(
@@ -497,6 +510,9 @@ def build_algorithm(
 #: Config keys a checkpointed run may change when it resumes: its length (a larger
 #: ``rounds`` extends a finished run) and its checkpoint cadence.
 RESUMABLE_KEYS = ("rounds", "checkpoint_every")
+#: Algorithms whose schedule depends on the total ``rounds`` (FedKD's SVD energy
+#: threshold): extending them would not equal an uninterrupted longer run.
+ROUNDS_DEPENDENT = ("fedkd",)
 
 
 def _flatten_json(tree: dict, prefix: str = "") -> dict:
@@ -522,10 +538,13 @@ def _check_same_config(workdir: Path, config: ml_collections.ConfigDict) -> None
     except (OSError, ValueError) as e:
         raise ConfigError(f"--workdir {workdir}: cannot read config.json ({e}); {hint}") from None
     before, defaults = _flatten_json(old), _flatten(default_config.get_config())
+    resumable = set(RESUMABLE_KEYS)
+    if config.algorithm.name in ROUNDS_DEPENDENT:
+        resumable.discard("rounds")  # its schedule spans config.rounds
     diffs = [
         f"{key} {before.get(key, defaults[key])!r} -> {value!r}"
         for key, value in _flatten(config).items()
-        if key not in RESUMABLE_KEYS and before.get(key, defaults[key]) != value
+        if key not in resumable and before.get(key, defaults[key]) != value
     ]
     if diffs:
         shown = ", ".join(diffs[:4]) + (f", ... ({len(diffs)} keys)" if len(diffs) > 4 else "")
@@ -597,6 +616,9 @@ def run(
     """
     if overwrite and resume:
         raise ConfigError("--overwrite and --resume exclude each other; pass one of them")
+    if (overwrite or resume) and workdir is None:
+        flag = "--overwrite" if overwrite else "--resume"
+        raise ConfigError(f"{flag} needs --workdir (the run to overwrite or resume)")
     config = resolve(config)
     dataset = build_dataset(config)
     groups = len(group_names(config))

@@ -152,8 +152,13 @@ def _format_value(value) -> str:
     return str(value)
 
 
+#: Config keys that do not define an experiment: runs differing only in these
+#: are seeds of one group (``checkpoint_every`` changes no result).
+NOT_GROUPED = ("seed", "checkpoint_every")
+
+
 def group_runs(runs: Sequence[Run]) -> list[tuple[str, dict, list[Run]]]:
-    """Groups runs whose configs are equal except ``seed``.
+    """Groups runs whose configs are equal except ``seed`` (and ``checkpoint_every``).
 
     Returns:
       ``(label, differing, runs)`` per group in order of first appearance:
@@ -163,10 +168,10 @@ def group_runs(runs: Sequence[Run]) -> list[tuple[str, dict, list[Run]]]:
     """
     groups: dict[str, list[Run]] = {}
     for run in runs:
-        rest = {k: v for k, v in run.config.items() if k != "seed"}
+        rest = {k: v for k, v in run.config.items() if k not in NOT_GROUPED}
         groups.setdefault(json.dumps(rest, sort_keys=True), []).append(run)
     members = list(groups.values())
-    keys = {key for group in members for key in group[0].config if key != "seed"}
+    keys = {key for group in members for key in group[0].config if key not in NOT_GROUPED}
     differing = sorted(
         k for k in keys if len({json.dumps(g[0].config.get(k, _MISSING)) for g in members}) > 1
     )
@@ -213,22 +218,29 @@ def summarize_group(
 ) -> dict:
     """The numbers of one group (one row of the table, one curve of each plot)."""
     higher_is_better = "accuracy" in metric
+    notes = []
+    recorded = [run for run in runs if any(metric in r and "round" in r for r in run.records)]
+    if recorded and len(recorded) < len(runs):
+        notes.append(
+            f"{len(runs) - len(recorded)} of {len(runs)} runs have no '{metric}' record yet "
+            "(just started); left out"
+        )
+    all_runs, runs = runs, recorded
     by_round = [
         {r["round"]: r for r in run.records if metric in r and "round" in r} for run in runs
     ]
     round_sets = [set(rounds) for rounds in by_round]
     common = sorted(set.intersection(*round_sets)) if round_sets else []
-    notes = []
     if any(s != round_sets[0] for s in round_sets):
         ranges = sorted({f"{min(s)}..{max(s)}" if s else "none" for s in round_sets})
         notes.append(
             f"runs have different eval rounds ({', '.join(ranges)}); aggregated over the "
             f"{len(common)} common rounds" + (f", final = round {common[-1]}" if common else "")
         )
-    unfinished = sum(not run.finished for run in runs)
+    unfinished = sum(not run.finished for run in all_runs)
     if unfinished:
-        notes.append(f"{unfinished} of {len(runs)} runs unfinished (no summary.json)")
-    seeds = [run.config.get("seed") for run in runs]
+        notes.append(f"{unfinished} of {len(all_runs)} runs unfinished (no summary.json)")
+    seeds = [run.config.get("seed") for run in all_runs]
     repeated = sorted({s for s in seeds if seeds.count(s) > 1}, key=str)
     if repeated:
         notes.append(f"seeds {repeated} appear more than once (separate runs of the same config)")
@@ -236,8 +248,8 @@ def summarize_group(
         "label": label,
         "config": differing,
         "seeds": seeds,
-        "runs": [str(run.path) for run in runs],
-        "num_runs": len(runs),
+        "runs": [str(run.path) for run in all_runs],
+        "num_runs": len(all_runs),
         "unfinished": unfinished,
         "common_rounds": common,
         "notes": notes,
@@ -249,7 +261,7 @@ def summarize_group(
         "rounds_to_target": None,
         "curve": [],
     }
-    if target is not None:
+    if target is not None and runs:
         reached = [rounds_to_target(run.records, metric, target) for run in runs]
         hits = [r for r in reached if r is not None]
         group["rounds_to_target"] = {
@@ -258,6 +270,9 @@ def summarize_group(
             "reached": len(hits),
             "stats": _stats(hits) if len(hits) == len(runs) else None,
         }
+    if not runs:
+        notes.append(f"no run of this group records '{metric}'")
+        return group
     if not common:
         notes.append(f"no evaluation round with '{metric}' common to all runs")
         return group

@@ -58,7 +58,9 @@ class RunResult(NamedTuple):
 
     Attributes:
       state: final algorithm state.
-      history: one dict per evaluation (the lines of ``metrics.jsonl``).
+      history: one dict per evaluation made by this call (the lines of
+        ``metrics.jsonl``; after a resume only those past the checkpoint, while
+        ``metrics.jsonl`` holds them all). ``wall_s`` continues across resumes.
       summary: final numbers (the content of ``summary.json``).
     """
 
@@ -358,6 +360,9 @@ def run(
     # jit returns dicts with sorted keys; the headline is eval_models' FIRST entry.
     names = list(algorithm.eval_models(state))
     compile_s = time.perf_counter() - start
+    if resume is not None:
+        # wall_s continues from the checkpoint: the run's time, summed over processes.
+        start -= float(resume.extra.get("wall_s", 0.0))
 
     history: list[dict] = []
     cum_up = cum_down = 0
@@ -424,7 +429,11 @@ def run(
                 r == rounds
                 or (r % checkpoint_every == 0 if checkpoint_every > 0 else r == next_eval)
             ):
-                extra = {"uplink_bytes": cum_up, "downlink_bytes": cum_down}
+                extra = {
+                    "uplink_bytes": cum_up,
+                    "downlink_bytes": cum_down,
+                    "wall_s": round(time.perf_counter() - start, 3),
+                }
                 on_checkpoint(r, state, {**extra, "last_record": record or None})
     finally:
         bar.close()

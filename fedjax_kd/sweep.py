@@ -27,8 +27,10 @@ Every point's config is resolved (and every existing sub-workdir's
 ``config.json`` compared with it) before the first run starts, so a mistake ends
 with exit code 2 and one ``error:`` line before anything compiles.
 
-A point whose sub-workdir already has ``summary.json`` is skipped, so running
-the same command again finishes an interrupted sweep. ``DIR/sweep.json`` lists
+A point whose sub-workdir already has ``summary.json`` for the same number of
+rounds is skipped, and an interrupted one resumes from its checkpoint
+(``experiment.run``), so running the same command again finishes an
+interrupted sweep; a larger ``--config.rounds`` extends every point. ``DIR/sweep.json`` lists
 the points (``name``, ``overrides``, ``seed``, ``workdir``, ``status`` and the
 final ``test_accuracy``); it is written before the first run and after each.
 A run that diverges is recorded as ``diverged`` and the sweep goes on; the exit
@@ -340,7 +342,9 @@ def _check_existing(point: Point, config: Mapping, defaults: Mapping) -> None:
     """Refuses a sub-workdir that holds a run of another config.
 
     ``config`` and ``defaults`` are flat; a key missing from the old
-    ``config.json`` (added to the schema since) counts as its default.
+    ``config.json`` (added to the schema since) counts as its default. Keys a
+    run may change when it resumes (``experiment.RESUMABLE_KEYS``: a larger
+    ``rounds`` extends the finished points, except for FedKD) are allowed.
     """
     path = point.workdir / "config.json"
     if not path.is_file():
@@ -351,8 +355,13 @@ def _check_existing(point: Point, config: Mapping, defaults: Mapping) -> None:
             raise ValueError("not a JSON object")
     except (OSError, ValueError) as e:
         raise _config_error(f"{path}: unreadable ({e}); remove that run directory") from None
+    from fedjax_kd import experiment
+
     old = _flat(existing)
-    diffs = [k for k, v in config.items() if old.get(k, defaults.get(k)) != v]
+    allowed = set(experiment.RESUMABLE_KEYS)
+    if config.get("algorithm.name") in experiment.ROUNDS_DEPENDENT:
+        allowed.discard("rounds")
+    diffs = [k for k, v in config.items() if k not in allowed and old.get(k, defaults.get(k)) != v]
     if diffs:
         shown = ", ".join(
             f"{k} {old.get(k, defaults.get(k))!r} -> {config[k]!r}" for k in diffs[:3]
@@ -431,11 +440,12 @@ def run(args: argparse.Namespace) -> int:
         for i, (p, config, record) in enumerate(zip(points, configs, records, strict=True)):
             print(f"[{i + 1}/{len(points)}] {p.name} seed {p.seed}", file=sys.stderr, flush=True)
             summary_path = p.workdir / "summary.json"
-            if summary_path.is_file():
-                try:
-                    accuracy = json.loads(summary_path.read_text()).get("test_accuracy")
-                except ValueError:
-                    accuracy = None
+            try:
+                done = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+            except ValueError:
+                done = None
+            if isinstance(done, dict) and done.get("rounds") == config.rounds:
+                accuracy = done.get("test_accuracy")
                 record.update(status="skipped", test_accuracy=accuracy)
                 shown = f"{accuracy:.4f}" if isinstance(accuracy, float) else "?"
                 message = f"skipped ({summary_path} exists), test_accuracy {shown}"

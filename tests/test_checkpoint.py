@@ -345,3 +345,22 @@ def test_resume_into_another_model_is_an_error_and_keeps_checkpoints(tmp_path, c
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("error:") and "--overwrite" in err[-1]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+
+
+def test_fedkd_cannot_be_extended_and_flags_need_a_workdir(tmp_path, capsys):
+    """FedKD's threshold schedule spans config.rounds: a longer run is another run."""
+    from fedjax_kd import cli
+
+    base = ["run", "--workdir", str(tmp_path), "--no-progress", "--config.eval_every=1"]
+    base += ["--config.data.num_clients=10", "--config.clients_per_round=2"]
+    base += ["--config.client.epochs=1", "--config.algorithm.name=fedkd"]
+    base += ["--config.model.student=linear", "--config.model.teacher=mlp-8"]
+    assert cli.main([*base, "--config.rounds=2"]) == 0
+    capsys.readouterr()
+    assert cli.main([*base, "--config.rounds=3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "rounds 2 -> 3" in err[0], err
+    for flag in ("--overwrite", "--resume"):
+        assert cli.main(["run", "--no-progress", "--config.rounds=1", flag]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{flag} needs --workdir" in err[0], err

@@ -191,3 +191,31 @@ def test_legend_labels_shorten_keys_only_when_unambiguous():
         {"label": "a.lr=0.2, b.lr=1.0", "config": {"a.lr": 0.2, "b.lr": 1.0}},
     ]
     assert report.legend_labels(clash) == ["a.lr=0.1, b.lr=1.0", "a.lr=0.2, b.lr=1.0"]
+
+
+def test_runs_without_records_and_groups_without_the_metric(tmp_path):
+    # A just-started seed (empty metrics.jsonl) is left out, not blanking the row.
+    write_run(tmp_path / "a" / "seed0", seed=0, accuracies=[0.5, 0.7])
+    write_run(tmp_path / "a" / "seed1", seed=1, accuracies=[0.6, 0.9])
+    (tmp_path / "a" / "seed2").mkdir(parents=True)
+    config = json.loads((tmp_path / "a" / "seed0" / "config.json").read_text())
+    config["seed"] = 2
+    config["checkpoint_every"] = 5  # changes no result: still the same group
+    (tmp_path / "a" / "seed2" / "config.json").write_text(json.dumps(config))
+    (tmp_path / "a" / "seed2" / "metrics.jsonl").write_text("")
+    s = report.summarize([tmp_path / "a"], target=0.8)
+    (g,) = s["groups"]
+    assert g["num_runs"] == 3 and g["final"]["mean"] == pytest.approx(0.8)
+    assert g["rounds_to_target"]["per_seed"] == [None, 2]
+    assert any("no 'test_accuracy' record yet" in note for note in g["notes"])
+    # A metric one group never records: n/a for it, numbers for the other.
+    other = tmp_path / "b" / "seed0"
+    write_run(other, algorithm="feddf", seed=0, accuracies=[0.4])
+    lines = (other / "metrics.jsonl").read_text().splitlines()
+    lines = [json.dumps({**json.loads(x), "teacher_test_accuracy": 0.9}) for x in lines]
+    (other / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    s = report.summarize([tmp_path / "a", tmp_path / "b"], "teacher_test_accuracy", 0.5)
+    by_label = {g["label"]: g for g in s["groups"]}
+    assert by_label["algorithm.name=fedavg"]["final"] is None
+    assert by_label["algorithm.name=fedavg"]["rounds_to_target"] is None
+    assert by_label["algorithm.name=feddf"]["rounds_to_target"]["per_seed"] == [1]

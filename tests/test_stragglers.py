@@ -32,12 +32,15 @@ def test_partial_epochs_equal_a_shorter_run(digits_small, linear):
 
 @pytest.mark.parametrize("k,fraction,expected", [(10, 0.5, 5), (10, 0.9, 9), (7, 0.5, 4)])
 def test_straggler_epochs_counts(k, fraction, expected):
-    budget = np.asarray(straggler_epochs(jax.random.key(3), k, epochs=20, fraction=fraction))
+    budget, mask = straggler_epochs(jax.random.key(3), k, epochs=20, fraction=fraction)
+    budget, mask = np.asarray(budget), np.asarray(mask)
     stragglers = budget < 20
+    np.testing.assert_array_equal(mask, stragglers)
     assert stragglers.sum() == expected  # round(fraction * K); round(3.5) = 4
     assert budget[stragglers].min() >= 1 and budget[stragglers].max() <= 19
     assert (budget[~stragglers] == 20).all()
-    assert (np.asarray(straggler_epochs(jax.random.key(3), k, epochs=20, fraction=0.0)) == 20).all()
+    none, mask = straggler_epochs(jax.random.key(3), k, epochs=20, fraction=0.0)
+    assert (np.asarray(none) == 20).all() and not np.asarray(mask).any()
 
 
 def _reference_round(model, params, cohort, key, budget, active, epochs):
@@ -76,11 +79,10 @@ def test_straggler_round_equals_python_loop(digits_small, linear, drop):
     state = algo.init(jax.random.key(0))
     key = jax.random.key(5)
     new_state, metrics = jax.jit(algo.round)(state, cohort, key)
-    budget = np.asarray(
-        straggler_epochs(jax.random.fold_in(key, 1), k, epochs=epochs, fraction=0.5)
-    )
-    assert (budget < epochs).sum() == 3
-    active = np.ones(k, bool) if not drop else budget == epochs
+    budget, mask = straggler_epochs(jax.random.fold_in(key, 1), k, epochs=epochs, fraction=0.5)
+    budget, mask = np.asarray(budget), np.asarray(mask)
+    assert mask.sum() == 3 and (budget[mask] < epochs).all()
+    active = np.ones(k, bool) if not drop else ~mask
     expected = _reference_round(linear, state.params, cohort, key, budget, active, epochs)
     chex.assert_trees_all_close(new_state.params, expected, rtol=1e-5, atol=1e-6)
     up = np.asarray(metrics["uplink_bytes"])
@@ -113,3 +115,34 @@ def test_stragglers_config_checks():
                 ("data.proxy_fraction", "0.1"),
             ]
         )
+
+
+def test_drop_stragglers_with_one_epoch(digits_small, linear):
+    # E = 1: a straggler's partial work would be the full epoch, but dropping still drops.
+    algo = algorithms.fed_avg(
+        linear,
+        client_optimizer=optax.sgd(0.1),
+        server_optimizer=optax.sgd(1.0),
+        epochs=1,
+        batch_size=8,
+        straggler_fraction=0.5,
+        drop_stragglers=True,
+    )
+    cohort = cohort_of(digits_small, [1, 4, 6, 9])
+    state = algo.init(jax.random.key(0))
+    _, metrics = jax.jit(algo.round)(state, cohort, jax.random.key(5))
+    assert (np.asarray(metrics["uplink_bytes"]) == 0).sum() == 2
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ([("client.epochs", "1")], "needs client.epochs >= 2"),
+        ([("client.drop_stragglers", "true"), ("client.straggler_fraction", "1.0")], "every"),
+        ([("client.drop_stragglers", "true"), ("client.straggler_fraction", "0.96")], "every"),
+    ],
+)
+def test_straggler_settings_that_cannot_work(overrides, message):
+    base = [("client.straggler_fraction", "0.5")]
+    with pytest.raises(experiment.ConfigError, match=message):
+        experiment.resolve(overrides=base + overrides)

@@ -228,3 +228,16 @@ def test_sweep_plan_from_get_sweep(tmp_path, capsys, monkeypatch):
         (2, 4, 0.01, w / "algorithm.name-fedavg" / "seed4"),
     ]
     assert "[6/6] algorithm.name-fedavg seed 4" in capsys.readouterr().err
+
+
+def test_a_larger_rounds_extends_finished_points(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--workdir", str(out), "--grid", "client.lr=0.05", "--seeds", "0"]
+    argv += [*TINY, "--no-progress"]
+    assert cli.main(argv) == 0
+    capsys.readouterr()
+    assert cli.main([*argv, "--config.rounds=3"]) == 0
+    captured = capsys.readouterr()
+    assert "resuming from round 2" in captured.err and "skipped" not in captured.out
+    summary = json.loads((out / "client.lr-0.05" / "seed0" / "summary.json").read_text())
+    assert summary["rounds"] == 3

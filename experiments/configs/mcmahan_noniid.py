@@ -41,6 +41,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c = default.get_config()
     c.rounds = 300
     c.eval_every = 1  # rounds-to-target needs every round's accuracy
+    c.checkpoint_every = 50  # not at every evaluation: saving would dominate
     c.clients_per_round = 10
     c.data.name = "digits"
     c.data.num_clients = 100

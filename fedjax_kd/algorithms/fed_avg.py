@@ -80,11 +80,14 @@ def fed_avg(
 
 def straggler_epochs(
     key: jax.Array, num_clients: int, *, epochs: int, fraction: float
-) -> jax.Array:
-    """Local epochs of each of ``num_clients`` cohort members: ``[K]`` int32.
+) -> tuple[jax.Array, jax.Array]:
+    """Which of ``num_clients`` cohort members straggle, and their local epochs.
 
     Exactly ``round(fraction * K)`` uniformly chosen clients are stragglers
     with ``U{1, ..., E-1}`` epochs (1 when ``E = 1``); the others run ``E``.
+
+    Returns:
+      ``(epochs [K] int32, is_straggler [K] bool)``.
     """
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"straggler_fraction must be in [0, 1], got {fraction}")
@@ -92,7 +95,8 @@ def straggler_epochs(
     rank_key, epochs_key = jax.random.split(key)
     rank = jnp.argsort(jax.random.permutation(rank_key, num_clients))
     fewer = jax.random.randint(epochs_key, (num_clients,), 1, max(epochs, 2))
-    return jnp.where(rank < num_stragglers, fewer, epochs).astype(jnp.int32)
+    is_straggler = rank < num_stragglers
+    return jnp.where(is_straggler, fewer, epochs).astype(jnp.int32), is_straggler
 
 
 def from_client_update(
@@ -138,11 +142,11 @@ def from_client_update(
         per_client = {"key": keys}
         if straggler_fraction:
             # Its own stream: without stragglers the clients' keys are unchanged.
-            budget = straggler_epochs(
+            budget, is_straggler = straggler_epochs(
                 jax.random.fold_in(key, 1), num_clients, epochs=epochs, fraction=straggler_fraction
             )
             per_client["epochs"] = budget
-            per_client["active"] = (budget == epochs) | (not drop_stragglers)
+            per_client["active"] = ~is_straggler | (not drop_stragglers)
 
         def contribution(client, inputs):
             targets = None if targets_fn is None else targets_fn(state.params, client.x)
