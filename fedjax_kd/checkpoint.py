@@ -15,7 +15,8 @@ initialised state, or ``jax.eval_shape`` of the algorithm's ``init``).
 
 A checkpoint counts only when it is complete and intact: its name is
 ``round_<N>`` (orbax's temporary ``*.orbax-checkpoint-tmp*`` directories are
-ignored), it has orbax's commit marker and our sidecar, orbax restores it, every
+ignored), it has orbax's commit marker and our sidecar, every file matches the
+sha256 the sidecar recorded for it at save time, orbax restores it, every
 leaf has the template's shape and dtype, and the sha256 of the restored bytes
 equals the sidecar's. :func:`latest_valid` walks back from the newest checkpoint
 to the first one that passes, with a ``warning:`` line on stderr for each one it
@@ -135,6 +136,21 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def file_digests(path: Path) -> dict[str, str]:
+    """sha256 (hex) of every file under checkpoint ``path`` but the sidecar, by relative path."""
+    digests = {}
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        name = f.relative_to(path).as_posix()
+        if name in (SIDECAR, SIDECAR + ".tmp"):
+            continue
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                h.update(block)
+        digests[name] = h.hexdigest()
+    return digests
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
@@ -182,6 +198,9 @@ def save(
         "round": round_,
         "num_leaves": len(leaves),
         "sha256": state_digest(leaves),
+        # Checked before orbax reads anything: damaged files are caught without
+        # handing them to orbax (whose failed reads leave async noise on stderr).
+        "files": file_digests(final),
         "extra": extra or {},
     }
     _write_atomic(final / SIDECAR, json.dumps(sidecar, indent=1) + "\n")
@@ -252,6 +271,17 @@ def restore(path: str | os.PathLike, template) -> Restored:
             f"it holds {meta.get('num_leaves')} arrays, the state has {len(template_leaves)} "
             "(a different algorithm or model?)"
         )
+    files = meta.get("files")
+    if isinstance(files, dict):
+        actual = file_digests(path)
+        damaged = sorted(
+            name for name in set(files) | set(actual) if files.get(name) != actual.get(name)
+        )
+        if damaged:
+            raise CheckpointError(
+                f"{len(damaged)} of its files changed or are missing since it was saved "
+                f"(e.g. {damaged[0]})"
+            )
     specs = [_leaf_template(leaf) for leaf in template_leaves]
     target = _items([np.zeros(shape, dtype) for dtype, shape in specs], round_)
     try:

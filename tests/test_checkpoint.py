@@ -173,7 +173,7 @@ def test_corrupt_checkpoints_fall_back_with_a_warning(tmp_path, reference, capsy
     run(work, rounds=6)
     ckpts = work / "checkpoints"
     assert checkpoint.rounds(ckpts) == [2, 4, 6]
-    # Round 6: truncated array files (orbax notices).
+    # Round 6: truncated array files (their recorded sha256 no longer matches).
     data_files = [p for p in checkpoint.path_for(ckpts, 6).rglob("*") if p.parent.name == "d"]
     assert data_files
     for p in data_files:
@@ -190,7 +190,9 @@ def test_corrupt_checkpoints_fall_back_with_a_warning(tmp_path, reference, capsy
     warnings = [line for line in err if line.startswith("warning: skipping checkpoint")]
     assert len(warnings) == 2, err
     assert "round_00000006" in warnings[0] and "round_00000004" in warnings[1]
+    assert "files changed" in warnings[0]  # caught before orbax reads the damaged files
     assert "sha256" in warnings[1]
+    assert not any("Traceback" in line or "Exception ignored" in line for line in err), err
     assert "resuming from round 2" in err
     assert_bit_identical(work, reference, result.state)
 
