@@ -151,3 +151,58 @@ def sum_over_clients(fn, cohort, keys: jax.Array) -> PyTree:
         return jax.tree.map(jnp.add, acc, chunk_sum(*inputs)), None
 
     return jax.lax.scan(body, init, shaped)[0]
+
+
+def scan_over_chunks(fn, cohort, inputs: PyTree, carry: PyTree):
+    """Runs ``fn`` over a cohort's chunks in order, threading ``carry`` through them.
+
+    For rounds that update per-client state (FedKD's private mentors) as well
+    as sums: like :func:`sum_over_clients` the cohort is processed
+    ``cohort.chunk_size`` clients at a time (a ``lax.scan`` over chunks, so
+    peak memory grows with the chunk), but ``fn`` sees a whole chunk and a
+    carry (e.g. the per-client store it gathers from and scatters into).
+
+    Args:
+      fn: ``fn(carry, clients, inputs_c, valid) -> (carry, sums, per_client)``
+        for one chunk: ``clients`` a ClientData ``[C, N, ...]`` whose padding
+        rows (``valid`` False; they repeat row 0 with ``count`` 0) must not
+        change the carry, ``inputs_c`` the chunk's rows of ``inputs``;
+        ``sums`` a pytree already summed over the chunk's valid rows,
+        ``per_client`` a pytree with leading axis ``C``.
+      cohort: a :class:`fedjax_kd.data.Cohort` or a gathered ``ClientData``.
+      inputs: pytree of per-client arrays with leading axis ``K`` (keys, ...).
+      carry: the initial carry.
+
+    Returns:
+      ``(carry, sums over all chunks, per_client [K, ...])``.
+    """
+    cohort = as_cohort(cohort)
+    k = cohort.size
+    chunk = min(cohort.chunk_size or k, k)
+    chunk = -(-chunk // cohort.multiple) * cohort.multiple
+    num_chunks = -(-k // chunk)
+    total = num_chunks * chunk
+    rows = jnp.arange(total)
+    valid = rows < k
+    rows = jnp.where(valid, rows, 0)
+    padded = jax.tree.map(
+        lambda a: jnp.concatenate([a, jnp.broadcast_to(a[:1], (total - k, *a.shape[1:]))]),
+        inputs,
+    )
+
+    def step(carry, xs):
+        rows_c, valid_c, inputs_c = xs
+        data = cohort.gather(rows_c)
+        data = data._replace(count=jnp.where(valid_c, data.count, 0))
+        carry, sums, per_client = fn(carry, data, inputs_c, valid_c)
+        return carry, (sums, per_client)
+
+    xs = (
+        rows.reshape(num_chunks, chunk),
+        valid.reshape(num_chunks, chunk),
+        jax.tree.map(lambda a: a.reshape(num_chunks, chunk, *a.shape[1:]), padded),
+    )
+    carry, (sums, per_client) = jax.lax.scan(step, carry, xs)
+    sums = jax.tree.map(lambda a: jnp.sum(a, axis=0), sums)
+    per_client = jax.tree.map(lambda a: a.reshape(total, *a.shape[2:])[:k], per_client)
+    return carry, sums, per_client

@@ -87,7 +87,7 @@ from fedjax_kd import aggregate, losses
 from fedjax_kd import cohort as cohort_lib
 from fedjax_kd.client import local_train
 from fedjax_kd.compress import compress_tree, energy_threshold, tree_bytes
-from fedjax_kd.data.federated import as_client_data
+from fedjax_kd.data.federated import as_cohort
 from fedjax_kd.types import FederatedAlgorithm, Params, PyTree
 
 KL_REDUCTIONS = ("batchmean", "mean")
@@ -314,28 +314,53 @@ def fed_kd(
         return tree, jnp.asarray(tree_bytes(tree), jnp.int32)
 
     def round_fn(state: FedKDState, cohort, key: jax.Array, server_data=None):
-        cohort = as_client_data(cohort)  # no chunking: the whole cohort at once
+        cohort = as_cohort(cohort)  # in chunks of cohort.chunk_size (default: all at once)
         if not server_data or "cohort_ids" not in server_data:
             raise ValueError("fed_kd's round needs server_data['cohort_ids'] (the sampled ids)")
         ids = server_data["cohort_ids"]
-        k = cohort.count.shape[0]
+        k = cohort.size
         keys = jax.random.split(key, k)
         progress = jnp.minimum((state.round + 1).astype(jnp.float32) / rounds, 1.0)
         threshold = energy_threshold(progress, t_start, t_end)
 
-        mentors = cohort_lib.gather(state.mentors, ids)
-        deltas, new_mentors, client_metrics = jax.vmap(
-            client_update, in_axes=(None, 0, 0, 0, 0, 0)
-        )(state.params, mentors, cohort.x, cohort.y, cohort.count, keys)
-        # lax.map, not vmap: a batched SVD deadlocked XLA's CPU runtime (jaxlib
-        # 0.10.2, thunk runtime) in round 2 of a digits run; one SVD per client
-        # in sequence gives the same values and does not hang.
-        sent, up_bytes = jax.lax.map(lambda d: send(d, threshold), deltas)
+        def chunk_fn(store, clients, inputs, valid):
+            ids_c = inputs["id"]
+            mentors = cohort_lib.gather(store, ids_c)
+            deltas, new_mentors, client_metrics = jax.vmap(
+                client_update, in_axes=(None, 0, 0, 0, 0, 0)
+            )(state.params, mentors, clients.x, clients.y, clients.count, inputs["key"])
+            # lax.map, not vmap: a batched SVD deadlocked XLA's CPU runtime (jaxlib
+            # 0.10.2, thunk runtime) in round 2 of a digits run; one SVD per client
+            # in sequence gives the same values and does not hang.
+            sent, up_bytes = jax.lax.map(lambda d: send(d, threshold), deltas)
+            w = jnp.where(
+                valid,
+                aggregate.client_weights(
+                    clients.count.astype(jnp.float32), uniform=uniform_weighting
+                ),
+                0.0,
+            )
+            sums = {
+                "weighted_sent": jax.tree.map(lambda x: jnp.tensordot(w, x, axes=1), sent),
+                "weight": jnp.sum(w),
+                "nonfinite": (
+                    ~(aggregate.tree_all_finite(deltas) & aggregate.tree_all_finite(new_mentors))
+                ).astype(jnp.int32),
+            }
+            # Padding rows (valid False) repeat a real client: they write nowhere.
+            rows = jnp.where(valid, ids_c, num_clients)
+            store = jax.tree.map(lambda a, r: a.at[rows].set(r, mode="drop"), store, new_mentors)
+            per_client = {"up_bytes": up_bytes, "count": clients.count, **client_metrics}
+            return store, sums, per_client
 
-        counts = cohort.count.astype(jnp.float32)
-        delta = aggregate.weighted_mean(
-            sent, aggregate.client_weights(counts, uniform=uniform_weighting)
+        mentors, sums, per_client = aggregate.scan_over_chunks(
+            chunk_fn, cohort, {"key": keys, "id": ids}, state.mentors
         )
+        client_metrics = per_client
+        up_bytes = per_client["up_bytes"]
+        counts = per_client["count"].astype(jnp.float32)
+        total = jnp.maximum(sums["weight"], jnp.finfo(jnp.float32).tiny)
+        delta = jax.tree.map(lambda x: x / total, sums["weighted_sent"])
         updates, opt_state = server_optimizer.update(delta, state.opt_state, state.params)
         # The server applies what it broadcasts, so every mentee replica stays equal.
         updates, down_bytes = send(updates, threshold)
@@ -351,21 +376,17 @@ def fed_kd(
             ),
             "uplink_bytes": uplink.astype(jnp.int32),
             "downlink_bytes": jnp.full((k,), down_bytes, jnp.int32),
-            "finite": (
-                aggregate.tree_all_finite(deltas)
-                & aggregate.tree_all_finite(updates)
-                & aggregate.tree_all_finite(new_mentors)
-            ),
+            "finite": (sums["nonfinite"] == 0) & aggregate.tree_all_finite(updates),
             "energy_threshold": jnp.asarray(threshold, jnp.float32),
             "uplink_compression": (dense_bytes + weight_bytes)
             / jnp.mean(uplink.astype(jnp.float32)),
             "downlink_compression": dense_bytes / jnp.maximum(down_bytes, 1).astype(jnp.float32),
-            "mentor_train_examples": (epochs * jnp.sum(cohort.count)).astype(jnp.int32),
+            "mentor_train_examples": (epochs * jnp.sum(per_client["count"])).astype(jnp.int32),
         }
         new_state = FedKDState(
             params=params,
             opt_state=opt_state,
-            mentors=cohort_lib.scatter(state.mentors, ids, new_mentors),
+            mentors=mentors,
             round=state.round + 1,
         )
         return new_state, metrics
