@@ -100,6 +100,15 @@ def _human_bytes(n: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``fedjax-kd``; returns the process exit code."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # e.g. `fedjax-kd run | head -1`: the reader left, not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes stdout
+        return 0
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _Parser(prog="fedjax-kd", description="Federated learning + distillation in JAX.")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)

@@ -191,3 +191,21 @@ def test_end_to_end_run_writes_workdir(tmp_path):
     assert summary["uplink_bytes"] == 3 * 3 * (param_bytes + 4)
     assert {"compile_s", "wall_s"} <= set(summary)
     assert "test_accuracy" in proc.stdout
+
+
+def test_a_closed_stdout_is_not_a_traceback(tmp_path):
+    """`fedjax-kd run | head -1`: the reader leaves early; exit 0, nothing on stderr."""
+    import subprocess
+    import sys
+
+    code = "from fedjax_kd import cli; raise SystemExit(cli.main())"
+    args = ["run", "--no-progress", "--config.rounds=1", "--config.eval_every=1"]
+    args += ["--config.data.num_clients=10", "--config.clients_per_round=2"]
+    args += ["--config.model.student=linear"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    proc.stdout.close()  # the reader is gone before the summary is printed
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0, err
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
