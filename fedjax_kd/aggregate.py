@@ -91,6 +91,29 @@ def ensemble_contribution(apply_fn, global_params: Params, out, proxy_x: jax.Arr
     return {"proxy_logits": has_data * apply_fn(local, proxy_x), "members": has_data}
 
 
+def _chunk_layout(cohort, inputs: PyTree):
+    """How a cohort of K clients splits into chunks of ``cohort.chunk_size``.
+
+    Returns ``(chunk, num_chunks, rows, valid, padded_inputs)``: ``chunk`` is
+    rounded up to a multiple of ``cohort.multiple``; ``rows`` ``[num_chunks *
+    chunk]`` are cohort rows, the padding ones (``valid`` False) repeating row
+    0; ``padded_inputs`` is ``inputs`` extended the same way.
+    """
+    k = cohort.size
+    chunk = min(cohort.chunk_size or k, k)
+    chunk = -(-chunk // cohort.multiple) * cohort.multiple
+    num_chunks = -(-k // chunk)
+    total = num_chunks * chunk
+    rows = jnp.arange(total)
+    valid = rows < k
+    rows = jnp.where(valid, rows, 0)
+    padded = jax.tree.map(
+        lambda a: jnp.concatenate([a, jnp.broadcast_to(a[:1], (total - k, *a.shape[1:]))]),
+        inputs,
+    )
+    return chunk, num_chunks, rows, valid, padded
+
+
 def sum_over_clients(fn, cohort, keys: jax.Array) -> PyTree:
     """``sum_k fn(client_k, keys[k])`` over a cohort, in chunks of bounded memory.
 
@@ -114,17 +137,7 @@ def sum_over_clients(fn, cohort, keys: jax.Array) -> PyTree:
       The pytree of sums over the K real clients.
     """
     cohort = as_cohort(cohort)
-    k = cohort.size
-    chunk = min(cohort.chunk_size or k, k)
-    chunk = -(-chunk // cohort.multiple) * cohort.multiple
-    num_chunks = -(-k // chunk)
-    total = num_chunks * chunk
-    rows = jnp.arange(total)
-    valid = rows < k
-    rows = jnp.where(valid, rows, 0)
-    all_keys = jax.tree.map(
-        lambda a: jnp.concatenate([a, jnp.broadcast_to(a[:1], (total - k, *a.shape[1:]))]), keys
-    )
+    chunk, num_chunks, rows, valid, all_keys = _chunk_layout(cohort, keys)
 
     def chunk_sum(rows_c, valid_c, keys_c):
         data = cohort.gather(rows_c)
@@ -178,17 +191,8 @@ def scan_over_chunks(fn, cohort, inputs: PyTree, carry: PyTree):
     """
     cohort = as_cohort(cohort)
     k = cohort.size
-    chunk = min(cohort.chunk_size or k, k)
-    chunk = -(-chunk // cohort.multiple) * cohort.multiple
-    num_chunks = -(-k // chunk)
+    chunk, num_chunks, rows, valid, padded = _chunk_layout(cohort, inputs)
     total = num_chunks * chunk
-    rows = jnp.arange(total)
-    valid = rows < k
-    rows = jnp.where(valid, rows, 0)
-    padded = jax.tree.map(
-        lambda a: jnp.concatenate([a, jnp.broadcast_to(a[:1], (total - k, *a.shape[1:]))]),
-        inputs,
-    )
 
     def step(carry, xs):
         rows_c, valid_c, inputs_c = xs

@@ -26,6 +26,7 @@ import optax
 
 from fedjax_kd import algorithms, checkpoint, cohort, models, optimizers, simulate
 from fedjax_kd.configs import default as default_config
+from fedjax_kd.configs import flatten
 from fedjax_kd.data import DATASETS, PARTITIONERS, FederatedDataset
 from fedjax_kd.types import FederatedAlgorithm
 
@@ -515,16 +516,6 @@ RESUMABLE_KEYS = ("rounds", "checkpoint_every")
 ROUNDS_DEPENDENT = ("fedkd",)
 
 
-def _flatten_json(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten_json(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _check_same_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
     """ConfigError if ``workdir/config.json`` differs from ``config`` beyond RESUMABLE_KEYS."""
     path = workdir / "config.json"
@@ -537,7 +528,7 @@ def _check_same_config(workdir: Path, config: ml_collections.ConfigDict) -> None
             raise ValueError("not a JSON object")
     except (OSError, ValueError) as e:
         raise ConfigError(f"--workdir {workdir}: cannot read config.json ({e}); {hint}") from None
-    before, defaults = _flatten_json(old), _flatten(default_config.get_config())
+    before, defaults = flatten(old), _flatten(default_config.get_config())
     resumable = set(RESUMABLE_KEYS)
     if config.algorithm.name in ROUNDS_DEPENDENT:
         resumable.discard("rounds")  # its schedule spans config.rounds

@@ -49,6 +49,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from fedjax_kd.configs import flatten
+
 USAGE = "fedjax-kd report DIR [DIR ...] --out OUTDIR [--metric test_accuracy] [--target T]"
 #: Sample standard deviation over seeds (NaN / ``None`` / ``n/a`` for one seed).
 DDOF = 1
@@ -76,17 +78,6 @@ class Run(NamedTuple):
     config: dict
     records: list[dict]
     finished: bool
-
-
-def flatten(config: dict, prefix: str = "") -> dict:
-    """Nested dict -> ``{"dotted.key": value}``."""
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def find_runs(dirs: Iterable[str | os.PathLike]) -> list[Path]:

@@ -55,6 +55,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+from fedjax_kd.configs import flatten
+
 USAGE = (
     "fedjax-kd sweep --workdir DIR [--config PATH[:VARIANT]] [--grid KEY=V1,V2,...]... "
     "[--seeds 0,1,2] [--config.KEY=VALUE ...] [--no-progress]"
@@ -327,17 +329,6 @@ def _fail(message: str, code: int = 2) -> int:
     return code
 
 
-def _flat(tree: Mapping, prefix: str = "") -> dict:
-    """Nested dict -> ``{"dotted.key": value}``."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _check_existing(point: Point, config: Mapping, defaults: Mapping) -> None:
     """Refuses a sub-workdir that holds a run of another config.
 
@@ -357,7 +348,7 @@ def _check_existing(point: Point, config: Mapping, defaults: Mapping) -> None:
         raise _config_error(f"{path}: unreadable ({e}); remove that run directory") from None
     from fedjax_kd import experiment
 
-    old = _flat(existing)
+    old = flatten(existing)
     allowed = set(experiment.RESUMABLE_KEYS)
     if config.get("algorithm.name") in experiment.ROUNDS_DEPENDENT:
         allowed.discard("rounds")
@@ -400,11 +391,11 @@ def run(args: argparse.Namespace) -> int:
             seeds = [int(experiment.resolve(base, base_overrides).seed)]
         points = make_points(grid_points, seeds, args.workdir)
         configs = []
-        defaults = _flat(experiment.resolve().to_dict())
+        defaults = flatten(experiment.resolve().to_dict())
         for p in points:
             overrides = [*base_overrides, *p.overrides, ("seed", str(p.seed))]
             config = experiment.resolve(base, overrides)
-            _check_existing(p, _flat(json.loads(json.dumps(config.to_dict()))), defaults)
+            _check_existing(p, flatten(json.loads(json.dumps(config.to_dict()))), defaults)
             configs.append(config)
         root = Path(args.workdir)
         try:
