@@ -516,27 +516,45 @@ RESUMABLE_KEYS = ("rounds", "checkpoint_every")
 ROUNDS_DEPENDENT = ("fedkd",)
 
 
-def _check_same_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
-    """ConfigError if ``workdir/config.json`` differs from ``config`` beyond RESUMABLE_KEYS."""
-    path = workdir / "config.json"
+def config_conflicts(workdir: str | os.PathLike, config: ml_collections.ConfigDict):
+    """How ``workdir/config.json`` differs from ``config`` beyond what a resume may change.
+
+    Returns:
+      ``["key old -> new", ...]`` (empty when compatible), or None when the
+      workdir has no ``config.json``. A key missing from an older
+      ``config.json`` counts as its default; :data:`RESUMABLE_KEYS` may differ
+      (``rounds`` not for :data:`ROUNDS_DEPENDENT` algorithms).
+
+    Raises:
+      ValueError: ``config.json`` is unreadable or not a JSON object.
+    """
+    path = Path(workdir) / "config.json"
     if not path.is_file():
-        return
-    hint = "pass --resume to continue its checkpoint anyway or --overwrite to start from scratch"
+        return None
     try:
         old = json.loads(path.read_text())
-        if not isinstance(old, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"--workdir {workdir}: cannot read config.json ({e}); {hint}") from None
+    except OSError as e:
+        raise ValueError(str(e.strerror or e)) from None
+    if not isinstance(old, dict):
+        raise ValueError("not a JSON object")
     before, defaults = flatten(old), _flatten(default_config.get_config())
     resumable = set(RESUMABLE_KEYS)
     if config.algorithm.name in ROUNDS_DEPENDENT:
         resumable.discard("rounds")  # its schedule spans config.rounds
-    diffs = [
+    return [
         f"{key} {before.get(key, defaults[key])!r} -> {value!r}"
         for key, value in _flatten(config).items()
         if key not in resumable and before.get(key, defaults[key]) != value
     ]
+
+
+def _check_same_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
+    """ConfigError if ``workdir/config.json`` differs from ``config`` beyond RESUMABLE_KEYS."""
+    hint = "pass --resume to continue its checkpoint anyway or --overwrite to start from scratch"
+    try:
+        diffs = config_conflicts(workdir, config)
+    except ValueError as e:
+        raise ConfigError(f"--workdir {workdir}: cannot read config.json ({e}); {hint}") from None
     if diffs:
         shown = ", ".join(diffs[:4]) + (f", ... ({len(diffs)} keys)" if len(diffs) > 4 else "")
         raise ConfigError(

@@ -55,8 +55,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from fedjax_kd.configs import flatten
-
 USAGE = (
     "fedjax-kd sweep --workdir DIR [--config PATH[:VARIANT]] [--grid KEY=V1,V2,...]... "
     "[--seeds 0,1,2] [--config.KEY=VALUE ...] [--no-progress]"
@@ -329,36 +327,24 @@ def _fail(message: str, code: int = 2) -> int:
     return code
 
 
-def _check_existing(point: Point, config: Mapping, defaults: Mapping) -> None:
+def _check_existing(point: Point, config) -> None:
     """Refuses a sub-workdir that holds a run of another config.
 
-    ``config`` and ``defaults`` are flat; a key missing from the old
-    ``config.json`` (added to the schema since) counts as its default. Keys a
-    run may change when it resumes (``experiment.RESUMABLE_KEYS``: a larger
-    ``rounds`` extends the finished points, except for FedKD) are allowed.
+    The comparison is ``experiment.config_conflicts``'s: keys a run may change
+    when it resumes (a larger ``rounds`` extends the finished points, except
+    for FedKD) are allowed, and a key missing from an older ``config.json``
+    counts as its default.
     """
-    path = point.workdir / "config.json"
-    if not path.is_file():
-        return
-    try:
-        existing = json.loads(path.read_text())
-        if not isinstance(existing, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, ValueError) as e:
-        raise _config_error(f"{path}: unreadable ({e}); remove that run directory") from None
     from fedjax_kd import experiment
 
-    old = flatten(existing)
-    allowed = set(experiment.RESUMABLE_KEYS)
-    if config.get("algorithm.name") in experiment.ROUNDS_DEPENDENT:
-        allowed.discard("rounds")
-    diffs = [k for k, v in config.items() if k not in allowed and old.get(k, defaults.get(k)) != v]
+    try:
+        diffs = experiment.config_conflicts(point.workdir, config)
+    except ValueError as e:
+        path = point.workdir / "config.json"
+        raise _config_error(f"{path}: unreadable ({e}); remove that run directory") from None
     if diffs:
-        shown = ", ".join(
-            f"{k} {old.get(k, defaults.get(k))!r} -> {config[k]!r}" for k in diffs[:3]
-        )
         raise _config_error(
-            f"{point.workdir} holds a run of another config ({shown}); "
+            f"{point.workdir} holds a run of another config ({', '.join(diffs[:3])}); "
             "use another --workdir or remove that directory"
         )
 
@@ -391,11 +377,10 @@ def run(args: argparse.Namespace) -> int:
             seeds = [int(experiment.resolve(base, base_overrides).seed)]
         points = make_points(grid_points, seeds, args.workdir)
         configs = []
-        defaults = flatten(experiment.resolve().to_dict())
         for p in points:
             overrides = [*base_overrides, *p.overrides, ("seed", str(p.seed))]
             config = experiment.resolve(base, overrides)
-            _check_existing(p, flatten(json.loads(json.dumps(config.to_dict()))), defaults)
+            _check_existing(p, config)
             configs.append(config)
         root = Path(args.workdir)
         try:
