@@ -53,6 +53,37 @@ class ConfigError(ValueError):
     """A user mistake in a config, an override or a config file (one-line message)."""
 
 
+def load_config_module(path: str | os.PathLike):
+    """Executes the config file ``PATH`` or ``PATH:VARIANT``; returns ``(module, file, variant)``.
+
+    The text is split at its last ``:`` only when it is not itself a file and
+    the part before the ``:`` is one (``variant`` is None otherwise).
+
+    Raises:
+      ConfigError: missing file, an empty variant, or any exception raised
+        while executing the file (as one line).
+    """
+    text = os.fspath(path)
+    file, variant = Path(text), None
+    if not file.is_file() and ":" in text:
+        head, tail = text.rsplit(":", 1)
+        if Path(head).is_file():
+            file, variant = Path(head), tail
+    if not file.is_file():
+        raise ConfigError(f"config file not found: {file}")
+    if variant == "":
+        raise ConfigError(f"config file {file}: empty variant after ':'")
+    spec = importlib.util.spec_from_file_location(f"_fedjax_kd_config_{file.stem}", file)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"cannot load config file {file}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # a user's file can fail in any way; report it in one line
+        raise ConfigError(f"config file {file} failed: {type(e).__name__}: {e}") from e
+    return module, file, variant
+
+
 def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
     """Loads the config of the Python file ``PATH`` or ``PATH:VARIANT``.
 
@@ -69,22 +100,8 @@ def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
     """
     import inspect
 
-    text = os.fspath(path)
-    path, variant = Path(text), None
-    if not path.is_file() and ":" in text:
-        head, tail = text.rsplit(":", 1)
-        if Path(head).is_file():
-            path, variant = Path(head), tail
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    if variant == "":
-        raise ConfigError(f"config file {path}: empty variant after ':'")
-    spec = importlib.util.spec_from_file_location(f"_fedjax_kd_config_{path.stem}", path)
-    if spec is None or spec.loader is None:
-        raise ConfigError(f"cannot load config file {path}: not a Python file")
-    module = importlib.util.module_from_spec(spec)
+    module, path, variant = load_config_module(path)
     try:
-        spec.loader.exec_module(module)
         if not hasattr(module, "get_config"):
             raise ConfigError(f"config file {path} defines no get_config()")
         try:

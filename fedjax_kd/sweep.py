@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import inspect
 import itertools
 import json
@@ -201,16 +200,6 @@ def make_points(
     return points
 
 
-def _split_variant(path: str | os.PathLike) -> tuple[Path, str | None]:
-    """``PATH:VARIANT`` -> ``(PATH, VARIANT)`` when PATH is a file (as load_config_file)."""
-    text = os.fspath(path)
-    if not Path(text).is_file() and ":" in text:
-        head, variant = text.rsplit(":", 1)
-        if Path(head).is_file():
-            return Path(head), variant
-    return Path(text), None
-
-
 def _check_seeds(seeds, where: str) -> list[int]:
     if isinstance(seeds, str | bytes) or not isinstance(seeds, Sequence) or not seeds:
         raise _config_error(f"{where}: seeds must be a non-empty list of integers, got {seeds!r}")
@@ -235,17 +224,10 @@ def load_sweep_file(path: str | os.PathLike) -> dict | None:
     Raises:
       ConfigError: missing file, a failing ``get_sweep``, or a malformed result.
     """
-    from fedjax_kd.experiment import ConfigError
+    from fedjax_kd.experiment import ConfigError, load_config_module
 
-    file, variant = _split_variant(path)
-    if not file.is_file():
-        raise _config_error(f"config file not found: {file}")
-    spec = importlib.util.spec_from_file_location(f"_fedjax_kd_sweep_{file.stem}", file)
-    if spec is None or spec.loader is None:
-        raise _config_error(f"cannot load config file {file}: not a Python file")
-    module = importlib.util.module_from_spec(spec)
+    module, file, variant = load_config_module(path)
     try:
-        spec.loader.exec_module(module)
         get_sweep = getattr(module, "get_sweep", None)
         if get_sweep is None:
             return None
