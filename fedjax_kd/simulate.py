@@ -282,11 +282,12 @@ def run(
     server_data = {}
     if dataset.proxy_x is not None:
         server_data["proxy_x"] = jnp.asarray(dataset.proxy_x)
-    state = jax.jit(algorithm.init)(init_key)
     first = 0
-    if resume is not None:
+    if resume is None:
+        state = jax.jit(algorithm.init)(init_key)
+    else:  # the restored state replaces init's: only init's structure is needed
         first = resume.round
-        fresh = jax.tree.structure(state)
+        fresh = jax.tree.structure(jax.eval_shape(algorithm.init, init_key))
         state = jax.tree.map(jnp.asarray, resume.state)
         if jax.tree.structure(state) != fresh:
             raise ValueError("resume.state does not have the structure of algorithm.init's state")
