@@ -164,10 +164,9 @@ def from_client_update(
             )
             terms = aggregate.fedavg_contribution(out, uniform=uniform_weighting)
             if "active" in inputs:
+                # With count 0 the delta is exactly 0; only a uniform weight (1)
+                # would still count a dropped client in the denominator.
                 terms["weight"] = jnp.where(inputs["active"], terms["weight"], 0.0)
-                terms["weighted_delta"] = jax.tree.map(
-                    lambda d: jnp.where(inputs["active"], d, 0.0), terms["weighted_delta"]
-                )
             return terms
 
         sums = aggregate.sum_over_clients(contribution, cohort, per_client)
