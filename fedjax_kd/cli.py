@@ -175,14 +175,10 @@ def _main(argv: list[str] | None = None) -> int:
     if args.command == "sweep":
         args.overrides = overrides
         return sweep.run(args)
-    if args.command == "report":
+    if args.command in ("report", "bench"):
         if overrides:
-            return _fail("report takes no --config.KEY overrides")
-        return report.run(args)
-    if args.command == "bench":
-        if overrides:
-            return _fail("bench takes no --config.KEY overrides")
-        return bench.run(args)
+            return _fail(f"{args.command} takes no --config.KEY overrides")
+        return (report if args.command == "report" else bench).run(args)
 
     if args.coordinator or args.num_processes or args.process_id is not None:
         if not (args.coordinator and args.num_processes and args.process_id is not None):
