@@ -2,12 +2,13 @@
 
 Usage::
 
-    fedjax-kd run [--config PATH] [--config.KEY=VALUE ...] [--workdir DIR]
+    fedjax-kd run [--config PATH[:VARIANT]] [--config.KEY=VALUE ...] [--workdir DIR]
                   [--overwrite | --resume] [--no-progress]
     fedjax-kd bench --clients 10,100,1000,10000 --json PATH   (see fedjax_kd/bench.py)
     fedjax-kd sweep --config PATH[:VARIANT] --workdir DIR [--grid KEY=V1,V2]... [--seeds 0,1,2]
                     [--config.KEY=VALUE ...] [--no-progress]   (see fedjax_kd/sweep.py)
-    fedjax-kd report DIR... --out OUTDIR [--metric test_accuracy]   (see fedjax_kd/report.py)
+    fedjax-kd report DIR... --out OUTDIR [--metric test_accuracy] [--target T]
+                     (see fedjax_kd/report.py)
 
 ``--config`` takes ``PATH:VARIANT`` too: ``get_config("VARIANT")`` of the file.
 
@@ -28,7 +29,7 @@ import os
 import sys
 
 USAGE = (
-    "fedjax-kd run [--config PATH] [--config.KEY=VALUE ...] [--workdir DIR] "
+    "fedjax-kd run [--config PATH[:VARIANT]] [--config.KEY=VALUE ...] [--workdir DIR] "
     "[--overwrite | --resume] [--no-progress] "
     "[--coordinator HOST:PORT --num-processes N --process-id I]"
 )
