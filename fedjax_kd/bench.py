@@ -62,8 +62,17 @@ then timed in rotation -- every (algorithm, method) of that K, and the
 teacher-forward diagnostic, once per repetition, in the same order -- so that
 slow phases of a shared machine hit all methods alike. Each method carries
 its own state from round to round (its rounds really train).
-``s_per_round`` is the MEDIAN over ``--reps`` timed rounds
-(each ending in ``block_until_ready``); ``examples_per_s = epochs * K * n /
+In each repetition a method runs a BURST of ``B`` consecutive rounds (each
+ending in ``block_until_ready``), as rounds follow one another in a real
+simulation; the repetition's time is the burst's time divided by ``B``.
+``B`` is the same for every method of one K: ``--burst B``, or by default
+``ceil(0.02 s / fastest warm-up round)`` clipped to ``[1, 10]`` (10 rounds at
+K=10, 1 round from about K=1000 on; rows record ``burst``). With ``B = 1``
+each round runs right after the other methods' rounds, with the caches and
+thread pool they left behind; that cold start is a cost a run of consecutive
+rounds does not pay, and it weighs most on the fastest (smallest) rounds.
+``s_per_round`` is the MEDIAN over ``--reps`` repetitions
+(``s_per_round_all`` lists them); ``examples_per_s = epochs * K * n /
 s_per_round``. ``peak_rss_mb`` is the process's ``ru_maxrss`` after that
 method's last timed round: it is a high-water mark, monotone over the whole
 process (it never goes down from one K to the next) and, since methods are
@@ -82,15 +91,19 @@ Reading the ratios
   sequential, while vmap runs the K clients' steps as batched matmuls.
 * ``vmap/loop``: the speed-up of one compiled vmapped round over per-client
   dispatch of the same compiled client update.
-* KD overhead: ``teacher_student`` round time minus ``fedavg`` round time, next
-  to the prediction from matmul FLOPs: ``fedavg_s * F_teacher / (3 * epochs *
-  F_student)``, with forward FLOPs ``F = sum_layers 2 * in * out`` per example
-  and a training step counted as 3 forward passes. The teacher runs once per
-  example per round (its logits are computed once, not once per step). The
-  prediction assumes the student's small matmuls and the teacher's large ones
-  run at the same FLOP rate; ``teacher_fwd_s`` is the teacher's forward pass
-  on the cohort timed alone in the same rotation (JSON ``teacher_forward_s``),
-  the measured cost of "one teacher forward per example".
+* KD overhead: ``teacher_student`` round time minus ``fedavg`` round time
+  (``extra_s``), next to two predictions from the teacher's forward FLOPs
+  ``F_teacher * K * n`` per round (forward FLOPs ``F = sum_layers 2 * in *
+  out`` per example; the teacher runs once per example per round: its logits
+  are computed once, not once per step). They differ in the FLOP rate
+  assumed. ``pred@student = fedavg_s * F_teacher / (3 * epochs *
+  F_student)`` (a training step counted as 3 forward passes) assumes the
+  teacher's wide matmuls run at the FLOP rate of the student's narrow
+  training steps. ``pred@teacher = F_teacher * K * n / R_teacher`` uses the
+  rate ``R_teacher`` that the teacher's forward pass on the cohort reaches
+  when timed alone in the same rotation (so it equals that time,
+  ``teacher_fwd_s``, JSON ``teacher_forward_s``); had the teacher run once per
+  local step, ``extra_s`` would be ``epochs`` times larger than it.
 
 Knobs (issue item 6): ``--dtype f32,bf16`` runs every method with the models'
 params and inputs cast to bfloat16 inside ``apply`` (f32 master params,
@@ -141,12 +154,14 @@ DEFAULT_CLIENTS = (10, 100, 1000, 10000)
 NUM_FEATURES = 60
 NUM_CLASSES = 10
 PROBE_CLIENTS = 32
+AUTO_BURST_S = 0.02  # default burst: at least this long for the fastest method
+MAX_AUTO_BURST = 10
 USAGE = (
     "fedjax-kd bench [--clients 10,100,1000,10000] [--json PATH] "
     "[--algorithms fedavg,teacher_student] [--reps 5] [--examples-per-client 64] "
     "[--max-loop-seconds S] [--batch-size 32] [--epochs 1] [--lr 0.05] "
     "[--student mlp-64] [--teacher mlp-256-256] [--dtype f32[,bf16]] [--donate] "
-    "[--chunk-size C] [--compare-chunk C] [--seed 0]"
+    "[--chunk-size C] [--compare-chunk C] [--burst B] [--seed 0]"
 )
 
 
@@ -172,6 +187,7 @@ class BenchConfig:
     donate: bool = False
     chunk_size: int | None = None
     compare_chunk: int | None = None
+    burst: int | None = None
     seed: int = 0
 
     def validate(self) -> None:
@@ -202,6 +218,8 @@ class BenchConfig:
             raise BenchError(f"--lr must be a finite number > 0, got {self.lr}")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise BenchError(f"--chunk-size must be >= 1, got {self.chunk_size}")
+        if self.burst is not None and self.burst < 1:
+            raise BenchError(f"--burst must be >= 1, got {self.burst}")
         if self.compare_chunk is not None and self.compare_chunk < 1:
             raise BenchError(f"--compare-chunk must be >= 1, got {self.compare_chunk}")
         if self.max_loop_seconds is not None and not self.max_loop_seconds > 0:
@@ -554,11 +572,11 @@ def run_benchmark(config: BenchConfig, *, log: Callable[[str], None] | None = No
     root = jax.random.key(config.seed)
     for num_clients in config.clients:
         cohort = jax.tree.map(jnp.asarray, make_cohort(num_clients, n, config.seed))
-        round_keys = [jax.random.fold_in(root, r + 1) for r in range(config.reps + 1)]
+        warm_key = jax.random.fold_in(root, 1)
         entries: list[_Entry] = []
         for algorithm in config.algorithms:
             for dtype in config.dtypes:
-                methods = build_methods(algorithm, config, cohort, round_keys[0], dtype=dtype)
+                methods = build_methods(algorithm, config, cohort, warm_key, dtype=dtype)
                 entries.extend(_Entry(algorithm, dtype, m, m.state) for m in methods)
                 log(
                     f"K={num_clients} {algorithm} {dtype}: compiled "
@@ -568,15 +586,21 @@ def run_benchmark(config: BenchConfig, *, log: Callable[[str], None] | None = No
                         for m in methods
                     )
                 )
-        _warm_up(entries, round_keys[0], config, num_clients, log)
+        _warm_up(entries, warm_key, config, num_clients, log)
+        burst = config.burst or _auto_burst(entries)
+        _skip_slow_loops(entries, config, burst, num_clients, log)
+        # Round r of the timed chain uses key fold_in(root, r + 2) in every method.
+        round_keys = [jax.random.fold_in(root, r + 2) for r in range(config.reps * burst)]
         for rep in range(config.reps):
             for e in entries:
                 if e.skipped:
                     continue
                 start = time.perf_counter()
-                e.state, metrics = e.method.run(e.state, round_keys[rep + 1])
-                jax.block_until_ready((e.state, metrics))
-                e.times.append(time.perf_counter() - start)
+                for b in range(burst):
+                    e.state, metrics = e.method.run(e.state, round_keys[rep * burst + b])
+                    jax.block_until_ready((e.state, metrics))
+                e.times.append((time.perf_counter() - start) / burst)
+                e.extra["burst"] = burst
                 if rep == config.reps - 1:
                     e.rss = _peak_rss_mb()
         forward_s = {
@@ -602,6 +626,32 @@ def run_benchmark(config: BenchConfig, *, log: Callable[[str], None] | None = No
     return rows
 
 
+def _auto_burst(entries) -> int:
+    """Rounds per burst: ``ceil(AUTO_BURST_S / fastest warm-up round)`` in ``[1, 10]``."""
+    times = [e.extra["first_round_s"] for e in entries if "first_round_s" in e.extra]
+    fastest = max(min(times, default=AUTO_BURST_S), 1e-6)
+    return int(min(MAX_AUTO_BURST, max(1, math.ceil(AUTO_BURST_S / fastest))))
+
+
+def _loop_skip_note(estimate: float, rounds: int, probe: int, limit: float) -> str:
+    return (
+        f"skipped: the loop's {rounds} rounds would take about {estimate * rounds:.0f} s "
+        f"(estimated from {probe} clients) > --max-loop-seconds {limit:g}"
+    )
+
+
+def _skip_slow_loops(entries, config, burst, num_clients, log) -> None:
+    """Applies --max-loop-seconds once the burst is known (warm-up + reps * burst rounds)."""
+    rounds = config.reps * burst + 1
+    for e in entries:
+        estimate = e.extra.get("loop_estimate_s")
+        if e.skipped or estimate is None or estimate * rounds <= config.max_loop_seconds:
+            continue
+        probe = min(num_clients, PROBE_CLIENTS)
+        e.skipped = _loop_skip_note(estimate, rounds, probe, config.max_loop_seconds)
+        log(f"K={num_clients} {e.algorithm} loop {e.skipped}")
+
+
 def _warm_up(entries, key, config, num_clients, log) -> None:
     """First round of every method; checks loop == vmap; applies --max-loop-seconds."""
     vmap_out = {}
@@ -614,12 +664,9 @@ def _warm_up(entries, key, config, num_clients, log) -> None:
             jax.block_until_ready(m.probe(e.state, key, probe))
             estimate = (time.perf_counter() - start) * num_clients / probe
             e.extra["loop_estimate_s"] = round(estimate, 4)
-            if estimate * (config.reps + 1) > config.max_loop_seconds:
-                e.skipped = (
-                    f"skipped: the loop's {config.reps + 1} rounds would take about "
-                    f"{estimate * (config.reps + 1):.0f} s (estimated from {probe} clients) "
-                    f"> --max-loop-seconds {config.max_loop_seconds:g}"
-                )
+            rounds = config.reps * (config.burst or 1) + 1
+            if estimate * rounds > config.max_loop_seconds:
+                e.skipped = _loop_skip_note(estimate, rounds, probe, config.max_loop_seconds)
                 log(f"K={num_clients} {e.algorithm} loop {e.skipped}")
                 continue
         start = time.perf_counter()
@@ -777,11 +824,12 @@ def format_table(rows: Sequence[dict]) -> str:
             student_train = fa["flops_per_round"]
             teacher_fwd = ts["flops_per_round"] - student_train
             extra = ts["s_per_round"] - fa["s_per_round"]
-            predicted = fa["s_per_round"] * teacher_fwd / student_train
+            at_student = fa["s_per_round"] * teacher_fwd / student_train
+            at_teacher = ts.get("teacher_forward_s")
             kd_lines.append(
                 f"{dtype:<6}{k:>7}  {method:<9}{fa['s_per_round']:>11.4f}{ts['s_per_round']:>11.4f}"
-                f"{extra:>11.4f}{predicted:>13.4f}{extra / predicted:>11.2f}"
-                f"{_fmt(ts.get('teacher_forward_s'), '15.4f')}"
+                f"{extra:>11.4f}{at_student:>14.4f}{extra / at_student:>9.2f}"
+                f"{_fmt(at_teacher, '14.4f')}{_fmt(ratio(extra, at_teacher), '9.2f')}"
             )
     if kd_lines:
         ts_row = next(r for r in rows if r["algorithm"] == "teacher_student")
@@ -789,12 +837,16 @@ def format_table(rows: Sequence[dict]) -> str:
         f_train = 3 * ts_row["epochs"] * ts_row["student_forward_flops"]
         lines += [
             "",
-            "KD overhead: teacher_student round - fedavg round (frozen teacher, server "
-            "distillation off); predicted = fedavg_s * teacher forward FLOPs / student "
-            f"training FLOPs = fedavg_s * {f_teacher:,} / {f_train:,} = fedavg_s * "
-            f"{f_teacher / f_train:.2f} (per example)",
+            "KD overhead: extra_s = teacher_student round - fedavg round (frozen teacher, "
+            "server distillation off), predicted from the teacher's forward FLOPs "
+            "(once per example per round) at two FLOP rates:",
+            "  pred@student = fedavg_s * teacher forward FLOPs / student training FLOPs = "
+            f"fedavg_s * {f_teacher:,} / {f_train:,} = fedavg_s * {f_teacher / f_train:.2f} "
+            "(the student training step's FLOP rate)",
+            "  pred@teacher = teacher forward FLOPs / the FLOP rate of the teacher's forward "
+            "on the cohort timed alone (= its time)",
             f"{'dtype':<6}{'K':>7}  {'method':<9}{'fedavg_s':>11}{'kd_s':>11}{'extra_s':>11}"
-            f"{'predicted_s':>13}{'meas/pred':>11}{'teacher_fwd_s':>15}",
+            f"{'pred@student':>14}{'ratio':>9}{'pred@teacher':>14}{'ratio':>9}",
             *kd_lines,
         ]
     return "\n".join(lines)
@@ -912,6 +964,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="add a vmap row chunked by this many clients beside the main one (same rotation)",
     )
+    parser.add_argument(
+        "--burst",
+        type=_number(int, minimum=1, strict=False),
+        default=None,
+        help="consecutive rounds per method and repetition (default: auto, 1 to 10)",
+    )
     parser.add_argument("--seed", type=_number(int, minimum=0, strict=False), default=d.seed)
 
 
@@ -937,6 +995,7 @@ def run(args: argparse.Namespace) -> int:
         donate=args.donate,
         chunk_size=args.chunk_size,
         compare_chunk=args.compare_chunk,
+        burst=args.burst,
         seed=args.seed,
     )
     try:

@@ -25,7 +25,7 @@ def tiny_rows(tmp_path_factory):
     """
     path = tmp_path_factory.mktemp("bench") / "rows.json"
     argv = ["--clients", "2,4", "--reps", "2", "--examples-per-client", "32"]
-    argv += ["--batch-size", "16", "--chunk-size", "3", "--json", str(path)]
+    argv += ["--batch-size", "16", "--chunk-size", "3", "--burst", "2", "--json", str(path)]
     assert bench.main(argv) == 0
     return json.loads(path.read_text())
 
@@ -39,7 +39,7 @@ def test_rows_cover_every_algorithm_k_and_method_with_positive_numbers(tiny_rows
             assert key in r, key
         for key in ("examples_per_s", "s_per_round", "compile_s", "peak_rss_mb"):
             assert r[key] > 0 and math.isfinite(r[key]), (key, r)
-        assert r["reps"] == 2 and len(r["s_per_round_all"]) == 2
+        assert r["reps"] == 2 and len(r["s_per_round_all"]) == 2 and r["burst"] == 2
         assert r["s_per_round"] == pytest.approx(statistics.median(r["s_per_round_all"]), abs=1e-6)
         assert r["examples_per_s"] == pytest.approx(r["examples_per_round"] / r["s_per_round"])
         assert "skipped" not in r
@@ -58,7 +58,70 @@ def test_every_method_does_the_same_work(tiny_rows):
 def test_table_has_ratios_and_kd_overhead(tiny_rows):
     table = bench.format_table(tiny_rows)
     assert "vmap/central" in table and "vmap/loop" in table
-    assert "KD overhead" in table and "meas/pred" in table
+    assert "KD overhead" in table and "pred@student" in table and "pred@teacher" in table
+
+
+def test_kd_overhead_columns_hand_computed():
+    """extra = kd - fedavg; pred@student = fedavg_s * F_t / F_train; pred@teacher = fwd time."""
+
+    def row(algorithm, s, flops, **extra):
+        return {
+            "algorithm": algorithm,
+            "dtype": "f32",
+            "clients": 10,
+            "method": "vmap",
+            "donate": False,
+            "examples_per_s": 640 / s,
+            "s_per_round": s,
+            "compile_s": 1.0,
+            "peak_rss_mb": 1.0,
+            "flops_per_round": flops,
+            "epochs": 1,
+            "student_forward_flops": 100,
+            "teacher_forward_flops": 400,
+            **extra,
+        }
+
+    # Per example: student training 3 * 100 = 300 FLOPs, teacher forward 400.
+    rows = [
+        row("fedavg", 0.002, 640 * 300),
+        row("teacher_student", 0.005, 640 * 700, teacher_forward_s=0.0025),
+    ]
+    lines = bench.format_table(rows).splitlines()
+    kd = lines[next(i for i, line in enumerate(lines) if "pred@teacher" in line) + 1 :]
+    kd_row = next(line for line in kd if line.split()[:3] == ["f32", "10", "vmap"])
+    # extra 0.003; pred@student 0.002 * 400/300 = 0.00267 (ratio 1.125);
+    # pred@teacher 0.0025 (ratio 1.2).
+    assert kd_row.split()[3:] == ["0.0020", "0.0050", "0.0030", "0.0027", "1.12", "0.0025", "1.20"]
+
+
+def test_auto_burst_hand_computed():
+    """ceil(0.02 s / fastest warm-up round), clipped to [1, 10]; equal for all methods."""
+
+    def entries(*first_round_s):
+        out = []
+        for t in first_round_s:
+            e = bench._Entry("fedavg", "f32", bench.Method("vmap", None, 0.0, None), None)
+            e.extra["first_round_s"] = t
+            out.append(e)
+        return out
+
+    assert bench._auto_burst(entries(0.0001, 0.5)) == 10  # capped
+    assert bench._auto_burst(entries(0.009, 0.003)) == 7  # ceil(0.02 / 0.003)
+    assert bench._auto_burst(entries(0.05, 0.3)) == 1
+    assert bench._auto_burst(entries(0.02)) == 1
+
+
+def test_loop_skip_counts_every_round_of_the_bursts():
+    """A loop within budget for reps + 1 rounds is skipped once bursts multiply them."""
+    config = bench.BenchConfig(clients=(100,), reps=4, max_loop_seconds=1.0)
+    loop = bench.Method("loop", None, 0.1, state=None)
+    entry = bench._Entry("fedavg", "f32", loop, None)
+    entry.extra["loop_estimate_s"] = 0.1  # 5 rounds: 0.5 s; 4 * 3 + 1 = 13 rounds: 1.3 s
+    bench._skip_slow_loops([entry], config, 1, 100, log=lambda msg: None)
+    assert entry.skipped is None
+    bench._skip_slow_loops([entry], config, 3, 100, log=lambda msg: None)
+    assert entry.skipped and "13 rounds" in entry.skipped
 
 
 def test_loop_round_equals_the_vmapped_round():
@@ -135,6 +198,7 @@ BAD_ARGS = [
     (["--dtype", "fp8"], "argument --dtype"),
     (["--chunk-size", "0"], "argument --chunk-size"),
     (["--compare-chunk", "0"], "argument --compare-chunk"),
+    (["--burst", "0"], "argument --burst"),
     (["--json", "/nonexistent/dir/rows.json"], "does not exist"),
     (["--bogus"], "unrecognized arguments"),
 ]
