@@ -166,7 +166,7 @@ def sum_over_clients(fn, cohort, keys: jax.Array) -> PyTree:
     return jax.lax.scan(body, init, shaped)[0]
 
 
-def scan_over_chunks(fn, cohort, inputs: PyTree, carry: PyTree):
+def scan_over_chunks(fn, cohort, inputs: PyTree, carry: PyTree, *, scan_one: bool = True):
     """Runs ``fn`` over a cohort's chunks in order, threading ``carry`` through them.
 
     For rounds that update per-client state (FedKD's private mentors) as well
@@ -185,6 +185,10 @@ def scan_over_chunks(fn, cohort, inputs: PyTree, carry: PyTree):
       cohort: a :class:`fedjax_kd.data.Cohort` or a gathered ``ClientData``.
       inputs: pytree of per-client arrays with leading axis ``K`` (keys, ...).
       carry: the initial carry.
+      scan_one: with False, a cohort that fits in one chunk (no
+        ``chunk_size``, or one ``>= K``) runs ``fn`` once, without a
+        ``lax.scan``: an unchunked round is then the same straight-line
+        program as one written for the whole cohort.
 
     Returns:
       ``(carry, sums over all chunks, per_client [K, ...])``.
@@ -201,6 +205,9 @@ def scan_over_chunks(fn, cohort, inputs: PyTree, carry: PyTree):
         carry, sums, per_client = fn(carry, data, inputs_c, valid_c)
         return carry, (sums, per_client)
 
+    if num_chunks == 1 and not scan_one:
+        carry, (sums, per_client) = step(carry, (rows, valid, padded))
+        return carry, sums, jax.tree.map(lambda a: a[:k], per_client)
     xs = (
         rows.reshape(num_chunks, chunk),
         valid.reshape(num_chunks, chunk),

@@ -38,10 +38,10 @@ def to_ragged(dataset: FederatedDataset) -> FederatedDataset:
     )
 
 
-def run(algo, dataset, **kwargs):
+def run(algo, dataset, clients_per_round=7, **kwargs):
     return simulate.run(
-        algo, dataset, rounds=3, clients_per_round=7, eval_every=3, seed=0, progress=False,
-        **kwargs,
+        algo, dataset, rounds=3, clients_per_round=clients_per_round, eval_every=3, seed=0,
+        progress=False, **kwargs,
     )  # fmt: skip
 
 
@@ -104,6 +104,47 @@ def test_chunked_equals_unchunked(digits_proxy, name):
     for a, b in zip(whole.history, chunked.history, strict=True):
         np.testing.assert_allclose(a["train_loss"], b["train_loss"], rtol=1e-5)
         assert a["uplink_bytes"] == b["uplink_bytes"]
+
+
+PERSONAL = dict(client_optimizer=optax.sgd(0.1), epochs=1, batch_size=8)
+
+
+@pytest.mark.parametrize(
+    "name, groups",
+    [("fedmd", 2), ("dsfl", 1), ("dsfl_first", 2), ("fd", 2)],
+)
+def test_personal_chunked_equals_unchunked(digits_proxy, name, groups):
+    """FedMD, DS-FL, FD in chunks (FedMD, DS-FL: uploads, then training) == the whole cohort.
+
+    One group: 7 clients in chunks 3 + 3 + 1(+2 dummies). Two groups (mlp-8,
+    mlp-16): 8 clients, 4 per group, in chunks 3 + 1(+2 dummies) per group.
+    Dummies repeat a real client: they must not count in the consensus nor
+    write to its store row (FedMD's and DS-FL's dummies digest / distil the
+    public set, so the store comparison fails if they write).
+    """
+    ms = [models.create(f"mlp-{w}", feature_shape=(64,), num_classes=10) for w in (8, 16)]
+    ms = ms[:groups]
+    n = digits_proxy.num_clients
+    public = dict(public_size=40, num_clients=n, **PERSONAL)
+    algo = {
+        "fedmd": lambda: algorithms.fed_md(ms, digest_batch_size=16, **public),
+        "dsfl": lambda: algorithms.ds_fl(ms, distill_batch_size=16, **public),
+        "dsfl_first": lambda: algorithms.ds_fl(
+            ms, distill_batch_size=16, distill_first=True, server_model=ms[0], **public
+        ),
+        "fd": lambda: algorithms.fd(ms, num_clients=n, num_classes=10, **PERSONAL),
+    }[name]()
+    k = 7 if groups == 1 else 8
+    whole = run(algo, digits_proxy, clients_per_round=k)
+    chunked = run(algo, digits_proxy, clients_per_round=k, client_chunk_size=3)
+    chex.assert_trees_all_close(whole.state, chunked.state, rtol=1e-5, atol=1e-6)
+    for a, b in zip(whole.history, chunked.history, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            if key.endswith("bytes"):
+                assert a[key] == b[key], key
+            elif key.endswith(("loss", "accuracy", "entropy")):
+                np.testing.assert_allclose(a[key], b[key], rtol=1e-5, err_msg=key)
 
 
 def test_cap_bounds_local_work_and_keeps_small_clients_exact(digits_small):

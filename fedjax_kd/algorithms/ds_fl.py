@@ -59,6 +59,13 @@ and the aggregated soft labels (float32 ``[P, C]``); up its soft labels
 subset (``public_forward_examples``) and ``K * P * distill_epochs`` training
 examples of distillation (``distill_examples``), plus ``P * distill_epochs``
 on the server with a server model (``server_distill_examples``).
+
+Memory: a round is two passes over the cohort, ``client_chunk_size`` clients
+of one group at a time (:func:`~fedjax_kd.algorithms.personal.cohort_pass`):
+the first runs the update and sums the soft labels (steps 1-2; with
+``distill_first`` only the soft labels), the second distils and writes each
+chunk's models back to their store (step 4; then the update), so memory grows
+with the chunk, not with ``K``.
 """
 
 from __future__ import annotations
@@ -70,26 +77,28 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_kd import aggregate, cohort, losses
+from fedjax_kd import aggregate, losses
 from fedjax_kd.algorithms.personal import (
     PHASE_A,
     PHASE_B,
     SERVER,
     SUBSET,
+    cohort_pass,
     group_rows,
     group_sampler,
     init_personal_stores,
     make_private_train,
     make_shared_target_train,
+    outputs,
     per_client_bytes,
     personal_eval_models,
     public_subset,
     require,
-    stacked_outputs,
     target_loss,
+    upload_mean,
+    upload_sums,
 )
 from fedjax_kd.client import local_train
-from fedjax_kd.data.federated import as_client_data
 from fedjax_kd.types import FederatedAlgorithm, Params
 
 AGGREGATIONS = ("era", "mean")
@@ -135,8 +144,12 @@ def aggregate_soft_labels(
     Returns:
       ``[P, C]`` targets.
     """
-    w = weights.astype(probs.dtype)
-    mean = jnp.tensordot(w, probs, axes=1) / jnp.maximum(jnp.sum(w), 1e-12)
+    mean = upload_mean(upload_sums(probs, weights))
+    return targets_from_mean(mean, aggregation=aggregation, temperature=temperature)
+
+
+def targets_from_mean(mean: jax.Array, *, aggregation: str, temperature: float) -> jax.Array:
+    """The targets of :func:`aggregate_soft_labels` from the clients' mean soft labels."""
     if aggregation == "era":
         return losses.entropy_reduction(mean, temperature)
     return mean
@@ -227,43 +240,41 @@ def ds_fl(
         )
 
     def round_fn(state: DSFLState, cohort_data, key: jax.Array, server_data=None):
-        cohort_data = as_client_data(cohort_data)  # no chunking: the whole cohort at once
         ids = require(server_data, "cohort_ids", "ds_fl")
         proxy_x = require(server_data, "proxy_x", "ds_fl")
         k = ids.shape[0]
         groups = group_rows(ids, num_groups)
-        params = [cohort.gather(s, rows) for s, (_, rows) in zip(state.stores, groups, strict=True)]
-        train_keys = jax.random.split(jax.random.fold_in(key, PHASE_A), k)
-        distill_keys = jax.random.split(jax.random.fold_in(key, PHASE_B), k)
-
-        def update(params):
-            """The private update of every group: ``(params, train losses [K])``."""
-            out, loss = [], []
-            for g, (rows_k, _) in enumerate(groups):
-                p, m = private[g](
-                    params[g],
-                    cohort_data.x[rows_k],
-                    cohort_data.y[rows_k],
-                    cohort_data.count[rows_k],
-                    train_keys[rows_k],
-                )
-                out.append(p)
-                loss.append(m["train_loss"])
-            return out, jnp.concatenate(loss)
-
-        if not distill_first:
-            params, train_loss = update(params)
         idx, x_pub = public_subset(jax.random.fold_in(key, SUBSET), proxy_x, public_size)
-        probs = jax.nn.softmax(stacked_outputs(models, params, x_pub), axis=-1)  # uploads
-        targets = aggregate_soft_labels(
-            probs, cohort_data.count > 0, aggregation=aggregation, temperature=era_temperature
-        )
-        distill_loss = []
-        for g, (rows_k, _) in enumerate(groups):
-            params[g], m = distil[g](params[g], x_pub, targets, distill_keys[rows_k])
-            distill_loss.append(m["train_loss"])
-        if distill_first:
-            params, train_loss = update(params)
+        keys = {
+            "train": jax.random.split(jax.random.fold_in(key, PHASE_A), k),
+            "distill": jax.random.split(jax.random.fold_in(key, PHASE_B), k),
+        }
+
+        def update(g, params, clients, inputs):
+            """The private update of a chunk: ``(params, {"train_loss": [c]})``."""
+            p, m = private[g](params, clients.x, clients.y, clients.count, inputs["train"])
+            return p, {"train_loss": m["train_loss"]}
+
+        def predict(g, params, clients, inputs):  # pass 1: (update,) prediction (uploads)
+            out = {}
+            if not distill_first:
+                params, out = update(g, params, clients, inputs)
+            probs = jax.nn.softmax(outputs(models[g], params, x_pub), axis=-1)
+            return (None if distill_first else params), out, probs
+
+        stores, first, mean = cohort_pass(predict, cohort_data, groups, state.stores, keys)
+        targets = targets_from_mean(mean, aggregation=aggregation, temperature=era_temperature)
+
+        def distillation(g, params, clients, inputs):  # pass 2: distillation (, update)
+            params, m = distil[g](params, x_pub, targets, inputs["distill"])
+            out = {"distill_loss": m["train_loss"]}
+            if distill_first:
+                params, trained = update(g, params, clients, inputs)
+                out |= trained
+            return params, out, None
+
+        stores, second, _ = cohort_pass(distillation, cohort_data, groups, stores, keys)
+        train_loss = (second if distill_first else first)["train_loss"]
 
         server = state.server
         extra = {}
@@ -283,19 +294,15 @@ def ds_fl(
                 "server_distill_examples": jnp.asarray(public_size * distill_epochs, jnp.int32),
             }
 
-        stores = tuple(
-            cohort.scatter(s, rows, p)
-            for s, (_, rows), p in zip(state.stores, groups, params, strict=True)
-        )
-        finite = [aggregate.tree_all_finite(p) for p in params]
-        finite.append(jnp.all(jnp.isfinite(targets)))
+        finite = [jnp.all(second["finite"]), jnp.all(jnp.isfinite(targets))]
         if server is not None:
             finite.append(aggregate.tree_all_finite(server))
         metrics = {
-            "train_loss": aggregate.weighted_mean(train_loss, cohort_data.count),
-            "distill_loss": jnp.mean(jnp.concatenate(distill_loss)),
+            "train_loss": aggregate.weighted_mean(train_loss, second["count"]),
+            "distill_loss": jnp.mean(second["distill_loss"]),
             "target_entropy": jnp.mean(entropy(targets)),
-            "uplink_bytes": per_client_bytes(probs[0], k),
+            # A client's soft labels have the targets' shape and dtype.
+            "uplink_bytes": per_client_bytes(targets, k),
             "downlink_bytes": per_client_bytes((idx, targets), k),
             "finite": jnp.all(jnp.stack(finite)),
             "public_forward_examples": jnp.asarray(k * public_size, jnp.int32),

@@ -55,6 +55,12 @@ count weighting, the label counts (int32 ``[C]``; with uniform weighting the
 zero rows of ``F_k`` already mark the labels a client lacks). Compute: the
 distillation term reuses the training logits; the uploads cost one forward
 pass per private example (``label_stats_forward_examples``).
+
+Memory: the targets of a round come from earlier rounds' uploads, so a round
+is one pass over the cohort, ``client_chunk_size`` clients of one group at a
+time (:func:`~fedjax_kd.algorithms.personal.cohort_pass`): each chunk trains
+(step 2), computes its uploads (step 3) and writes its models back to their
+store, so memory grows with the chunk, not with ``K``.
 """
 
 from __future__ import annotations
@@ -66,9 +72,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_kd import aggregate, cohort, losses
+from fedjax_kd import aggregate, losses
 from fedjax_kd.algorithms.personal import (
     PHASE_A,
+    cohort_pass,
     group_rows,
     group_sampler,
     init_personal_stores,
@@ -77,7 +84,6 @@ from fedjax_kd.algorithms.personal import (
 )
 from fedjax_kd.client import local_train
 from fedjax_kd.compress import tree_bytes
-from fedjax_kd.data.federated import as_client_data
 from fedjax_kd.types import ApplyFn, FederatedAlgorithm
 
 LABEL_WEIGHTINGS = ("count", "uniform")
@@ -266,7 +272,6 @@ def fd(
         )
 
     def round_fn(state: FDState, cohort_data, key: jax.Array, server_data=None):
-        cohort_data = as_client_data(cohort_data)  # no chunking: the whole cohort at once
         ids = require(server_data, "cohort_ids", "fd")
         k = ids.shape[0]
         groups = group_rows(ids, num_groups)
@@ -278,37 +283,34 @@ def fd(
             ids,
             label_weighting=label_weighting,
         )  # [K, C, C], what the server sends
-        # Per-example targets: the row of each example's label.
-        targets = jax.vmap(lambda t, y: t[y])(tables, cohort_data.y)  # [K, N, C]
         keys = jax.random.split(jax.random.fold_in(key, PHASE_A), k)
 
-        stores, train_loss, means, counts, finite = [], [], [], [], []
-        for g, (rows_k, rows_store) in enumerate(groups):
-            x, y, count = cohort_data.x[rows_k], cohort_data.y[rows_k], cohort_data.count[rows_k]
-            p = cohort.gather(state.stores[g], rows_store)
-            p, m = train[g](p, x, y, targets[rows_k], count, keys[rows_k])
+        # One pass: the targets come from earlier rounds' uploads, not this round's.
+        def train_and_upload(g, params, clients, inputs):
+            # Per-example targets: the row of each example's label.
+            targets = jax.vmap(lambda t, y: t[y])(inputs["table"], clients.y)  # [c, N, C]
+            x, y, count = clients.x, clients.y, clients.count
+            p, m = train[g](params, x, y, targets, count, inputs["key"])
             f, n = stats[g](p, x, y, count)
-            stores.append(cohort.scatter(state.stores[g], rows_store, p))
-            train_loss.append(m["train_loss"])
-            means.append(f)
-            counts.append(n)
-            finite.append(aggregate.tree_all_finite(p))
-        means = jnp.concatenate(means)
-        counts = jnp.concatenate(counts)
-        finite.append(jnp.all(jnp.isfinite(means)))
+            return p, {"train_loss": m["train_loss"], "means": f, "counts": n}, None
+
+        stores, out, _ = cohort_pass(
+            train_and_upload, cohort_data, groups, state.stores, {"table": tables, "key": keys}
+        )
+        means, counts = out["means"], out["counts"]
 
         upload = (means[0], counts[0]) if label_weighting == "count" else means[0]
         # A table is sent only if it has a row (rows with data are softmax means, != 0).
         received = jnp.any(tables != 0, axis=(1, 2))
         metrics = {
-            "train_loss": aggregate.weighted_mean(jnp.concatenate(train_loss), cohort_data.count),
+            "train_loss": aggregate.weighted_mean(out["train_loss"], out["count"]),
             "uplink_bytes": jnp.full((k,), tree_bytes(upload), jnp.int32),
             "downlink_bytes": jnp.where(received, tree_bytes(tables[0]), 0).astype(jnp.int32),
-            "finite": jnp.all(jnp.stack(finite)),
-            "label_stats_forward_examples": jnp.sum(cohort_data.count).astype(jnp.int32),
+            "finite": jnp.all(out["finite"]) & jnp.all(jnp.isfinite(means)),
+            "label_stats_forward_examples": jnp.sum(out["count"]).astype(jnp.int32),
         }
         new_state = FDState(
-            stores=tuple(stores),
+            stores=stores,
             label_means=state.label_means.at[ids].set(means),
             label_counts=state.label_counts.at[ids].set(counts),
             upload_round=state.upload_round.at[ids].set(state.round),

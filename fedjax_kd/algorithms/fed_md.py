@@ -48,11 +48,18 @@ public subset (``public_forward_examples``) and ``K * P * digest_epochs``
 training examples of the digest (``digest_examples``), on top of the private
 training.
 
+Memory: a round is two passes over the cohort, ``client_chunk_size`` clients
+of one group at a time (:func:`~fedjax_kd.algorithms.personal.cohort_pass`):
+the first sums the clients' logits (steps 2-3), the second digests, revisits
+and writes each chunk's models back to their store (steps 4-5), so memory
+grows with the chunk, not with ``K``.
+
 Heterogeneous architectures: ``models`` holds one model per group, client
 ``i`` has the architecture of group ``i % G``, and cohorts are drawn with
-:func:`fedjax_kd.cohort.sample_by_group`. This module also holds the helpers
-for per-client ("personal") models kept in group stores, shared with DS-FL
-(:mod:`~fedjax_kd.algorithms.ds_fl`) and FD (:mod:`~fedjax_kd.algorithms.fd`).
+:func:`fedjax_kd.cohort.sample_by_group`. The helpers for per-client
+("personal") models kept in group stores, shared with DS-FL
+(:mod:`~fedjax_kd.algorithms.ds_fl`) and FD (:mod:`~fedjax_kd.algorithms.fd`),
+are in :mod:`~fedjax_kd.algorithms.personal`.
 """
 
 from __future__ import annotations
@@ -64,23 +71,25 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_kd import aggregate, cohort, losses
+from fedjax_kd import aggregate, losses
 from fedjax_kd.algorithms.personal import (
     PHASE_A,
     PHASE_B,
     SUBSET,
+    cohort_pass,
     group_rows,
     group_sampler,
     init_personal_stores,
     make_private_train,
     make_shared_target_train,
+    outputs,
     per_client_bytes,
     personal_eval_models,
     public_subset,
     require,
-    stacked_outputs,
+    upload_mean,
+    upload_sums,
 )
-from fedjax_kd.data.federated import as_client_data
 from fedjax_kd.types import FederatedAlgorithm
 
 # --- FedMD ---
@@ -101,8 +110,7 @@ class FedMDState(NamedTuple):
 
 def consensus_logits(logits: jax.Array, weights: jax.Array) -> jax.Array:
     """FedMD's consensus ``sum_k w_k z_k / sum_k w_k`` of logits ``[K, P, C]``; weights ``[K]``."""
-    w = weights.astype(logits.dtype)
-    return jnp.tensordot(w, logits, axes=1) / jnp.maximum(jnp.sum(w), 1e-12)
+    return upload_mean(upload_sums(logits, weights))
 
 
 def fed_md(
@@ -166,44 +174,38 @@ def fed_md(
         )
 
     def round_fn(state: FedMDState, cohort_data, key: jax.Array, server_data=None):
-        cohort_data = as_client_data(cohort_data)  # no chunking: the whole cohort at once
         ids = require(server_data, "cohort_ids", "fed_md")
         proxy_x = require(server_data, "proxy_x", "fed_md")
         k = ids.shape[0]
         groups = group_rows(ids, num_groups)
-        params = [cohort.gather(s, rows) for s, (_, rows) in zip(state.stores, groups, strict=True)]
-
         idx, x_pub = public_subset(jax.random.fold_in(key, SUBSET), proxy_x, public_size)
-        logits = stacked_outputs(models, params, x_pub)  # what each client uploads
-        consensus = consensus_logits(logits, cohort_data.count > 0)
+        keys = {
+            "digest": jax.random.split(jax.random.fold_in(key, PHASE_A), k),
+            "revisit": jax.random.split(jax.random.fold_in(key, PHASE_B), k),
+        }
 
-        digest_keys = jax.random.split(jax.random.fold_in(key, PHASE_A), k)
-        revisit_keys = jax.random.split(jax.random.fold_in(key, PHASE_B), k)
-        stores, digest_loss, train_loss, finite = [], [], [], [jnp.all(jnp.isfinite(consensus))]
-        for g, (rows_k, rows_store) in enumerate(groups):
-            p, dm = digest[g](params[g], x_pub, consensus, digest_keys[rows_k])
-            p, rm = revisit[g](
-                p,
-                cohort_data.x[rows_k],
-                cohort_data.y[rows_k],
-                cohort_data.count[rows_k],
-                revisit_keys[rows_k],
-            )
-            stores.append(cohort.scatter(state.stores[g], rows_store, p))
-            digest_loss.append(dm["train_loss"])
-            train_loss.append(rm["train_loss"])
-            finite.append(aggregate.tree_all_finite(p))
+        def communicate(g, params, clients, inputs):  # pass 1: what each client uploads
+            return None, {}, outputs(models[g], params, x_pub)
 
+        _, _, consensus = cohort_pass(communicate, cohort_data, groups, state.stores)
+
+        def digest_and_revisit(g, params, clients, inputs):  # pass 2
+            p, dm = digest[g](params, x_pub, consensus, inputs["digest"])
+            p, rm = revisit[g](p, clients.x, clients.y, clients.count, inputs["revisit"])
+            return p, {"digest_loss": dm["train_loss"], "train_loss": rm["train_loss"]}, None
+
+        stores, out, _ = cohort_pass(digest_and_revisit, cohort_data, groups, state.stores, keys)
         metrics = {
-            "train_loss": aggregate.weighted_mean(jnp.concatenate(train_loss), cohort_data.count),
-            "digest_loss": jnp.mean(jnp.concatenate(digest_loss)),
-            "uplink_bytes": per_client_bytes(logits[0], k),
+            "train_loss": aggregate.weighted_mean(out["train_loss"], out["count"]),
+            "digest_loss": jnp.mean(out["digest_loss"]),
+            # A client's logits have the consensus's shape and dtype.
+            "uplink_bytes": per_client_bytes(consensus, k),
             "downlink_bytes": per_client_bytes((idx, consensus), k),
-            "finite": jnp.all(jnp.stack(finite)),
+            "finite": jnp.all(jnp.isfinite(consensus)) & jnp.all(out["finite"]),
             "public_forward_examples": jnp.asarray(k * public_size, jnp.int32),
             "digest_examples": jnp.asarray(k * public_size * digest_epochs, jnp.int32),
         }
-        return FedMDState(stores=tuple(stores), round=state.round + 1), metrics
+        return FedMDState(stores=stores, round=state.round + 1), metrics
 
     def eval_models(state: FedMDState):
         return personal_eval_models(models, state.stores)

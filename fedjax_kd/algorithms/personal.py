@@ -6,6 +6,15 @@ across rounds in a per-group store (client ``i`` is row ``i // G`` of group
 outputs on a shared public set (FedMD, DS-FL) or per-label statistics (FD).
 This module holds the store, grouping, training and accounting helpers they
 share; each algorithm's own equations stay in its file.
+
+Rounds run in passes over the cohort (:func:`cohort_pass`): within each
+group, ``cohort.chunk_size`` clients at a time are gathered with their
+personal params, trained under ``vmap`` and scattered back, chunks following
+each other in a ``lax.scan``, so memory grows with the chunk, not with the
+cohort (without a chunk size each group is one chunk). A round whose server
+aggregate depends on this round's uploads (FedMD, DS-FL) takes two passes:
+the first sums the uploads over the chunks, the second hands their mean to
+every chunk. FD's targets come from earlier rounds' uploads: one pass.
 """
 
 from __future__ import annotations
@@ -15,10 +24,11 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from fedjax_kd import cohort, losses
+from fedjax_kd import aggregate, cohort, losses
 from fedjax_kd.client import local_train
-from fedjax_kd.cohort import group_sampler  # noqa: F401 - re-exported for the family
+from fedjax_kd.cohort import gather, group_sampler  # noqa: F401 - group_sampler: re-exported
 from fedjax_kd.compress import tree_bytes
+from fedjax_kd.data.federated import as_cohort
 from fedjax_kd.types import ApplyFn, Params
 
 # Named random streams of a round (fold_in constants on the round's client key).
@@ -164,11 +174,96 @@ def make_shared_target_train(
     return jax.vmap(one, in_axes=(0, None, None, 0))
 
 
-def stacked_outputs(models: Sequence, params: Sequence, x: jax.Array) -> jax.Array:
-    """Logits ``[K, P, C]`` of the cohort's models (groups in cohort order) on shared ``x``."""
-    return jnp.concatenate(
-        [jax.vmap(m.apply, in_axes=(0, None))(p, x) for m, p in zip(models, params, strict=True)]
-    )
+def outputs(model, params: Params, x: jax.Array) -> jax.Array:
+    """Logits ``[k, P, C]`` of ``k`` stacked personal models on shared ``x`` ``[P, ...]``."""
+    return jax.vmap(model.apply, in_axes=(0, None))(params, x)
+
+
+def upload_sums(uploads: jax.Array, weights: jax.Array) -> dict[str, jax.Array]:
+    """``{"sum": sum_k w_k u_k, "weight": sum_k w_k}`` of uploads ``[k, ...]``, weights ``[k]``.
+
+    Sums add over chunks of a cohort; :func:`upload_mean` turns them into the mean.
+    """
+    w = weights.astype(uploads.dtype)
+    return {"sum": jnp.tensordot(w, uploads, axes=1), "weight": jnp.sum(w)}
+
+
+def upload_mean(sums: dict[str, jax.Array]) -> jax.Array:
+    """``sum_k w_k u_k / sum_k w_k`` from :func:`upload_sums` (0 when no weight)."""
+    return sums["sum"] / jnp.maximum(sums["weight"], 1e-12)
+
+
+def cohort_pass(fn: Callable, cohort, groups: list, stores: tuple, inputs: dict | None = None):
+    """One pass over the cohort, group by group and chunk by chunk.
+
+    Each group's rows of the cohort (a contiguous slice, see :func:`group_rows`)
+    go through :func:`fedjax_kd.aggregate.scan_over_chunks`:
+    ``cohort.chunk_size`` clients at a time (all of the group's without a chunk
+    size, padded to ``cohort.multiple`` rows), their personal params
+    gathered from the group's store, ``fn`` run on the chunk, and the params it
+    returns scattered back. Padding rows of the last chunk (``count`` 0,
+    repeating the chunk layout's row 0) write nowhere and upload nothing.
+
+    Args:
+      fn: ``fn(g, params, clients, inputs_c) -> (params, per_client, upload)``
+        for a chunk of ``c`` clients of group ``g`` (vmap inside): ``params``
+        ``[c, ...]`` from the store, ``clients`` a ClientData ``[c, N, ...]``,
+        ``inputs_c`` the chunk's rows of ``inputs``. The returned ``params``
+        go back to the store (None: the store is left as it is),
+        ``per_client`` is a dict of ``[c, ...]`` arrays, and ``upload`` (or
+        None) ``[c, ...]`` is each client's message to the server.
+      cohort: a :class:`fedjax_kd.data.Cohort` or ClientData, ordered by group.
+      groups: :func:`group_rows` of the cohort's ids.
+      stores: one personal-model store per group.
+      inputs: dict of per-client arrays ``[K, ...]`` (keys, targets), or None.
+
+    Returns:
+      ``(stores, per_client, mean_upload)``: ``per_client`` holds ``fn``'s
+      per-client arrays ``[K, ...]`` in cohort order plus ``count`` (the
+      clients' examples) and, when ``fn`` returns params, ``finite`` (whether
+      they are finite); ``mean_upload`` is the mean upload of the clients
+      holding data (``count > 0``), or None when ``fn`` uploads nothing. With
+      a chunk size the mean comes from a running sum over the chunks; without
+      one, from the ``[K, ...]`` uploads stacked in cohort order.
+    """
+    cohort = as_cohort(cohort)
+    chunked = bool(cohort.chunk_size)
+    inputs = {} if inputs is None else inputs
+    new_stores, outs, sums = [], [], []
+    for g, ((rows_k, rows_store), store) in enumerate(zip(groups, stores, strict=True)):
+        size = jax.tree.leaves(store)[0].shape[0]
+
+        def chunk_fn(store, clients, inputs_c, valid, g=g, size=size):
+            params, per_client, upload = fn(
+                g, gather(store, inputs_c["row"]), clients, inputs_c["in"]
+            )
+            per_client = {**per_client, "count": clients.count}
+            if params is not None:
+                per_client["finite"] = jax.vmap(aggregate.tree_all_finite)(params)
+                rows = jnp.where(valid, inputs_c["row"], size)  # padding rows: out of range
+                store = jax.tree.map(lambda a, p: a.at[rows].set(p, mode="drop"), store, params)
+            chunk_sums = {}
+            if upload is not None and chunked:
+                mask = valid.reshape(valid.shape + (1,) * (upload.ndim - 1))
+                chunk_sums = upload_sums(jnp.where(mask, upload, 0), valid & (clients.count > 0))
+            elif upload is not None:
+                per_client["upload"] = upload
+            return store, chunk_sums, per_client
+
+        group_inputs = {"row": rows_store, "in": {n: v[rows_k] for n, v in inputs.items()}}
+        store, group_sums, out = aggregate.scan_over_chunks(
+            chunk_fn, cohort.slice(rows_k.start, rows_k.stop), group_inputs, store, scan_one=False
+        )
+        new_stores.append(store)
+        outs.append(out)
+        sums.append(group_sums)
+    per_client = jax.tree.map(lambda *a: jnp.concatenate(a), *outs)
+    mean = None
+    if "upload" in per_client:
+        mean = upload_mean(upload_sums(per_client.pop("upload"), per_client["count"] > 0))
+    elif sums[0]:
+        mean = upload_mean(jax.tree.map(lambda *a: sum(a[1:], a[0]), *sums))
+    return tuple(new_stores), per_client, mean
 
 
 def per_client_bytes(message, k: int) -> jax.Array:
