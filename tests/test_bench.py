@@ -110,6 +110,11 @@ def test_auto_burst_hand_computed():
     assert bench._auto_burst(entries(0.009, 0.003)) == 7  # ceil(0.02 / 0.003)
     assert bench._auto_burst(entries(0.05, 0.3)) == 1
     assert bench._auto_burst(entries(0.02)) == 1
+    diagnostic = bench._Entry(
+        "teacher_student", "f32", bench.Method("teacher_forward", None, 0, 0), 0
+    )
+    diagnostic.extra["first_round_s"] = 0.0001  # not a round: ignored
+    assert bench._auto_burst([*entries(0.005), diagnostic]) == 4
 
 
 def test_loop_skip_counts_every_round_of_the_bursts():
@@ -263,3 +268,20 @@ def test_compare_chunk_columns_hand_computed():
     # vmap/central 0.8, vmap/loop 2.0; c10/central 1.2, c10/loop 3.0, c10/vmap 1.5.
     assert ratios.split()[-5:] == ["0.80", "2.00", "1.20", "3.00", "1.50"]
     assert "vmap/c10" in table
+
+
+def test_skipped_loop_row_records_the_burst_of_its_k():
+    config = bench.BenchConfig(
+        clients=(2,),
+        algorithms=("fedavg",),
+        reps=1,
+        examples_per_client=16,
+        batch_size=16,
+        max_loop_seconds=1e-6,
+        burst=2,
+    )
+    rows = {r["method"]: r for r in bench.run_benchmark(config, log=lambda msg: None)}
+    assert rows["loop"]["skipped"] and rows["loop"]["s_per_round"] is None
+    assert "3 rounds" in rows["loop"]["skipped"]  # reps * burst + 1
+    assert {r["burst"] for r in rows.values()} == {2}
+    assert rows["vmap"]["reps"] == 1 and rows["vmap"]["s_per_round"] > 0
