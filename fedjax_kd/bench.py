@@ -102,9 +102,11 @@ Reading the ratios
   teacher's wide matmuls run at the FLOP rate of the student's narrow
   training steps. ``pred@teacher = F_teacher * K * n / R_teacher`` uses the
   rate ``R_teacher`` that the teacher's forward pass on the cohort reaches
-  when timed alone in the same rotation (so it equals that time,
-  ``teacher_fwd_s``, JSON ``teacher_forward_s``); had the teacher run once per
-  local step, ``extra_s`` would be ``epochs`` times larger than it.
+  when timed alone in the same rotation, in the row's chunks (the whole
+  cohort for ``loop`` and ``central``), so it equals that time (JSON
+  ``teacher_forward_s``); had the teacher run once per local step,
+  ``extra_s`` would be ``epochs`` times larger than it. With
+  ``--compare-chunk`` the chunked vmap rows get a KD line of their own.
 
 Knobs (issue item 6): ``--dtype f32,bf16`` runs every method with the models'
 params and inputs cast to bfloat16 inside ``apply`` (f32 master params,
@@ -515,20 +517,35 @@ def build_methods(
         )
 
     if kd and "teacher_forward" in include:
-        # Diagnostic, not a row: the teacher's forward pass alone on the whole cohort,
-        # i.e. what the KD round should add if the teacher runs once per example.
-        def teacher_forward(teacher_params, cohort):
-            return jax.vmap(teacher.apply, in_axes=(None, 0))(teacher_params, cohort.x)
-
-        forward_c, forward_s = _compile(teacher_forward, state0.teacher, cohort)
-        methods.append(
-            Method(
-                "teacher_forward",
-                lambda t, k: (t, forward_c(t, cohort)),
-                forward_s,
-                jax.tree.map(jnp.copy, state0.teacher),
+        # Diagnostic, not a row: the teacher's forward pass alone on the cohort, i.e.
+        # what the KD round should add if the teacher runs once per example; in the
+        # same chunks as each vmap row (padding rows computed too, as the round does).
+        def teacher_forward(teacher_params, cohort, chunk):
+            forward = jax.vmap(teacher.apply, in_axes=(None, 0))
+            if chunk is None:
+                return forward(teacher_params, cohort.x)
+            chunk = min(chunk, num_clients)
+            num_chunks = -(-num_clients // chunk)
+            x = jnp.concatenate(
+                [cohort.x, jnp.repeat(cohort.x[:1], num_chunks * chunk - num_clients, axis=0)]
             )
-        )
+            x = x.reshape(num_chunks, chunk, *x.shape[1:])
+            out = jax.lax.map(lambda xc: forward(teacher_params, xc), x)
+            return out.reshape(num_chunks * chunk, *out.shape[2:])[:num_clients]
+
+        for chunk in dict.fromkeys([None, *(c for _, c in variants)]):  # None: loop, central
+            forward_c, forward_s = _compile(
+                lambda t, c, chunk=chunk: teacher_forward(t, c, chunk), state0.teacher, cohort
+            )
+            methods.append(
+                Method(
+                    "teacher_forward",
+                    lambda t, k, f=forward_c: (t, f(t, cohort)),
+                    forward_s,
+                    jax.tree.map(jnp.copy, state0.teacher),
+                    chunk=chunk,
+                )
+            )
     return methods
 
 
@@ -606,13 +623,18 @@ def run_benchmark(config: BenchConfig, *, log: Callable[[str], None] | None = No
                 if rep == config.reps - 1:
                     e.rss = _peak_rss_mb()
         forward_s = {
-            e.dtype: statistics.median(e.times) for e in entries if e.method.name not in METHODS
+            (e.dtype, e.method.chunk): statistics.median(e.times)
+            for e in entries
+            if e.method.name not in METHODS
         }
         for e in entries:
             if e.method.name in METHODS:
                 row = _row(e, config, num_clients, f_student, f_teacher, device)
                 if e.algorithm == "teacher_student":
-                    row["teacher_forward_s"] = forward_s.get(e.dtype)
+                    # The forward pass in the row's own chunks (loop/central: unchunked).
+                    chunk = e.method.chunk if e.method.name == "vmap" else None
+                    row["teacher_forward_s"] = forward_s.get((e.dtype, chunk))
+                    row["teacher_forward_chunk"] = chunk
                 rows.append(row)
         log(
             f"K={num_clients}: "
@@ -826,9 +848,24 @@ def format_table(rows: Sequence[dict]) -> str:
     for dtype, k in sorted(
         {(d, k) for _, d, k in groups}, key=lambda t: (DTYPES.index(t[0]), t[1])
     ):
-        for method in METHODS:
-            fa = index.get(("fedavg", dtype, k, method, False))
-            ts = index.get(("teacher_student", dtype, k, method, False))
+        pairs = [
+            (
+                m,
+                index.get(("fedavg", dtype, k, m, False)),
+                index.get(("teacher_student", dtype, k, m, False)),
+            )
+            for m in METHODS
+        ]
+        if chunk_label:
+            pairs.insert(
+                1,
+                (
+                    f"vmap/{chunk_label}",
+                    compared.get(("fedavg", dtype, k)),
+                    compared.get(("teacher_student", dtype, k)),
+                ),
+            )
+        for method, fa, ts in pairs:
             if not fa or not ts or not fa["s_per_round"] or not ts["s_per_round"]:
                 continue
             student_train = fa["flops_per_round"]
@@ -837,7 +874,8 @@ def format_table(rows: Sequence[dict]) -> str:
             at_student = fa["s_per_round"] * teacher_fwd / student_train
             at_teacher = ts.get("teacher_forward_s")
             kd_lines.append(
-                f"{dtype:<6}{k:>7}  {method:<9}{fa['s_per_round']:>11.4f}{ts['s_per_round']:>11.4f}"
+                f"{dtype:<6}{k:>7}  {method:<10}"
+                f"{fa['s_per_round']:>10.4f}{ts['s_per_round']:>11.4f}"
                 f"{extra:>11.4f}{at_student:>14.4f}{extra / at_student:>9.2f}"
                 f"{_fmt(at_teacher, '14.4f')}{_fmt(ratio(extra, at_teacher), '9.2f')}"
             )
@@ -854,8 +892,8 @@ def format_table(rows: Sequence[dict]) -> str:
             f"fedavg_s * {f_teacher:,} / {f_train:,} = fedavg_s * {f_teacher / f_train:.2f} "
             "(the student training step's FLOP rate)",
             "  pred@teacher = teacher forward FLOPs / the FLOP rate of the teacher's forward "
-            "on the cohort timed alone (= its time)",
-            f"{'dtype':<6}{'K':>7}  {'method':<9}{'fedavg_s':>11}{'kd_s':>11}{'extra_s':>11}"
+            "on the cohort timed alone, in the row's chunks (= its time)",
+            f"{'dtype':<6}{'K':>7}  {'method':<10}{'fedavg_s':>10}{'kd_s':>11}{'extra_s':>11}"
             f"{'pred@student':>14}{'ratio':>9}{'pred@teacher':>14}{'ratio':>9}",
             *kd_lines,
         ]

@@ -285,3 +285,27 @@ def test_skipped_loop_row_records_the_burst_of_its_k():
     assert "3 rounds" in rows["loop"]["skipped"]  # reps * burst + 1
     assert {r["burst"] for r in rows.values()} == {2}
     assert rows["vmap"]["reps"] == 1 and rows["vmap"]["s_per_round"] > 0
+
+
+def test_chunked_teacher_forward_equals_the_whole_cohort():
+    """The diagnostic in a row's chunks (7 clients in chunks of 3, 2 padding rows) == unchunked."""
+    config = bench.BenchConfig(clients=(7,), compare_chunk=3, examples_per_client=32, batch_size=16)
+    cohort = jax.tree.map(jnp.asarray, bench.make_cohort(7, 32, seed=2))
+    built = bench.build_methods(
+        "teacher_student", config, cohort, jax.random.key(0), include=("vmap", "teacher_forward")
+    )
+    forwards = {m.chunk: m for m in built if m.name == "teacher_forward"}
+    assert set(forwards) == {None, 3}
+    whole, chunked = (forwards[c].run(forwards[c].state, None)[1] for c in (None, 3))
+    assert whole.shape == chunked.shape == (7, 32, 10)
+    chex.assert_trees_all_close(chunked, whole, atol=1e-6)
+
+
+def test_kd_rows_take_the_teacher_forward_of_their_own_chunks(tiny_rows):
+    """--chunk-size 3: the vmap rows' prediction is the chunked forward, loop/central's not."""
+    for r in tiny_rows:
+        if r["algorithm"] == "teacher_student":
+            assert r["teacher_forward_s"] > 0, r
+            assert r["teacher_forward_chunk"] == (3 if r["method"] == "vmap" else None)
+    table = bench.format_table(tiny_rows)
+    assert "in the row's chunks" in table
