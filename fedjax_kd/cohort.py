@@ -35,9 +35,15 @@ def gather(store: PyTree, ids: jax.Array) -> PyTree:
     return jax.tree.map(lambda a: jnp.take(a, ids, axis=0), store)
 
 
-def scatter(store: PyTree, ids: jax.Array, rows: PyTree) -> PyTree:
-    """``store`` with rows ``ids`` replaced by ``rows`` (ids must be distinct)."""
-    return jax.tree.map(lambda a, r: a.at[ids].set(r), store, rows)
+def scatter(store: PyTree, ids: jax.Array, rows: PyTree, valid: jax.Array | None = None) -> PyTree:
+    """``store`` with rows ``ids`` replaced by ``rows`` (ids must be distinct).
+
+    With ``valid`` (bool, one per id), the rows where it is False write
+    nowhere: the padding rows of a chunk, which may repeat a real client's id.
+    """
+    if valid is not None:
+        ids = jnp.where(valid, ids, jax.tree.leaves(store)[0].shape[0])  # out of range
+    return jax.tree.map(lambda a, r: a.at[ids].set(r, mode="drop"), store, rows)
 
 
 def group_sizes(num_clients: int, num_groups: int) -> list[int]:

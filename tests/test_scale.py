@@ -14,6 +14,7 @@ import optax
 import pytest
 
 from fedjax_kd import algorithms, data, models, simulate
+from fedjax_kd import cohort as cohort_lib
 from fedjax_kd.data import FederatedDataset, RaggedClientData
 
 COMMON = dict(
@@ -63,6 +64,18 @@ def test_gather_cohort_hand_computed_window_and_cap():
         assert int(w.count[0]) == 3 and np.all(np.diff(xs) == 1) and 2 <= xs[0] <= 4
         starts.add(int(xs[0]))
     assert starts == {2, 3, 4}
+
+
+def test_scatter_writes_valid_rows_only_hand_computed():
+    """Padding rows (valid False) write nowhere, even when they repeat a real row's id."""
+    store = {"w": jnp.arange(5.0), "b": jnp.zeros((5, 2))}
+    rows = {"w": jnp.array([10.0, 20.0, 30.0]), "b": jnp.ones((3, 2))}
+    out = cohort_lib.scatter(store, jnp.array([3, 1, 3]), rows, jnp.array([True, True, False]))
+    np.testing.assert_array_equal(out["w"], [0.0, 20.0, 2.0, 10.0, 4.0])
+    np.testing.assert_array_equal(out["b"][:, 0], [0.0, 1.0, 0.0, 1.0, 0.0])
+    new = {"w": jnp.array([7.0, 8.0]), "b": 2 * jnp.ones((2, 2))}
+    plain = cohort_lib.scatter(store, jnp.array([4, 0]), new)  # no mask: every row writes
+    np.testing.assert_array_equal(plain["w"], [8.0, 1.0, 2.0, 3.0, 7.0])
 
 
 def test_ragged_store_gives_bit_identical_runs(digits_small):

@@ -348,8 +348,7 @@ def fed_kd(
                 ).astype(jnp.int32),
             }
             # Padding rows (valid False) repeat a real client: they write nowhere.
-            rows = jnp.where(valid, ids_c, num_clients)
-            store = jax.tree.map(lambda a, r: a.at[rows].set(r, mode="drop"), store, new_mentors)
+            store = cohort_lib.scatter(store, ids_c, new_mentors, valid)
             per_client = {"up_bytes": up_bytes, "count": clients.count, **client_metrics}
             return store, sums, per_client
 

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from fedjax_kd import aggregate, cohort, losses
 from fedjax_kd.client import local_train
-from fedjax_kd.cohort import gather, group_sampler  # noqa: F401 - group_sampler: re-exported
+from fedjax_kd.cohort import gather, group_sampler, scatter  # noqa: F401 - group_sampler: re-exported
 from fedjax_kd.compress import tree_bytes
 from fedjax_kd.data.federated import as_cohort
 from fedjax_kd.types import ApplyFn, Params
@@ -231,17 +231,15 @@ def cohort_pass(fn: Callable, cohort, groups: list, stores: tuple, inputs: dict 
     inputs = {} if inputs is None else inputs
     new_stores, outs, sums = [], [], []
     for g, ((rows_k, rows_store), store) in enumerate(zip(groups, stores, strict=True)):
-        size = jax.tree.leaves(store)[0].shape[0]
 
-        def chunk_fn(store, clients, inputs_c, valid, g=g, size=size):
+        def chunk_fn(store, clients, inputs_c, valid, g=g):
             params, per_client, upload = fn(
                 g, gather(store, inputs_c["row"]), clients, inputs_c["in"]
             )
             per_client = {**per_client, "count": clients.count}
             if params is not None:
                 per_client["finite"] = jax.vmap(aggregate.tree_all_finite)(params)
-                rows = jnp.where(valid, inputs_c["row"], size)  # padding rows: out of range
-                store = jax.tree.map(lambda a, p: a.at[rows].set(p, mode="drop"), store, params)
+                store = scatter(store, inputs_c["row"], params, valid)  # padding rows: nowhere
             chunk_sums = {}
             if upload is not None and chunked:
                 mask = valid.reshape(valid.shape + (1,) * (upload.ndim - 1))
