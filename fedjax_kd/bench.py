@@ -391,14 +391,17 @@ def build_methods(
         return (state.round >= 0).astype(jnp.float32)  # kd_start_round = 0
 
     # (a) vmap: the algorithm's own round (clients in chunks of --chunk-size, if set).
+    def in_chunks(data, chunk):
+        """The stacked cohort as a Cohort gathered ``chunk`` clients at a time."""
+        return Cohort(
+            jnp.arange(num_clients, dtype=jnp.int32),
+            lambda rows: jax.tree.map(lambda a: jnp.take(a, rows, axis=0), data),
+            chunk_size=chunk,
+        )
+
     def vmap_round(state, cohort, key, chunk=config.chunk_size):
         if chunk is not None:
-            data = cohort
-            cohort = Cohort(
-                jnp.arange(num_clients, dtype=jnp.int32),
-                lambda rows: jax.tree.map(lambda a: jnp.take(a, rows, axis=0), data),
-                chunk_size=chunk,
-            )
+            cohort = in_chunks(cohort, chunk)
         return algo.round(state, cohort, key, None)
 
     variants = [(False, config.chunk_size)]
@@ -524,14 +527,11 @@ def build_methods(
             forward = jax.vmap(teacher.apply, in_axes=(None, 0))
             if chunk is None:
                 return forward(teacher_params, cohort.x)
-            chunk = min(chunk, num_clients)
-            num_chunks = -(-num_clients // chunk)
-            x = jnp.concatenate(
-                [cohort.x, jnp.repeat(cohort.x[:1], num_chunks * chunk - num_clients, axis=0)]
-            )
-            x = x.reshape(num_chunks, chunk, *x.shape[1:])
-            out = jax.lax.map(lambda xc: forward(teacher_params, xc), x)
-            return out.reshape(num_chunks * chunk, *out.shape[2:])[:num_clients]
+
+            def chunk_fn(carry, clients, inputs, valid):  # the round's chunks, forward only
+                return carry, {}, forward(teacher_params, clients.x)
+
+            return aggregate.scan_over_chunks(chunk_fn, in_chunks(cohort, chunk), {}, ())[2]
 
         for chunk in dict.fromkeys([None, *(c for _, c in variants)]):  # None: loop, central
             forward_c, forward_s = _compile(
