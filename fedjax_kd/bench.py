@@ -147,7 +147,7 @@ import optax
 from fedjax_kd import aggregate, models
 from fedjax_kd.algorithms.fed_avg import fed_avg
 from fedjax_kd.algorithms.teacher_student import teacher_student
-from fedjax_kd.client import make_client_update
+from fedjax_kd.client import batched_apply, make_client_update
 from fedjax_kd.data import ClientData, Cohort
 
 ALGORITHMS = ("fedavg", "teacher_student")
@@ -441,7 +441,8 @@ def build_methods(
         delta_sum, weight_sum, loss_sum, steps = carry
         x, y, count = cohort.x[k], cohort.y[k], cohort.count[k]
         if kd:
-            targets = teacher.apply(teacher_params, x)  # once per round, not per step
+            # Once per round, not per step, in the batch's shape as teacher_student does.
+            targets = batched_apply(teacher.apply, teacher_params, x, batch_size=config.batch_size)
             out = client_update(params, x, y, count, keys[k], targets, kd_scale)
         else:
             out = client_update(params, x, y, count, keys[k])
@@ -524,7 +525,10 @@ def build_methods(
         # what the KD round should add if the teacher runs once per example; in the
         # same chunks as each vmap row (padding rows computed too, as the round does).
         def teacher_forward(teacher_params, cohort, chunk):
-            forward = jax.vmap(teacher.apply, in_axes=(None, 0))
+            forward = jax.vmap(
+                lambda t, x: batched_apply(teacher.apply, t, x, batch_size=config.batch_size),
+                in_axes=(None, 0),
+            )
             if chunk is None:
                 return forward(teacher_params, cohort.x)
 

@@ -73,6 +73,88 @@ def num_local_steps(num_examples: int, *, epochs: int, batch_size: int) -> int:
     return epochs * math.ceil(num_examples / batch_size)
 
 
+def _blocks(examples: dict[str, jax.Array], batch_size: int) -> tuple[dict, int, int]:
+    """``examples`` ``[N, ...]`` as ``[ceil(N / b), b, ...]`` blocks, ``b = min(B, N)``.
+
+    The block size is the training batch of :func:`local_train`; trailing rows
+    of the last block are zeros.
+    """
+    num_examples = jax.tree.leaves(examples)[0].shape[0]
+    block = max(1, min(batch_size, num_examples))
+    num_blocks = math.ceil(num_examples / block)
+    pad = num_blocks * block - num_examples
+
+    def split(a):
+        a = jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1))
+        return a.reshape(num_blocks, block, *a.shape[1:])
+
+    return jax.tree.map(split, examples), num_examples, block
+
+
+def map_batches(fn: Callable, examples: dict[str, jax.Array], *, batch_size: int):
+    """``fn`` over a client's examples in blocks of the training batch's shape.
+
+    A per-round forward pass over a padded client (a frozen teacher's logits,
+    the downloaded global model's, FD's per-label statistics) computed on the
+    whole ``[N, ...]`` array would run a matmul of ``N`` rows, and XLA's CPU
+    kernels give a row's result differently in the last bit depending on the
+    number of rows (seen on AVX2 and AVX-512 machines). Here ``fn`` sees
+    blocks of ``b = min(batch_size, N)`` rows, one after another
+    (``lax.map``), so a real example's output comes from the same program on
+    the same shapes however much padding follows it: the results are
+    bit-identical across paddings ``N, N' >= batch_size``, like the training
+    steps of :func:`local_train`, whose batches have the same shape.
+
+    Args:
+      fn: ``fn(block) -> pytree`` with leading axis ``b``; ``block`` holds the
+        ``examples`` entries, ``[b, ...]`` each.
+      examples: per-example arrays with a leading axis ``N``.
+      batch_size: the block size ``B`` (static; the client's batch size).
+
+    Returns:
+      ``fn``'s outputs for all ``N`` rows, concatenated (``[N, ...]``).
+    """
+    blocks, num_examples, _ = _blocks(examples, batch_size)
+    out = jax.lax.map(fn, blocks)
+    return jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:])[:num_examples], out)
+
+
+def sum_batches(fn: Callable, examples: dict[str, jax.Array], count, *, batch_size: int):
+    """Sum of ``fn(block, valid)`` over a client's blocks of the batch's shape.
+
+    Like :func:`map_batches` (blocks of ``b = min(batch_size, N)`` rows), but
+    ``fn`` reduces its block (``valid`` is the bool ``[b]`` mask of real
+    examples, positions ``< count``) and the block results are added one after
+    another: padded blocks add exact zeros when ``fn`` masks them out, so the
+    sum is bit-identical across paddings ``N, N' >= batch_size``, which a
+    reduction over the whole ``N`` axis is not.
+
+    Returns:
+      The sum over blocks of ``fn``'s pytree.
+    """
+    blocks, _, block = _blocks(examples, batch_size)
+    num_blocks = jax.tree.leaves(blocks)[0].shape[0]
+    valid = jnp.arange(num_blocks * block).reshape(num_blocks, block) < count
+
+    def add(total, inputs):
+        return jax.tree.map(jnp.add, total, fn(*inputs)), None
+
+    first = jax.tree.map(lambda a: a[0], (blocks, valid))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, *first))
+    total, _ = jax.lax.scan(add, zeros, (blocks, valid))
+    return total
+
+
+def batched_apply(apply_fn: ApplyFn, params: Params, x: jax.Array, *, batch_size: int):
+    """``apply_fn(params, x)`` on a client's ``[N, ...]`` inputs, block by block.
+
+    The per-round targets of the distillation algorithms (a frozen teacher's
+    logits in teacher_student, the global model's in FedNTD) are computed
+    with this, in the training batch's shape: see :func:`map_batches`.
+    """
+    return map_batches(lambda b: apply_fn(params, b["x"]), {"x": x}, batch_size=batch_size)
+
+
 def tree_sq_norm(tree: Params) -> jax.Array:
     """Squared L2 norm of a pytree."""
     return sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree.leaves(tree))

@@ -53,15 +53,53 @@ def test_padding_changes_nothing_exactly(prox_mu, kd_weight):
     t_params = teacher.init(jax.random.key(1))
     key = jax.random.key(5)
     outs = []
-    for pad_to in (7, 11, 30):
+    # 64 and 200 rows: a plain [N, ...] teacher forward differs in the last bits
+    # from 7 rows on the development machine's CPU (client.map_batches).
+    for pad_to in (7, 11, 30, 64, 200):
         x, y, n = make_problem(7, pad_to)
-        targets = teacher.apply(t_params, x)
+        # The targets as the library computes them (teacher_student, FedNTD).
+        targets = client.batched_apply(teacher.apply, t_params, x, batch_size=3)
         outs.append(jax.jit(update)(params, x, y, n, key, targets))
     for out in outs[1:]:
         chex.assert_trees_all_equal(out.delta, outs[0].delta)
         chex.assert_trees_all_equal(out.metrics, outs[0].metrics)
     assert int(outs[0].metrics["local_steps"]) == 2 * 3  # ceil(7 / 3) steps per epoch
     assert float(outs[0].weight) == 7.0
+
+
+def test_map_batches_is_the_plain_forward_and_independent_of_padding():
+    teacher = models.create("mlp-64-64", feature_shape=(5,), num_classes=3)
+    t_params = teacher.init(jax.random.key(1))
+    forward = jax.jit(client.batched_apply, static_argnums=0, static_argnames="batch_size")
+    x7, _, _ = make_problem(7, 7)
+    blocked = [
+        np.asarray(forward(teacher.apply, t_params, make_problem(7, n)[0], batch_size=4))
+        for n in (7, 9, 64, 130)
+    ]
+    assert blocked[1].shape == (9, 3) and blocked[3].shape == (130, 3)
+    # Two formulations: the blocks give the plain forward up to float rounding ...
+    np.testing.assert_allclose(blocked[0], teacher.apply(t_params, x7), rtol=1e-6, atol=1e-6)
+    # ... and the real rows' bits do not depend on the padding.
+    for other in blocked[1:]:
+        np.testing.assert_array_equal(other[:7], blocked[0])
+
+
+def test_sum_batches_hand_computed_and_independent_of_padding():
+    # fn sums its block's real rows; blocks of 2 over 5 real rows [1..5].
+    def total(block, valid):
+        return {"s": jnp.sum(jnp.where(valid, block["v"], 0.0)), "n": jnp.sum(valid)}
+
+    sums = []
+    for pad_to in (5, 6, 64, 131):
+        v = jnp.zeros(pad_to).at[:5].set(jnp.arange(1.0, 6.0)).at[5:].set(100.0)
+        sums.append(
+            jax.jit(client.sum_batches, static_argnums=0, static_argnames="batch_size")(
+                total, {"v": v}, jnp.int32(5), batch_size=2
+            )
+        )
+    assert float(sums[0]["s"]) == 15.0 and int(sums[0]["n"]) == 5
+    for other in sums[1:]:
+        chex.assert_trees_all_equal(other, sums[0])
 
 
 def reference_client_update(

@@ -82,7 +82,7 @@ from fedjax_kd.algorithms.personal import (
     personal_eval_models,
     require,
 )
-from fedjax_kd.client import local_train
+from fedjax_kd.client import local_train, sum_batches
 from fedjax_kd.compress import tree_bytes
 from fedjax_kd.types import ApplyFn, FederatedAlgorithm
 
@@ -125,11 +125,22 @@ def per_label_mean_softmax(
       of ``softmax(logits)`` over the real examples of label ``l`` (zero if
       there are none).
     """
-    onehot = jax.nn.one_hot(labels, num_classes, dtype=logits.dtype) * mask[:, None]
-    sums = onehot.T @ jax.nn.softmax(logits, axis=-1)
-    counts = jnp.sum(onehot, axis=0)
+    sums, counts = per_label_softmax_sums(logits, labels, mask, num_classes)
     means = sums / jnp.maximum(counts, 1.0)[:, None]
     return means, counts.astype(jnp.int32)
+
+
+def per_label_softmax_sums(
+    logits: jax.Array, labels: jax.Array, mask: jax.Array, num_classes: int
+) -> tuple[jax.Array, jax.Array]:
+    """Per-label sums of ``softmax(logits)`` over the real examples, and counts.
+
+    Returns:
+      ``(sums [C, C], counts float [C])``; :func:`per_label_mean_softmax`
+      divides them.
+    """
+    onehot = jax.nn.one_hot(labels, num_classes, dtype=logits.dtype) * mask[:, None]
+    return onehot.T @ jax.nn.softmax(logits, axis=-1), jnp.sum(onehot, axis=0)
 
 
 def available_uploads(
@@ -254,8 +265,15 @@ def fd(
 
     def make_stats(apply_fn):
         def one(params, x, y, count):
-            mask = jnp.arange(y.shape[0]) < count
-            return per_label_mean_softmax(apply_fn(params, x), y, mask, num_classes)
+            # Per-label sums block by block in the training batch's shape, so that
+            # they do not depend on the padding (client.sum_batches).
+            def block_sums(block, valid):
+                return per_label_softmax_sums(
+                    apply_fn(params, block["x"]), block["y"], valid, num_classes
+                )
+
+            sums, counts = sum_batches(block_sums, {"x": x, "y": y}, count, batch_size=batch_size)
+            return sums / jnp.maximum(counts, 1.0)[:, None], counts.astype(jnp.int32)
 
         return jax.vmap(one)
 

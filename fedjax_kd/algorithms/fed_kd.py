@@ -85,7 +85,7 @@ import optax
 
 from fedjax_kd import aggregate, losses
 from fedjax_kd import cohort as cohort_lib
-from fedjax_kd.client import local_train
+from fedjax_kd.client import local_train, sum_batches
 from fedjax_kd.compress import compress_tree, energy_threshold, tree_bytes
 from fedjax_kd.data.federated import as_cohort
 from fedjax_kd.types import FederatedAlgorithm, Params, PyTree
@@ -226,11 +226,17 @@ def make_mutual_client_update(
             epochs=epochs,
             batch_size=batch_size,
         )
+
         # local_train tracks one monitoring loss (the mentee's); the mentor's is
-        # measured after training.
-        real = jnp.arange(y.shape[0]) < count
-        mentor_ce = losses.cross_entropy(mentor.apply(local["mentor"], x), y)
-        metrics = {**metrics, "mentor_train_loss": losses.masked_mean(mentor_ce, real)}
+        # measured after training, block by block in the batch's shape (exact
+        # across paddings, client.sum_batches).
+        def mentor_ce_sum(block, valid):
+            ce = losses.cross_entropy(mentor.apply(local["mentor"], block["x"]), block["y"])
+            return jnp.sum(jnp.where(valid, ce, 0.0))
+
+        ce_sum = sum_batches(mentor_ce_sum, {"x": x, "y": y}, count, batch_size=batch_size)
+        mentor_loss = ce_sum / jnp.maximum(count, 1).astype(jnp.float32)
+        metrics = {**metrics, "mentor_train_loss": mentor_loss}
         delta = jax.tree.map(jnp.subtract, mentee_params, local["mentee"])
         return delta, local["mentor"], metrics
 

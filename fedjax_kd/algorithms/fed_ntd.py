@@ -20,11 +20,13 @@ targets are computed once per round, not once per step).
 
 from __future__ import annotations
 
+import functools
+
 import optax
 
 from fedjax_kd import losses
 from fedjax_kd.algorithms.fed_avg import from_client_update
-from fedjax_kd.client import make_client_update
+from fedjax_kd.client import batched_apply, make_client_update
 from fedjax_kd.types import FederatedAlgorithm
 
 
@@ -79,7 +81,9 @@ def fed_ntd(
         client_update,
         server_optimizer,
         uniform_weighting=uniform_weighting,
-        targets_fn=model.apply if beta > 0 else None,
+        targets_fn=functools.partial(batched_apply, model.apply, batch_size=batch_size)
+        if beta > 0
+        else None,
         epochs=epochs,
         straggler_fraction=straggler_fraction,
         drop_stragglers=drop_stragglers,

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_kd import aggregate, distill
-from fedjax_kd.client import make_client_update
+from fedjax_kd.client import batched_apply, make_client_update
 from fedjax_kd.compress import tree_bytes
 from fedjax_kd.data.federated import as_cohort
 from fedjax_kd.types import FederatedAlgorithm, Params, PyTree
@@ -146,7 +146,11 @@ def teacher_student(
             proxy_x = server_data["proxy_x"]
 
         def contribution(client, client_key):
-            targets = teacher.apply(state.teacher, client.x) if use_kd else None
+            targets = None
+            if use_kd:  # in the training batch's shape: exact across paddings
+                targets = batched_apply(
+                    teacher.apply, state.teacher, client.x, batch_size=batch_size
+                )
             out = client_update(
                 state.params, client.x, client.y, client.count, client_key, targets, kd_scale
             )
