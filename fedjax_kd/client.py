@@ -31,7 +31,9 @@ Padding is exact, not approximate:
   untouched (``jnp.where``), so trailing padded steps are no-ops.
 
 A client padded to 40 examples therefore returns bit-identical results to the
-same client padded to 400.
+same client padded to 400 (with ``batch_size < 40``: with ``N <= batch_size``
+the client is one batch of ``N`` rows, another shape; per-round forward passes
+over the client use :func:`map_batches` for the same reason).
 """
 
 from __future__ import annotations
@@ -102,8 +104,10 @@ def map_batches(fn: Callable, examples: dict[str, jax.Array], *, batch_size: int
     blocks of ``b = min(batch_size, N)`` rows, one after another
     (``lax.map``), so a real example's output comes from the same program on
     the same shapes however much padding follows it: the results are
-    bit-identical across paddings ``N, N' >= batch_size``, like the training
-    steps of :func:`local_train`, whose batches have the same shape.
+    bit-identical across paddings ``N, N' > batch_size``, like the training
+    steps of :func:`local_train`, whose batches have the same shape. (With
+    ``N <= batch_size`` there is one block, and XLA compiles a loop of one
+    iteration as its body alone, which can round differently.)
 
     Args:
       fn: ``fn(block) -> pytree`` with leading axis ``b``; ``block`` holds the
@@ -126,7 +130,7 @@ def sum_batches(fn: Callable, examples: dict[str, jax.Array], count, *, batch_si
     ``fn`` reduces its block (``valid`` is the bool ``[b]`` mask of real
     examples, positions ``< count``) and the block results are added one after
     another: padded blocks add exact zeros when ``fn`` masks them out, so the
-    sum is bit-identical across paddings ``N, N' >= batch_size``, which a
+    sum is bit-identical across paddings ``N, N' > batch_size``, which a
     reduction over the whole ``N`` axis is not.
 
     Returns:

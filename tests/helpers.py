@@ -36,3 +36,31 @@ def assert_only_sampled_clients_changed(algo, result, *, rounds, k, num_clients,
         )
         assert all(jax.tree.leaves(same)) == (client not in sampled), client
     return sampled
+
+
+#: Smallest distance of an energy fraction from FedKD's threshold at which two
+#: float32 formulations of the same update (vmap vs loop, batched vs one SVD, f32
+#: vs f64) are sure to pick the same SVD rank: their rounding moves a fraction by
+#: about 1e-6. A test that compares SVD-rank bytes exactly asserts this margin
+#: first (docs/ARCHITECTURE.md, "Bit-exactness").
+RANK_MARGIN = 1e-4
+
+
+def energy_margin(tree, threshold):
+    """Smallest |energy fraction - threshold| over the 2-D leaves' rank choices (float64).
+
+    ``compress.energy_rank`` compares the energy kept by the first ``k`` singular
+    values, ``k = 0..r-1``, with ``threshold * total``; this is how close the
+    closest of those comparisons is, computed in float64 with NumPy.
+    """
+    import numpy as np
+
+    margins = [np.inf]
+    for leaf in jax.tree.leaves(tree):
+        a = np.asarray(leaf, np.float64)
+        if a.ndim != 2 or not np.all(np.isfinite(a)) or not np.any(a):
+            continue
+        s2 = np.square(np.linalg.svd(a, compute_uv=False))
+        kept_before = np.concatenate([[0.0], np.cumsum(s2)[:-1]]) / s2.sum()
+        margins.append(float(np.min(np.abs(kept_before - float(threshold)))))
+    return min(margins)

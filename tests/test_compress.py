@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import RANK_MARGIN, energy_margin
 
 from fedjax_kd import compress
 
@@ -40,7 +41,8 @@ def test_svd_keeps_the_smallest_rank_reaching_the_energy_threshold(threshold):
     k = int(rank)
     assert 1 <= k <= 24
     assert energy_fraction(s, k) >= threshold - 1e-6
-    assert energy_fraction(s, k - 1) < threshold
+    # Slack on both sides: the rank is chosen from float32 singular values.
+    assert energy_fraction(s, k - 1) < threshold + 1e-6
     u, s_, vt = np.linalg.svd(np.asarray(x, np.float64), full_matrices=False)
     if 40 * k + k * k + k * 24 < 40 * 24:  # the paper's size test: factors are sent
         assert int(nbytes) == 4 * (40 * k + k + k * 24)
@@ -119,6 +121,9 @@ def test_compress_tree_sums_the_leaves_and_vmaps():
     recs, totals = jax.jit(jax.vmap(compress.compress_tree, in_axes=(0, None)))(stacked, 0.9)
     for i in range(3):
         one = jax.tree.map(lambda a, i=i: a[i], stacked)
+        # A batched and a single SVD round differently: the bytes (ranks) agree
+        # exactly because no rank choice is near the threshold.
+        assert energy_margin(one, 0.9) > RANK_MARGIN
         r, t = compress.compress_tree(one, 0.9)
         assert int(totals[i]) == int(t)
         for name in tree:

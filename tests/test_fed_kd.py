@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import RANK_MARGIN, energy_margin
 
 from fedjax_kd import compress, models, simulate
 from fedjax_kd.algorithms.fed_kd import adaptive_mutual_losses, fed_kd, make_mutual_client_update
@@ -126,13 +127,14 @@ def test_vmapped_round_equals_python_loop_and_keeps_other_mentors(digits_small):
     threshold = compress.energy_threshold(1 / 4)  # t = (round + 1) / rounds
     compress_tree = jax.jit(compress.compress_tree)
     keys = jax.random.split(key, len(ids))
-    sent, up, counts, losses = [], [], [], []
+    sent, up, counts, losses, deltas = [], [], [], [], []
     for k, cid in enumerate(ids):
         mentor_row = jax.tree.map(lambda a, cid=cid: a[cid], state.mentors)
         delta, new_mentor, m = update(
             state.params, mentor_row, cohort.x[k], cohort.y[k], cohort.count[k], keys[k]
         )
         rec, nbytes = compress_tree(delta, threshold)
+        deltas.append(delta)
         sent.append(rec)
         up.append(int(nbytes) + 4)  # + the float32 aggregation weight
         counts.append(float(cohort.count[k]))
@@ -144,6 +146,10 @@ def test_vmapped_round_equals_python_loop_and_keeps_other_mentors(digits_small):
     down, down_bytes = compress_tree(jax.tree.map(jnp.negative, mean_delta), threshold)
     expected = jax.tree.map(jnp.add, state.params, down)
     chex.assert_trees_all_close(new_state.params, expected, rtol=1e-5, atol=1e-6)
+    # The loop's deltas equal the vmapped round's up to float rounding; SVD-rank
+    # bytes are compared exactly only because no rank choice is near the threshold.
+    assert min(energy_margin(d, threshold) for d in deltas) > RANK_MARGIN
+    assert energy_margin(jax.tree.map(jnp.negative, mean_delta), threshold) > RANK_MARGIN
     np.testing.assert_array_equal(metrics["uplink_bytes"], up)
     np.testing.assert_array_equal(metrics["downlink_bytes"], [int(down_bytes)] * 5)
     np.testing.assert_allclose(metrics["train_loss"], (w * np.array(losses)).sum(), rtol=1e-5)
