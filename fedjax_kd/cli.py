@@ -23,24 +23,18 @@ ends with exit code 1 and one line naming the round. ``run`` with a
 
 from __future__ import annotations
 
-import argparse
+import functools
 import json
 import os
 import sys
+
+from fedjax_kd.cli_util import ErrorParser, fail
 
 USAGE = (
     "fedjax-kd run [--config PATH[:VARIANT]] [--config.KEY=VALUE ...] [--workdir DIR] "
     "[--overwrite | --resume] [--no-progress] "
     "[--coordinator HOST:PORT --num-processes N --process-id I]"
 )
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports mistakes as one ``error:`` line (exit 2)."""
-
-    def error(self, message: str):  # noqa: D102 - argparse's hook
-        print(f"error: {message} (usage: {self.usage or USAGE})", file=sys.stderr)
-        raise SystemExit(2)
 
 
 def _split_overrides(tokens: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
@@ -57,7 +51,7 @@ def _split_overrides(tokens: list[str]) -> tuple[list[tuple[str, str]], list[str
                 key, value = body, tokens[i + 1]
                 i += 1
             else:
-                raise SystemExit(_fail(f"--config.{body} needs a value (--config.{body}=VALUE)"))
+                raise SystemExit(fail(f"--config.{body} needs a value (--config.{body}=VALUE)"))
             overrides.append((key, value))
         else:
             rest.append(tok)
@@ -73,7 +67,7 @@ def _env_int(name: str) -> int | None:
         return int(value)
     except ValueError:
         message = f"environment variable {name} must be an integer, got {value!r}"
-        raise SystemExit(_fail(message)) from None
+        raise SystemExit(fail(message)) from None
 
 
 def _initialize_hosts(coordinator: str, num_processes: int, process_id: int) -> None:
@@ -84,11 +78,6 @@ def _initialize_hosts(coordinator: str, num_processes: int, process_id: int) -> 
     jax.distributed.initialize(
         coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
     )
-
-
-def _fail(message: str, code: int = 2) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return code
 
 
 def _human_bytes(n: int) -> str:
@@ -111,8 +100,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = _Parser(prog="fedjax-kd", description="Federated learning + distillation in JAX.")
-    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    parser = ErrorParser(
+        prog="fedjax-kd",
+        description="Federated learning + distillation in JAX.",
+        default_usage=USAGE,
+    )
+    sub = parser.add_subparsers(
+        dest="command", parser_class=functools.partial(ErrorParser, default_usage=USAGE)
+    )
     run_p = sub.add_parser("run", help="run a federated simulation", usage=USAGE)
     run_p.add_argument("--config", help="Python file with get_config() (default: embedded)")
     run_p.add_argument(
@@ -152,12 +147,12 @@ def _main(argv: list[str] | None = None) -> int:
         default=_env_int("FEDJAX_KD_PROCESS_ID"),
         help="this process's id in [0, N) (env FEDJAX_KD_PROCESS_ID)",
     )
-    from fedjax_kd import bench  # light: JAX is imported only when a benchmark runs
+    from fedjax_kd import bench_options  # light: JAX is imported only when a benchmark runs
 
     bench_p = sub.add_parser(
-        "bench", help="vmap round vs per-client loop vs centralized", usage=bench.USAGE
+        "bench", help="vmap round vs per-client loop vs centralized", usage=bench_options.USAGE
     )
-    bench.add_arguments(bench_p)
+    bench_options.add_arguments(bench_p)
     from fedjax_kd import report, sweep  # light: JAX/matplotlib are imported when they run
 
     sweep_p = sub.add_parser("sweep", help="run a grid of configs x seeds", usage=sweep.USAGE)
@@ -172,22 +167,24 @@ def _main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # argument mistakes (code 2) and --help (code 0)
         return int(e.code or 0)
     if args.command is None:
-        return _fail(f"missing command (usage: {USAGE} | fedjax-kd bench|sweep|report ...)")
+        return fail(f"missing command (usage: {USAGE} | fedjax-kd bench|sweep|report ...)")
     if args.command == "sweep":
         args.overrides = overrides
         return sweep.run(args)
     if args.command in ("report", "bench"):
         if overrides:
-            return _fail(f"{args.command} takes no --config.KEY overrides")
-        return (report if args.command == "report" else bench).run(args)
+            return fail(f"{args.command} takes no --config.KEY overrides")
+        if args.command == "report":
+            return report.run(args)
+        from fedjax_kd import bench
+
+        return bench.run(args)
 
     if args.coordinator or args.num_processes or args.process_id is not None:
         if not (args.coordinator and args.num_processes and args.process_id is not None):
-            return _fail("multi-host runs need --coordinator, --num-processes and --process-id")
+            return fail("multi-host runs need --coordinator, --num-processes and --process-id")
         if not 0 <= args.process_id < args.num_processes:
-            return _fail(
-                f"--process-id must be in [0, {args.num_processes}), got {args.process_id}"
-            )
+            return fail(f"--process-id must be in [0, {args.num_processes}), got {args.process_id}")
         _initialize_hosts(args.coordinator, args.num_processes, args.process_id)
 
     # Imported late so `fedjax-kd --help` and argument errors need no JAX start-up.
@@ -205,11 +202,11 @@ def _main(argv: list[str] | None = None) -> int:
             resume=args.resume,
         )
     except experiment.ConfigError as e:
-        return _fail(str(e))
+        return fail(str(e))
     except NonFiniteError as e:
-        return _fail(str(e), code=1)
+        return fail(str(e), code=1)
     except KeyboardInterrupt:
-        return _fail("interrupted", code=130)
+        return fail("interrupted", code=130)
     import jax
 
     if jax.process_index() != 0:

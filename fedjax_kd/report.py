@@ -42,13 +42,13 @@ import argparse
 import functools
 import json
 import os
-import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
+from fedjax_kd.cli_util import fail
 from fedjax_kd.configs import flatten
 
 USAGE = "fedjax-kd report DIR [DIR ...] --out OUTDIR [--metric test_accuracy] [--target T]"
@@ -507,13 +507,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Runs ``fedjax-kd report`` with parsed ``args``; returns the exit code."""
     if args.target is not None and not np.isfinite(args.target):
-        print(f"error: --target must be a finite number, got {args.target}", file=sys.stderr)
-        return 2
+        return fail(f"--target must be a finite number, got {args.target}")
     try:
         summary = make_report(args.dirs, args.out, args.metric, args.target)
     except ReportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(str(e))
     print(format_markdown(summary).split("\n\n![")[0])
     print(f"wrote {args.out}/report.md, report.json, {ROUND_PLOT}, {BYTES_PLOT}")
     return 0

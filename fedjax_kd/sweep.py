@@ -54,6 +54,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+from fedjax_kd.cli_util import fail
+
 USAGE = (
     "fedjax-kd sweep --workdir DIR [--config PATH[:VARIANT]] [--grid KEY=V1,V2,...]... "
     "[--seeds 0,1,2] [--config.KEY=VALUE ...] [--no-progress]"
@@ -304,11 +306,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar per run")
 
 
-def _fail(message: str, code: int = 2) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return code
-
-
 def _check_existing(point: Point, config) -> None:
     """Refuses a sub-workdir that holds a run of another config.
 
@@ -372,7 +369,7 @@ def run(args: argparse.Namespace) -> int:
                 f"--workdir {root}: cannot write there ({e.strerror})"
             ) from None
     except experiment.ConfigError as e:
-        return _fail(str(e))
+        return fail(str(e))
 
     records = [
         {
@@ -424,12 +421,12 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.flush()
             _write_json(sweep_json, manifest)
     except experiment.ConfigError as e:  # a dataset/model mistake found only when building
-        return _fail(str(e))
+        return fail(str(e))
     except OSError as e:
-        return _fail(f"--workdir {root}: {e}")
+        return fail(f"--workdir {root}: {e}")
     except KeyboardInterrupt:
-        return _fail("interrupted (run the same command again to finish the sweep)", code=130)
+        return fail("interrupted (run the same command again to finish the sweep)", code=130)
     print(f"wrote {sweep_json} ({len(points)} runs)")
     if diverged:
-        return _fail(f"{diverged} of {len(points)} runs diverged (see {sweep_json})", code=1)
+        return fail(f"{diverged} of {len(points)} runs diverged (see {sweep_json})", code=1)
     return 0

@@ -1,6 +1,8 @@
 """fedjax-kd report: groups, mean ± std over seeds, common rounds, PNGs, one-line errors."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -219,3 +221,24 @@ def test_runs_without_records_and_groups_without_the_metric(tmp_path):
     assert by_label["algorithm.name=fedavg"]["final"] is None
     assert by_label["algorithm.name=fedavg"]["rounds_to_target"] is None
     assert by_label["algorithm.name=feddf"]["rounds_to_target"]["per_seed"] == [1]
+
+
+def test_help_and_report_start_without_jax(tmp_path):
+    """`fedjax-kd --help`, `bench --help` and `report` import no JAX (a light start)."""
+    write_groups(tmp_path / "runs")
+    script = (
+        "import sys\n"
+        "from fedjax_kd import cli\n"
+        "for argv in (['--help'], ['bench', '--help'], ['run', '--help'],"
+        f" ['report', {str(tmp_path / 'runs')!r}, '--out', {str(tmp_path / 'out')!r}]):\n"
+        "    code = cli.main(argv)\n"
+        "    assert code == 0, (argv, code)\n"
+        "heavy = sorted(m for m in ('jax', 'jaxlib', 'flax', 'optax') if m in sys.modules)\n"
+        "print('heavy:', heavy)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert "heavy: []" in out.stdout
+    assert (tmp_path / "out" / "report.md").is_file()
