@@ -68,12 +68,18 @@ _EXPORTS = {
 _MODULES = (
     "aggregate",
     "algorithms",
+    "checkpoint",
+    "client",
+    "cohort",
+    "compress",
     "data",
+    "distill",
     "experiment",
     "losses",
     "models",
     "optimizers",
     "simulate",
+    "types",
 )
 
 __all__ = sorted([*_EXPORTS, *_MODULES])

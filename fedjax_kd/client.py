@@ -133,18 +133,28 @@ def sum_batches(fn: Callable, examples: dict[str, jax.Array], count, *, batch_si
     sum is bit-identical across paddings ``N, N' > batch_size``, which a
     reduction over the whole ``N`` axis is not.
 
+    Args:
+      fn: ``fn(block, valid) -> pytree`` of sums over the block's real rows;
+        it must mask with ``jnp.where`` (padded rows may hold anything).
+      examples: per-example arrays with a leading axis ``N``.
+      count: number of real examples (positions ``< count``; may be traced).
+      batch_size: the block size ``B`` (static; the client's batch size).
+
     Returns:
-      The sum over blocks of ``fn``'s pytree.
+      The sum over blocks of ``fn``'s pytree (zeros for a client with no rows).
     """
-    blocks, _, block = _blocks(examples, batch_size)
+    blocks, num_examples, block = _blocks(examples, batch_size)
     num_blocks = jax.tree.leaves(blocks)[0].shape[0]
-    valid = jnp.arange(num_blocks * block).reshape(num_blocks, block) < count
+    position = jnp.arange(num_blocks * block).reshape(num_blocks, block)
+    # Rows added to fill the last block are never real, whatever count says.
+    valid = (position < count) & (position < num_examples)
 
     def add(total, inputs):
         return jax.tree.map(jnp.add, total, fn(*inputs)), None
 
-    first = jax.tree.map(lambda a: a[0], (blocks, valid))
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, *first))
+    one_block = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), blocks)
+    out = jax.eval_shape(fn, one_block, jax.ShapeDtypeStruct((block,), jnp.bool_))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out)
     total, _ = jax.lax.scan(add, zeros, (blocks, valid))
     return total
 

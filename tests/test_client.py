@@ -100,6 +100,13 @@ def test_sum_batches_hand_computed_and_independent_of_padding():
     assert float(sums[0]["s"]) == 15.0 and int(sums[0]["n"]) == 5
     for other in sums[1:]:
         chex.assert_trees_all_equal(other, sums[0])
+    # A count past the client's rows counts only its rows (not the fill of the
+    # last block), and a client without rows sums to zeros.
+    v = jnp.arange(1.0, 6.0)
+    over = client.sum_batches(total, {"v": v}, jnp.int32(9), batch_size=2)
+    assert float(over["s"]) == 15.0 and int(over["n"]) == 5
+    empty = client.sum_batches(total, {"v": jnp.zeros((0,))}, jnp.int32(0), batch_size=2)
+    assert float(empty["s"]) == 0.0 and int(empty["n"]) == 0
 
 
 def reference_client_update(

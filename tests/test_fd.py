@@ -67,6 +67,11 @@ def test_per_label_means_hand_computed_and_numpy_loop():
     )
     np.testing.assert_allclose(means, [[1 / 3] * 3, [1 / 3] * 3, [0, 0, 0]], rtol=1e-6)
     np.testing.assert_array_equal(counts, [1, 2, 0])
+    # A non-finite padded row changes nothing.
+    nan_pad = per_label_mean_softmax(
+        logits.at[3].set(jnp.nan), jnp.array([1, 1, 0, 2]), jnp.array([True, True, True, False]), 3
+    )
+    np.testing.assert_array_equal(nan_pad[0], means)
     rng = np.random.default_rng(0)
     z = rng.normal(size=(20, C)).astype(np.float32)
     y = rng.integers(0, 4, size=20)  # labels 4..9 absent

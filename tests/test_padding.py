@@ -5,9 +5,10 @@ different array shapes. Every per-client computation (training steps and the
 per-round forward passes: teacher_student's and FedNTD's targets, FD's
 per-label statistics, FedKD's mentor loss) runs on blocks of the training
 batch's shape (``client.map_batches``), so the runs agree bit for bit on any
-CPU. A plain ``[N, ...]`` forward pass does not: on the development machine a
-teacher forward over 7 real rows padded to 64 rows already differs in the
-last bits (``tests/test_client.py``).
+one machine (the same program on the same shapes). A plain ``[N, ...]``
+forward pass does not: on the development machine a teacher forward over 7
+real rows padded to 64 rows already differs in the last bits
+(``tests/test_client.py``).
 """
 
 import dataclasses

@@ -140,7 +140,9 @@ def per_label_softmax_sums(
       divides them.
     """
     onehot = jax.nn.one_hot(labels, num_classes, dtype=logits.dtype) * mask[:, None]
-    return onehot.T @ jax.nn.softmax(logits, axis=-1), jnp.sum(onehot, axis=0)
+    # Padded rows are selected away, so that they change nothing even if non-finite.
+    probs = jnp.where(mask[:, None], jax.nn.softmax(logits, axis=-1), 0.0)
+    return onehot.T @ probs, jnp.sum(onehot, axis=0)
 
 
 def available_uploads(
