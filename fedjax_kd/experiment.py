@@ -46,7 +46,7 @@ NEEDS_PROXY = ("teacher_student", "feddf", "fedmd", "dsfl")
 #: Algorithms that accept heterogeneous client models (model.student_groups).
 HETEROGENEOUS = ("feddf", "fedmd", "dsfl", "fd")
 # Algorithms with FedProx's systems heterogeneity (client.straggler_fraction).
-STRAGGLERS = ("fedavg", "fedprox", "fedntd")
+STRAGGLERS = ("fedavg", "fedprox", "fedntd", "teacher_student", "feddf")
 
 
 class ConfigError(ValueError):
@@ -468,6 +468,7 @@ def build_algorithm(
             kd_start_round=a.kd_start_round,
             distill_temperature=s.distill_temperature,
             **distill_kwargs,
+            **stragglers,
             **common,
         )
     if name == "fedkd":
@@ -485,7 +486,11 @@ def build_algorithm(
     group_models = [_create_model(n, dataset, "model.student_groups") for n in group_names(config)]
     if name == "feddf":
         return algorithms.fed_df(
-            group_models, temperature=s.distill_temperature, **distill_kwargs, **common
+            group_models,
+            temperature=s.distill_temperature,
+            **distill_kwargs,
+            **stragglers,
+            **common,
         )
     personal = dict(
         num_clients=dataset.num_clients,

@@ -9,7 +9,7 @@ import pytest
 from helpers import cohort_of
 
 from fedjax_kd import algorithms, experiment
-from fedjax_kd.algorithms.fed_avg import straggler_epochs
+from fedjax_kd.algorithms.fed_avg import STRAGGLER_STREAM, straggler_epochs
 from fedjax_kd.client import make_client_update
 
 
@@ -43,18 +43,34 @@ def test_straggler_epochs_counts(k, fraction, expected):
     assert (np.asarray(none) == 20).all() and not np.asarray(mask).any()
 
 
-def _reference_round(model, params, cohort, key, budget, active, epochs):
-    """Python loop: each active client trains its budget; example-weighted mean."""
-    update = jax.jit(make_client_update(model.apply, optax.sgd(0.1), epochs=epochs, batch_size=8))
+def _reference_round(
+    model, params, cohort, key, budget, active, epochs, kd_weight=0.0, teacher=None
+):
+    """Python loop: each active client trains its budget; example-weighted mean.
+
+    With ``kd_weight`` the clients distil ``teacher = (apply, params)``'s logits.
+    """
+    update = jax.jit(
+        make_client_update(
+            model.apply, optax.sgd(0.1), epochs=epochs, batch_size=8, kd_weight=kd_weight
+        )
+    )
     keys = jax.random.split(key, len(budget))
     total, weight = None, 0.0
     for k in range(len(budget)):
         if not active[k]:
             continue
-        out = update(params, cohort.x[k], cohort.y[k], cohort.count[k], keys[k])
+        targets = None if teacher is None else teacher[0](teacher[1], cohort.x[k])
+        out = update(params, cohort.x[k], cohort.y[k], cohort.count[k], keys[k], targets)
         if budget[k] < epochs:
             out = update(
-                params, cohort.x[k], cohort.y[k], cohort.count[k], keys[k], num_epochs=budget[k]
+                params,
+                cohort.x[k],
+                cohort.y[k],
+                cohort.count[k],
+                keys[k],
+                targets,
+                num_epochs=budget[k],
             )
         w = float(cohort.count[k])
         term = jax.tree.map(lambda d, w=w: w * np.asarray(d, np.float64), out.delta)
@@ -111,8 +127,7 @@ def test_stragglers_config_checks():
         experiment.resolve(
             overrides=[
                 ("client.straggler_fraction", "0.5"),
-                ("algorithm.name", "feddf"),
-                ("data.proxy_fraction", "0.1"),
+                ("algorithm.name", "fedkd"),
             ]
         )
 
@@ -146,3 +161,49 @@ def test_straggler_settings_that_cannot_work(overrides, message):
     base = [("client.straggler_fraction", "0.5")]
     with pytest.raises(experiment.ConfigError, match=message):
         experiment.resolve(overrides=base + overrides)
+
+
+@pytest.mark.parametrize("name", ["teacher_student", "feddf"])
+@pytest.mark.parametrize("drop", [False, True])
+def test_stragglers_in_the_distilling_family_equal_python_loop(digits_small, linear, name, drop):
+    """teacher_student (with KD from the teacher) and FedDF get FedProx's stragglers too.
+
+    Their server side is FedAvg's (fed_avg.fedavg_step): a Python loop over the
+    clients with each one's epoch budget (or dropped) gives the same student.
+    Server distillation is off, so the loop reference is the aggregate alone.
+    """
+    epochs, k = 3, 6
+    common = dict(
+        client_optimizer=optax.sgd(0.1),
+        server_optimizer=optax.sgd(1.0),
+        epochs=epochs,
+        batch_size=8,
+        straggler_fraction=0.5,
+        drop_stragglers=drop,
+    )
+    teacher = linear  # a frozen (untrained) teacher of the same shape is enough here
+    if name == "teacher_student":
+        algo = algorithms.teacher_student(
+            linear, teacher, kd_weight=0.7, kd_start_round=0, distill_steps=0, **common
+        )
+    else:
+        algo = algorithms.fed_df([linear], distill_steps=0, **common)
+    cohort = cohort_of(digits_small, [1, 4, 6, 9, 11, 15])
+    state = algo.init(jax.random.key(0))
+    key = jax.random.key(5)
+    new_state, metrics = jax.jit(algo.round)(state, cohort, key)
+    budget, mask = straggler_epochs(
+        jax.random.fold_in(key, STRAGGLER_STREAM), k, epochs=epochs, fraction=0.5
+    )
+    budget, mask = np.asarray(budget), np.asarray(mask)
+    assert mask.sum() == 3
+    active = np.ones(k, bool) if not drop else ~mask
+    params = state.params if name == "teacher_student" else state.params[0]
+    kd = {}
+    if name == "teacher_student":
+        kd = dict(kd_weight=0.7, teacher=(teacher.apply, state.teacher))
+    expected = _reference_round(linear, params, cohort, key, budget, active, epochs, **kd)
+    got = new_state.params if name == "teacher_student" else new_state.params[0]
+    chex.assert_trees_all_close(got, expected, rtol=1e-5, atol=1e-6)
+    up = np.asarray(metrics["uplink_bytes"])
+    assert (up[~active] == 0).all() and (up[active] > 0).all()

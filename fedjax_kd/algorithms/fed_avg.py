@@ -23,6 +23,9 @@ the paper's code; 1 when ``E = 1``).
 
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -31,7 +34,7 @@ from fedjax_kd import aggregate
 from fedjax_kd.client import ClientUpdateFn, make_client_update
 from fedjax_kd.compress import tree_bytes
 from fedjax_kd.data.federated import as_cohort
-from fedjax_kd.types import FederatedAlgorithm, ServerState
+from fedjax_kd.types import FederatedAlgorithm, PyTree, ServerState
 
 
 def fed_avg(
@@ -99,6 +102,161 @@ def straggler_epochs(
     return jnp.where(is_straggler, fewer, epochs).astype(jnp.int32), is_straggler
 
 
+#: Stream of the straggler draw for algorithms whose server already uses
+#: ``fold_in(key, 1)`` (teacher_student's and FedDF's distillation);
+#: FedAvg, FedProx and FedNTD draw stragglers from ``fold_in(key, 1)``.
+STRAGGLER_STREAM = 0x57A6
+
+
+def client_inputs(
+    key: jax.Array,
+    num_clients: int,
+    *,
+    epochs: int | None = None,
+    straggler_fraction: float = 0.0,
+    drop_stragglers: bool = False,
+    straggler_key: jax.Array | None = None,
+) -> dict[str, jax.Array]:
+    """Per-client inputs of one FedAvg-family round.
+
+    Returns ``{"key": split(key, K)}`` (identical client streams in every
+    algorithm of the family), and with stragglers (:func:`straggler_epochs`,
+    drawn from ``straggler_key``, default ``fold_in(key, 1)``) each client's
+    epoch budget ``"epochs"`` and ``"active"`` (False for a dropped
+    straggler). Without stragglers the inputs, and so the round, are those of
+    plain FedAvg.
+    """
+    inputs = {"key": jax.random.split(key, num_clients)}
+    if straggler_fraction:
+        if straggler_key is None:
+            straggler_key = jax.random.fold_in(key, 1)
+        budget, is_straggler = straggler_epochs(
+            straggler_key, num_clients, epochs=epochs, fraction=straggler_fraction
+        )
+        inputs["epochs"] = budget
+        inputs["active"] = ~is_straggler | (not drop_stragglers)
+    return inputs
+
+
+class FedAvgStep(NamedTuple):
+    """What :func:`fedavg_step` returns: the new server params and the round's sums.
+
+    Attributes:
+      params: the server params after the server optimizer's step.
+      opt_state: the server optimizer's new state.
+      delta: the aggregate ``sum_k w_k delta_k / sum_k w_k``.
+      sums: the summed client terms (``weighted_delta``, ``weight``,
+        ``loss_sum``, ``examples`` and any ``extra_terms``).
+      uplink: int32 ``[K]`` bytes each client sent (0 for a dropped straggler).
+      downlink: int32 ``[K]`` bytes of the params each client received.
+      finite: whether the aggregate and the new params are finite.
+    """
+
+    params: PyTree
+    opt_state: PyTree
+    delta: PyTree
+    sums: dict
+    uplink: jax.Array
+    downlink: jax.Array
+    finite: jax.Array
+
+
+def fedavg_step(
+    params: PyTree,
+    opt_state: PyTree,
+    cohort,
+    inputs: dict[str, jax.Array],
+    *,
+    client_update: ClientUpdateFn,
+    server_optimizer: optax.GradientTransformation,
+    uniform_weighting: bool = False,
+    targets_fn=None,
+    kd_scale=None,
+    extra_terms=None,
+) -> FedAvgStep:
+    """The FedAvg family's server side, written once: train, sum, divide, step, count.
+
+    Every client of ``cohort`` runs ``client_update`` from ``params`` (with
+    per-example ``targets_fn(x)`` when given, e.g. a frozen teacher's logits);
+    the terms are summed chunk by chunk (:func:`aggregate.sum_over_clients`),
+    the weighted mean delta goes through ``server_optimizer``, and the bytes
+    exchanged are counted from the arrays: params down, delta and weight up.
+    FedAvg, FedProx and FedNTD are this step; teacher_student and FedDF add a
+    server distillation after it (their ensemble terms come from
+    ``extra_terms``).
+
+    Args:
+      params: the global params sent to the clients.
+      opt_state: the server optimizer's state.
+      cohort: the round's :class:`~fedjax_kd.data.Cohort` (or padded arrays).
+      inputs: from :func:`client_inputs` (sliced to the cohort's clients).
+      client_update: from :func:`fedjax_kd.client.make_client_update`.
+      server_optimizer: optax optimizer on the pseudo-gradient.
+      uniform_weighting: average deltas uniformly instead of by example count.
+      targets_fn: optional ``targets_fn(x) -> [N, ...]`` per-example
+        distillation targets on a client's data, computed once per round.
+      kd_scale: optional (traced) factor on the client's distillation term.
+      extra_terms: optional ``extra_terms(out) -> dict`` of more per-client
+        terms to sum (e.g. :func:`aggregate.ensemble_contribution`).
+    """
+
+    def contribution(client, inputs_k):
+        targets = None if targets_fn is None else targets_fn(client.x)
+        count = client.count
+        if "active" in inputs_k:
+            count = jnp.where(inputs_k["active"], count, 0)  # dropped: no data, weight 0
+        kwargs = {} if kd_scale is None else {"kd_scale": kd_scale}
+        out = client_update(
+            params,
+            client.x,
+            client.y,
+            count,
+            inputs_k["key"],
+            targets,
+            num_epochs=inputs_k.get("epochs"),
+            **kwargs,
+        )
+        terms = aggregate.fedavg_contribution(out, uniform=uniform_weighting)
+        if "active" in inputs_k:
+            # With count 0 the delta is exactly 0; only a uniform weight (1)
+            # would still count a dropped client in the denominator.
+            terms["weight"] = jnp.where(inputs_k["active"], terms["weight"], 0.0)
+        if extra_terms is not None:
+            terms |= extra_terms(out)
+        return terms
+
+    num_clients = inputs["key"].shape[0]
+    sums = aggregate.sum_over_clients(contribution, cohort, inputs)
+    delta = aggregate.divide(sums["weighted_delta"], sums["weight"])
+    new_params, new_opt_state = aggregate.server_update(params, opt_state, delta, server_optimizer)
+    # Arrays actually exchanged: params down; delta (params-shaped) and weight up.
+    uplink = jnp.full((num_clients,), tree_bytes(params) + tree_bytes(sums["weight"]), jnp.int32)
+    if "active" in inputs:
+        uplink = jnp.where(inputs["active"], uplink, 0)  # dropped stragglers send nothing
+    return FedAvgStep(
+        params=new_params,
+        opt_state=new_opt_state,
+        delta=delta,
+        sums=sums,
+        uplink=uplink,
+        downlink=jnp.full((num_clients,), tree_bytes(params), jnp.int32),
+        finite=aggregate.tree_all_finite(delta) & aggregate.tree_all_finite(new_params),
+    )
+
+
+def train_loss(sums: dict) -> jax.Array:
+    """The example-weighted mean train loss of the round's clients."""
+    return sums["loss_sum"] / jnp.maximum(sums["examples"], 1.0)
+
+
+def check_stragglers(straggler_fraction: float, epochs: int | None) -> None:
+    """Raises ValueError for straggler settings a builder cannot honour."""
+    if straggler_fraction and epochs is None:
+        raise ValueError("stragglers need the client update's epochs")
+    if not 0.0 <= straggler_fraction <= 1.0:
+        raise ValueError(f"straggler_fraction must be in [0, 1], got {straggler_fraction}")
+
+
 def from_client_update(
     model,
     client_update: ClientUpdateFn,
@@ -110,7 +268,7 @@ def from_client_update(
     straggler_fraction: float = 0.0,
     drop_stragglers: bool = False,
 ) -> FederatedAlgorithm:
-    """FedAvg's server side around any ``client_update`` (shared by FedProx, FedNTD).
+    """FedAvg around any ``client_update`` (FedProx, FedNTD): :func:`fedavg_step` each round.
 
     Args:
       model: the global model (pure ``init``/``apply``).
@@ -126,10 +284,7 @@ def from_client_update(
       drop_stragglers: stragglers are dropped (no training, weight 0, no
         uplink) instead of sending ``U{1..E-1}`` epochs of partial work.
     """
-    if straggler_fraction and epochs is None:
-        raise ValueError("stragglers need the client update's epochs")
-    if not 0.0 <= straggler_fraction <= 1.0:
-        raise ValueError(f"straggler_fraction must be in [0, 1], got {straggler_fraction}")
+    check_stragglers(straggler_fraction, epochs)
 
     def init(key: jax.Array) -> ServerState:
         params = model.init(key)
@@ -137,56 +292,30 @@ def from_client_update(
 
     def round_fn(state: ServerState, cohort, key: jax.Array, server_data=None):
         del server_data  # FedAvg uses no server-side data.
-        num_clients = as_cohort(cohort).size
-        keys = jax.random.split(key, num_clients)
-        per_client = {"key": keys}
-        if straggler_fraction:
-            # Its own stream: without stragglers the clients' keys are unchanged.
-            budget, is_straggler = straggler_epochs(
-                jax.random.fold_in(key, 1), num_clients, epochs=epochs, fraction=straggler_fraction
-            )
-            per_client["epochs"] = budget
-            per_client["active"] = ~is_straggler | (not drop_stragglers)
-
-        def contribution(client, inputs):
-            targets = None if targets_fn is None else targets_fn(state.params, client.x)
-            count = client.count
-            if "active" in inputs:
-                count = jnp.where(inputs["active"], count, 0)  # dropped: no data, weight 0
-            out = client_update(
-                state.params,
-                client.x,
-                client.y,
-                count,
-                inputs["key"],
-                targets,
-                num_epochs=inputs.get("epochs"),
-            )
-            terms = aggregate.fedavg_contribution(out, uniform=uniform_weighting)
-            if "active" in inputs:
-                # With count 0 the delta is exactly 0; only a uniform weight (1)
-                # would still count a dropped client in the denominator.
-                terms["weight"] = jnp.where(inputs["active"], terms["weight"], 0.0)
-            return terms
-
-        sums = aggregate.sum_over_clients(contribution, cohort, per_client)
-        delta = aggregate.divide(sums["weighted_delta"], sums["weight"])
-        params, opt_state = aggregate.server_update(
-            state.params, state.opt_state, delta, server_optimizer
+        inputs = client_inputs(
+            key,
+            as_cohort(cohort).size,
+            epochs=epochs,
+            straggler_fraction=straggler_fraction,
+            drop_stragglers=drop_stragglers,
         )
-        # Arrays actually exchanged: params down; delta (params-shaped) and weight up.
-        per_client_down = tree_bytes(state.params)
-        per_client_up = tree_bytes(state.params) + tree_bytes(sums["weight"])
-        uplink = jnp.full((num_clients,), per_client_up, jnp.int32)
-        if "active" in per_client:
-            uplink = jnp.where(per_client["active"], uplink, 0)  # dropped stragglers
+        step = fedavg_step(
+            state.params,
+            state.opt_state,
+            cohort,
+            inputs,
+            client_update=client_update,
+            server_optimizer=server_optimizer,
+            uniform_weighting=uniform_weighting,
+            targets_fn=None if targets_fn is None else functools.partial(targets_fn, state.params),
+        )
         metrics = {
-            "train_loss": sums["loss_sum"] / jnp.maximum(sums["examples"], 1.0),
-            "uplink_bytes": uplink,
-            "downlink_bytes": jnp.full((num_clients,), per_client_down, jnp.int32),
-            "finite": aggregate.tree_all_finite(delta) & aggregate.tree_all_finite(params),
+            "train_loss": train_loss(step.sums),
+            "uplink_bytes": step.uplink,
+            "downlink_bytes": step.downlink,
+            "finite": step.finite,
         }
-        return ServerState(params=params, opt_state=opt_state), metrics
+        return ServerState(params=step.params, opt_state=step.opt_state), metrics
 
     def eval_models(state: ServerState):
         return {"global": (model.apply, state.params)}

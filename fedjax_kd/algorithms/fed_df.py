@@ -38,8 +38,13 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_kd import aggregate, cohort, distill
+from fedjax_kd.algorithms.fed_avg import (
+    STRAGGLER_STREAM,
+    check_stragglers,
+    client_inputs,
+    fedavg_step,
+)
 from fedjax_kd.client import make_client_update
-from fedjax_kd.compress import tree_bytes
 from fedjax_kd.data.federated import as_cohort
 from fedjax_kd.types import FederatedAlgorithm, PyTree
 
@@ -68,6 +73,8 @@ def fed_df(
     distill_batch_size: int = 128,
     temperature: float = 1.0,
     uniform_weighting: bool = False,
+    straggler_fraction: float = 0.0,
+    drop_stragglers: bool = False,
 ) -> FederatedAlgorithm:
     """Builds FedDF for one or more architecture groups.
 
@@ -83,6 +90,11 @@ def fed_df(
       distill_batch_size: proxy minibatch size.
       temperature: ensemble distillation temperature.
       uniform_weighting: average deltas uniformly within a group.
+      straggler_fraction: fraction of each cohort that are stragglers (FedProx's
+        systems heterogeneity, drawn over the whole cohort from the stream
+        ``fed_avg.STRAGGLER_STREAM``); 0 = none.
+      drop_stragglers: drop stragglers (no training, no uplink, not in the
+        ensemble) instead of keeping their ``U{1..E-1}`` epochs of work.
 
     Returns:
       A :class:`~fedjax_kd.types.FederatedAlgorithm`; ``round`` needs
@@ -94,6 +106,7 @@ def fed_df(
     num_groups = len(models)
     if num_groups < 1 or distill_steps < 0 or distill_batch_size < 1 or temperature <= 0:
         raise ValueError("fed_df needs >= 1 model, distill_steps >= 0, temperature > 0")
+    check_stragglers(straggler_fraction, epochs)
     if distill_optimizer is None:
         distill_optimizer = optax.chain(optax.clip_by_global_norm(5.0), optax.adam(1e-3))
     updates = [
@@ -122,7 +135,14 @@ def fed_df(
         full = as_cohort(cohort_data)
         num_clients = full.size
         per_group = num_clients // num_groups
-        keys = jax.random.split(key, num_clients)
+        inputs = client_inputs(
+            key,
+            num_clients,
+            epochs=epochs,
+            straggler_fraction=straggler_fraction,
+            drop_stragglers=drop_stragglers,
+            straggler_key=jax.random.fold_in(key, STRAGGLER_STREAM),
+        )
         proxy_x = None
         if distill_steps > 0:
             if not server_data or "proxy_x" not in server_data:
@@ -135,30 +155,30 @@ def fed_df(
             rows = slice(g * per_group, (g + 1) * per_group)
             params_g = state.params[g]
 
-            def contribution(client, client_key, g=g, params_g=params_g):
-                out = updates[g](params_g, client.x, client.y, client.count, client_key)
-                sums = aggregate.fedavg_contribution(out, uniform=uniform_weighting)
-                if proxy_x is not None:
-                    sums |= aggregate.ensemble_contribution(models[g].apply, params_g, out, proxy_x)
-                return sums
+            def ensemble_terms(out, g=g, params_g=params_g):
+                return aggregate.ensemble_contribution(models[g].apply, params_g, out, proxy_x)
 
-            sums = aggregate.sum_over_clients(
-                contribution, full.slice(rows.start, rows.stop), keys[rows]
+            step = fedavg_step(
+                params_g,
+                state.opt_state[g],
+                full.slice(rows.start, rows.stop),
+                jax.tree.map(lambda a, rows=rows: a[rows], inputs),
+                client_update=updates[g],
+                server_optimizer=server_optimizer,
+                uniform_weighting=uniform_weighting,
+                extra_terms=None if proxy_x is None else ensemble_terms,
             )
-            delta = aggregate.divide(sums["weighted_delta"], sums["weight"])
-            p, o = aggregate.server_update(params_g, state.opt_state[g], delta, server_optimizer)
-            new_params.append(p)
-            new_opt.append(o)
-            finite += [aggregate.tree_all_finite(delta), aggregate.tree_all_finite(p)]
+            sums = step.sums
+            new_params.append(step.params)
+            new_opt.append(step.opt_state)
+            finite.append(step.finite)
             loss_sum = loss_sum + sums["loss_sum"]
             examples = examples + sums["examples"]
             if proxy_x is not None:
                 proxy_logits = proxy_logits + sums["proxy_logits"]
                 members = members + sums["members"]
-            up.append(
-                jnp.full((per_group,), tree_bytes(params_g) + tree_bytes(sums["weight"]), jnp.int32)
-            )
-            down.append(jnp.full((per_group,), tree_bytes(params_g), jnp.int32))
+            up.append(step.uplink)
+            down.append(step.downlink)
         distill_loss = jnp.zeros((), jnp.float32)
         server_forward = 0
         if proxy_x is not None:

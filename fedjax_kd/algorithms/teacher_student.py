@@ -41,6 +41,13 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_kd import aggregate, distill
+from fedjax_kd.algorithms.fed_avg import (
+    STRAGGLER_STREAM,
+    check_stragglers,
+    client_inputs,
+    fedavg_step,
+    train_loss,
+)
 from fedjax_kd.client import batched_apply, make_client_update
 from fedjax_kd.compress import tree_bytes
 from fedjax_kd.data.federated import as_cohort
@@ -79,6 +86,8 @@ def teacher_student(
     distill_batch_size: int = 128,
     distill_temperature: float = 1.0,
     uniform_weighting: bool = False,
+    straggler_fraction: float = 0.0,
+    drop_stragglers: bool = False,
 ) -> FederatedAlgorithm:
     """Builds the fused teacher–student loop.
 
@@ -99,6 +108,11 @@ def teacher_student(
       distill_batch_size: proxy minibatch size of the teacher's distillation.
       distill_temperature: temperature of the ensemble target.
       uniform_weighting: average student deltas uniformly.
+      straggler_fraction: fraction of each cohort that are stragglers (FedProx's
+        systems heterogeneity, :func:`~fedjax_kd.algorithms.fed_avg.client_inputs`,
+        drawn from the stream ``STRAGGLER_STREAM``); 0 = none.
+      drop_stragglers: drop stragglers (no training, no uplink, not in the
+        ensemble) instead of keeping their ``U{1..E-1}`` epochs of work.
 
     Returns:
       A :class:`~fedjax_kd.types.FederatedAlgorithm` whose ``round`` needs
@@ -107,6 +121,7 @@ def teacher_student(
     """
     if kd_weight < 0 or temperature <= 0 or distill_steps < 0 or distill_batch_size < 1:
         raise ValueError("teacher_student needs kd_weight >= 0, temperature > 0, steps >= 0")
+    check_stragglers(straggler_fraction, epochs)
     if distill_optimizer is None:
         distill_optimizer = optax.chain(optax.clip_by_global_norm(5.0), optax.adam(1e-3))
     client_update = make_client_update(
@@ -137,7 +152,15 @@ def teacher_student(
 
     def round_fn(state: TeacherStudentState, cohort, key: jax.Array, server_data=None):
         num_clients = as_cohort(cohort).size
-        keys = jax.random.split(key, num_clients)  # as FedAvg: identical client streams
+        # As FedAvg: identical client streams.
+        inputs = client_inputs(
+            key,
+            num_clients,
+            epochs=epochs,
+            straggler_fraction=straggler_fraction,
+            drop_stragglers=drop_stragglers,
+            straggler_key=jax.random.fold_in(key, STRAGGLER_STREAM),
+        )
         kd_scale = (state.round >= kd_start_round).astype(jnp.float32)
         proxy_x = None
         if distill_steps > 0:
@@ -145,26 +168,25 @@ def teacher_student(
                 raise ValueError("teacher_student with distill_steps > 0 needs a proxy set")
             proxy_x = server_data["proxy_x"]
 
-        def contribution(client, client_key):
-            targets = None
-            if use_kd:  # in the training batch's shape: exact across paddings
-                targets = batched_apply(
-                    teacher.apply, state.teacher, client.x, batch_size=batch_size
-                )
-            out = client_update(
-                state.params, client.x, client.y, client.count, client_key, targets, kd_scale
-            )
-            sums = aggregate.fedavg_contribution(out, uniform=uniform_weighting)
-            if proxy_x is not None:
-                # This client's local student on the proxy set, for the ensemble target.
-                sums |= aggregate.ensemble_contribution(student.apply, state.params, out, proxy_x)
-            return sums
+        def teacher_targets(x):  # in the training batch's shape: exact across paddings
+            return batched_apply(teacher.apply, state.teacher, x, batch_size=batch_size)
 
-        sums = aggregate.sum_over_clients(contribution, cohort, keys)
-        delta = aggregate.divide(sums["weighted_delta"], sums["weight"])
-        params, opt_state = aggregate.server_update(
-            state.params, state.opt_state, delta, server_optimizer
+        def ensemble_terms(out):  # this client's local student on the proxy set
+            return aggregate.ensemble_contribution(student.apply, state.params, out, proxy_x)
+
+        step = fedavg_step(
+            state.params,
+            state.opt_state,
+            cohort,
+            inputs,
+            client_update=client_update,
+            server_optimizer=server_optimizer,
+            uniform_weighting=uniform_weighting,
+            targets_fn=teacher_targets if use_kd else None,
+            kd_scale=kd_scale,
+            extra_terms=None if proxy_x is None else ensemble_terms,
         )
+        sums, params, opt_state = step.sums, step.params, step.opt_state
         new_teacher = state.teacher
         distill_metrics = {"distill_loss": jnp.zeros((), jnp.float32)}
         server_forward = 0
@@ -174,16 +196,14 @@ def teacher_student(
                 state.teacher, proxy_x, target, jax.random.fold_in(key, 1)
             )
             server_forward = num_clients * proxy_x.shape[0]
-        per_client_down = tree_bytes(state.params) + (tree_bytes(state.teacher) if use_kd else 0)
-        per_client_up = tree_bytes(state.params) + tree_bytes(sums["weight"])
+        # Down: the student, and the teacher when clients distil from it.
+        downlink = step.downlink + (tree_bytes(state.teacher) if use_kd else 0)
         teacher_forward = sums["examples"] if use_kd else jnp.zeros(())
         metrics = {
-            "train_loss": sums["loss_sum"] / jnp.maximum(sums["examples"], 1.0),
-            "uplink_bytes": jnp.full((num_clients,), per_client_up, jnp.int32),
-            "downlink_bytes": jnp.full((num_clients,), per_client_down, jnp.int32),
-            "finite": aggregate.tree_all_finite(delta)
-            & aggregate.tree_all_finite(params)
-            & aggregate.tree_all_finite(new_teacher),
+            "train_loss": train_loss(sums),
+            "uplink_bytes": step.uplink,
+            "downlink_bytes": downlink,
+            "finite": step.finite & aggregate.tree_all_finite(new_teacher),
             "teacher_forward_examples": teacher_forward.astype(jnp.int32),
             "server_forward_examples": jnp.asarray(server_forward, jnp.int32),
             **distill_metrics,
