@@ -316,15 +316,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _choice(c, "server.optimizer", optimizers.SERVER_OPTIMIZERS)
     _choice(c, "algorithm.dsfl_aggregation", ("era", "mean"))
     for key in ("model.student", "model.teacher"):
-        try:
-            models.parse_name(flat[key])
-        except ValueError as e:
-            raise ConfigError(f"config key '{key}': {e}") from None
+        _check_model_name(flat[key], key)
     for name in group_names(c):
-        try:
-            models.parse_name(name)
-        except ValueError as e:
-            raise ConfigError(f"config key 'model.student_groups': {e}") from None
+        _check_model_name(name, "model.student_groups")
     name = c.algorithm.name
     uses_server_distill = name in ("teacher_student", "feddf") and c.server.distill_steps > 0
     if (
@@ -365,6 +359,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"config key 'clients_per_round' must be a multiple of the {groups} model groups, "
             f"got {c.clients_per_round}"
         )
+
+
+def _check_model_name(name: str, key: str) -> None:
+    """A built-in model name, or a user's ``package.module:function`` that resolves."""
+    try:
+        if models.is_import_path(name):
+            if not callable(models.resolve_import_path(name)):
+                raise ValueError(f"{name!r} is not a function")
+        else:
+            models.parse_name(name)
+    except ValueError as e:
+        raise ConfigError(f"config key '{key}': {e}") from None
 
 
 def group_names(config: ml_collections.ConfigDict) -> list[str]:
@@ -422,12 +428,17 @@ def build_model(config: ml_collections.ConfigDict, dataset: FederatedDataset, ro
 
 
 def _create_model(name: str, dataset: FederatedDataset, key: str):
+    """A built-in model by name, or a user's by import path (``models.from_import_path``)."""
+    user = models.is_import_path(name)
+    make = models.from_import_path if user else models.create
     try:
-        return models.create(
-            name, feature_shape=dataset.feature_shape, num_classes=dataset.num_classes
-        )
+        return make(name, feature_shape=dataset.feature_shape, num_classes=dataset.num_classes)
     except ValueError as e:
         raise ConfigError(f"config key '{key}': {e}") from None
+    except Exception as e:  # a user's model function failed: say so in one line
+        if not user:
+            raise
+        raise ConfigError(f"config key '{key}': {name} raised {type(e).__name__}: {e}") from None
 
 
 def build_algorithm(

@@ -152,7 +152,40 @@ def create(name: str, *, feature_shape: Sequence[int], num_classes: int) -> Mode
         def build(rngs):
             return MLP(in_features, sizes, num_classes, rngs=rngs)
 
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: build(nnx.Rngs(0))))
+    return from_nnx(build, name=name)
+
+
+def from_nnx(build: Callable[[nnx.Rngs], nnx.Module], *, name: str = "nnx") -> Model:
+    """A user's Flax NNX module as a :class:`Model` (pure ``init``/``apply``).
+
+    Args:
+      build: ``build(rngs) -> module``, e.g. ``lambda rngs: MyNet(64, 10, rngs=rngs)``;
+        the module's ``__call__(x)`` maps a batch ``[B, *feature_shape]`` to
+        logits ``[B, num_classes]``. Its state must be ``nnx.Param`` only (no
+        batch statistics: simulated clients carry parameters alone).
+      name: a label for reports.
+
+    Returns:
+      A :class:`Model`: ``init(key)`` builds the module with ``nnx.Rngs(params=key)``
+      and returns its parameters as a plain nested dict; ``apply`` merges them
+      back (``nnx.split``/``nnx.merge``, Flax's recommended bridge).
+
+    Example::
+
+      class Net(nnx.Module):
+          def __init__(self, rngs):
+              self.dense = nnx.Linear(64, 10, rngs=rngs)
+
+          def __call__(self, x):
+              return self.dense(x)
+
+      model = from_nnx(lambda rngs: Net(rngs), name="net")
+    """
+    abstract = nnx.eval_shape(lambda: build(nnx.Rngs(0)))
+    _, _, other = nnx.split(abstract, nnx.Param, ...)
+    if jax.tree.leaves(other):
+        raise ValueError(f"model {name!r}: NNX state other than nnx.Param is not supported")
+    graphdef, _ = nnx.split(abstract)
 
     def init(key: jax.Array) -> Params:
         module = build(nnx.Rngs(params=key))
@@ -162,6 +195,98 @@ def create(name: str, *, feature_shape: Sequence[int], num_classes: int) -> Mode
         return nnx.merge(graphdef, params)(x)
 
     return Model(name=name, init=init, apply=apply)
+
+
+def from_linen(module, feature_shape: Sequence[int], *, name: str = "linen") -> Model:
+    """A user's Flax Linen module as a :class:`Model` (pure ``init``/``apply``).
+
+    Args:
+      module: a ``flax.linen.Module`` whose ``__call__(x)`` maps a batch
+        ``[B, *feature_shape]`` to logits; its variables must be ``params``
+        only (no ``batch_stats``).
+      feature_shape: shape of one example, to initialise the module.
+      name: a label for reports.
+
+    Returns:
+      A :class:`Model` with ``init(key) = module.init(key, x0)["params"]`` and
+      ``apply(params, x) = module.apply({"params": params}, x)``.
+    """
+    dummy = jnp.zeros((1, *tuple(int(d) for d in feature_shape)), jnp.float32)
+    collections = jax.eval_shape(module.init, jax.random.key(0), dummy)
+    extra = sorted(set(collections) - {"params"})
+    if extra:
+        raise ValueError(f"model {name!r}: Linen collections {extra} are not supported")
+
+    def init(key: jax.Array) -> Params:
+        return module.init(key, dummy)["params"]
+
+    def apply(params: Params, x: jax.Array) -> jax.Array:
+        return module.apply({"params": params}, x)
+
+    return Model(name=name, init=init, apply=apply)
+
+
+def is_import_path(name: str) -> bool:
+    """Whether a model name is a user's ``package.module:function``."""
+    return ":" in name
+
+
+def resolve_import_path(path: str):
+    """The object ``package.module:attribute`` names (``importlib``).
+
+    Raises:
+      ValueError: the module cannot be imported or has no such attribute.
+    """
+    import importlib
+
+    module_name, _, attribute = path.partition(":")
+    if not module_name or not attribute:
+        raise ValueError(f"expected 'package.module:function', got {path!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"cannot import {module_name!r} ({e}); is it on PYTHONPATH?") from None
+    try:
+        return getattr(module, attribute)
+    except AttributeError:
+        raise ValueError(f"module {module_name!r} has no attribute {attribute!r}") from None
+
+
+def from_import_path(path: str, *, feature_shape: Sequence[int], num_classes: int) -> Model:
+    """Builds a user's model named by ``package.module:function`` (the CLI's hook).
+
+    ``function(feature_shape=..., num_classes=..., rngs=...)`` -- when it takes
+    ``rngs`` -- returns an NNX module (:func:`from_nnx`); otherwise
+    ``function(feature_shape=..., num_classes=...)`` returns a :class:`Model`
+    or a Linen module (:func:`from_linen`).
+
+    Raises:
+      ValueError: the path does not resolve, or the function returns something else.
+    """
+    import inspect
+
+    fn = resolve_import_path(path)
+    if not callable(fn):
+        raise ValueError(f"{path!r} is not a function")
+    feature_shape = tuple(int(d) for d in feature_shape)
+    kwargs = dict(feature_shape=feature_shape, num_classes=num_classes)
+    try:
+        takes_rngs = "rngs" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        takes_rngs = False
+    if takes_rngs:
+        return from_nnx(lambda rngs: fn(**kwargs, rngs=rngs), name=path)
+    made = fn(**kwargs)
+    if isinstance(made, Model):
+        return made._replace(name=path)
+    import flax.linen as linen
+
+    if isinstance(made, linen.Module):
+        return from_linen(made, feature_shape, name=path)
+    raise ValueError(
+        f"{path!r} returned {type(made).__name__}; expected a fedjax_kd Model, a Linen "
+        "module, or (with an rngs argument) an NNX module"
+    )
 
 
 def num_params(params: Params) -> int:

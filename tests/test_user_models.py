@@ -1,0 +1,156 @@
+"""A user's own Flax model (NNX or Linen) through the library and the CLI, no package edit."""
+
+import json
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from fedjax_kd import cli, models
+
+USER_MODULE = textwrap.dedent(
+    """
+    import flax.linen as nn
+    from flax import nnx
+
+
+    class NNXNet(nnx.Module):
+        def __init__(self, in_features, num_classes, rngs):
+            self.hidden = nnx.Linear(in_features, 8, rngs=rngs)
+            self.head = nnx.Linear(8, num_classes, rngs=rngs)
+
+        def __call__(self, x):
+            return self.head(nnx.relu(self.hidden(x)))
+
+
+    def nnx_net(feature_shape, num_classes, rngs):
+        return NNXNet(feature_shape[0], num_classes, rngs)
+
+
+    class LinenNet(nn.Module):
+        num_classes: int
+
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(self.num_classes)(nn.relu(nn.Dense(8)(x)))
+
+
+    def linen_net(feature_shape, num_classes):
+        return LinenNet(num_classes)
+
+
+    def not_a_model(feature_shape, num_classes):
+        return 42
+
+
+    def broken(feature_shape, num_classes):
+        raise RuntimeError("out of ideas")
+    """
+)
+
+TINY = [
+    "--config.rounds=2", "--config.eval_every=1", "--config.clients_per_round=3",
+    "--config.data.num_clients=10", "--config.client.epochs=1", "--no-progress",
+]  # fmt: skip
+
+
+@pytest.fixture
+def user_models(tmp_path, monkeypatch):
+    """``user_models_mod`` importable from a folder outside the package."""
+    folder = tmp_path / "user_code"
+    folder.mkdir()
+    (folder / "user_models_mod.py").write_text(USER_MODULE)
+    monkeypatch.syspath_prepend(str(folder))
+    return "user_models_mod"
+
+
+def test_from_nnx_and_from_linen_hand_computed():
+    class Affine(nnx.Module):
+        def __init__(self, rngs):
+            self.dense = nnx.Linear(4, 3, rngs=rngs)
+
+        def __call__(self, x):
+            return self.dense(x)
+
+    import flax.linen as nn
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(5, 4)), jnp.float32)
+    nnx_model = models.from_nnx(lambda rngs: Affine(rngs), name="affine")
+    linen_model = models.from_linen(nn.Dense(3), (4,), name="dense")
+    for model, params_of in (
+        (nnx_model, lambda p: (p["dense"]["kernel"], p["dense"]["bias"])),
+        (linen_model, lambda p: (p["kernel"], p["bias"])),
+    ):
+        params = model.init(jax.random.key(0))
+        w, b = (np.asarray(a) for a in params_of(params))
+        np.testing.assert_allclose(model.apply(params, x), np.asarray(x) @ w + b, rtol=1e-5)
+        # init is a pure function of the key.
+        again = model.init(jax.random.key(0))
+        assert all(jax.tree.leaves(jax.tree.map(np.array_equal, params, again)))
+
+
+def test_unsupported_state_is_refused():
+    class WithBatchNorm(nnx.Module):
+        def __init__(self, rngs):
+            self.bn = nnx.BatchNorm(4, rngs=rngs)
+
+        def __call__(self, x):
+            return self.bn(x)
+
+    with pytest.raises(ValueError, match="other than nnx.Param"):
+        models.from_nnx(lambda rngs: WithBatchNorm(rngs))
+
+
+@pytest.mark.parametrize("function", ["nnx_net", "linen_net"])
+def test_cli_runs_a_user_model_and_resumes_it(tmp_path, capsys, user_models, function):
+    path = f"{user_models}:{function}"
+    model = [f"--config.model.student={path}"]
+    whole = tmp_path / "whole"
+    assert cli.main(["run", *TINY, *model, "--workdir", str(whole)]) == 0, capsys.readouterr().err
+    # Two rounds, then extended to three in the same workdir == three at once.
+    part = tmp_path / "part"
+    assert cli.main(["run", *TINY, *model, "--config.rounds=1", "--workdir", str(part)]) == 0
+    capsys.readouterr()
+    assert cli.main(["run", *TINY, *model, "--workdir", str(part)]) == 0
+    assert "resuming from round 1" in capsys.readouterr().err
+
+    def records(d):
+        rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]
+
+    assert records(part) == records(whole)
+    assert json.loads((whole / "config.json").read_text())["model"]["student"] == path
+    # A hidden layer of 8: (64*8 + 8 + 8*10 + 10) float32 params go down per client.
+    summary = json.loads((whole / "summary.json").read_text())
+    assert summary["downlink_bytes"] == 2 * 3 * 4 * (64 * 8 + 8 + 8 * 10 + 10)
+
+
+def test_sweep_over_user_models(tmp_path, capsys, user_models):
+    grid = f"model.student={user_models}:nnx_net,{user_models}:linen_net"
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--workdir", str(out), "--grid", grid, "--seeds", "0", *TINY]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    manifest = json.loads((out / "sweep.json").read_text())
+    assert [p["status"] for p in manifest["points"]] == ["done", "done"]
+    assert all(0.0 <= p["test_accuracy"] <= 1.0 for p in manifest["points"])
+
+
+@pytest.mark.parametrize(
+    "name,message",
+    [
+        ("no_such_module_xyz:net", "cannot import 'no_such_module_xyz'"),
+        ("{mod}:missing", "has no attribute 'missing'"),
+        ("{mod}:not_a_model", "returned int; expected a fedjax_kd Model"),
+        ("{mod}:broken", "raised RuntimeError: out of ideas"),
+    ],
+)
+def test_user_model_mistakes_are_one_error_line(capsys, user_models, name, message):
+    name = name.format(mod=user_models)
+    code = cli.main(["run", *TINY, f"--config.model.student={name}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("error: config key 'model.student'")
+    assert message in err
