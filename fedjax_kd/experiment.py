@@ -25,6 +25,7 @@ import ml_collections
 import optax
 
 from fedjax_kd import algorithms, checkpoint, cohort, models, optimizers, simulate
+from fedjax_kd import data as data_lib
 from fedjax_kd.configs import default as default_config
 from fedjax_kd.configs import flatten
 from fedjax_kd.data import DATASETS, PARTITIONERS, FederatedDataset
@@ -308,7 +309,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     flat = _flatten(c)
     for key, ok, allowed in rules:
         _check(ok, key, allowed, flat[key])
-    _choice(c, "data.name", DATASETS)
+    if models.is_import_path(c.data.name):
+        try:
+            if not callable(models.resolve_import_path(c.data.name)):
+                raise ValueError(f"{c.data.name!r} is not a function")
+        except ValueError as e:
+            raise ConfigError(f"config key 'data.name': {e}") from None
+    else:
+        _choice(c, "data.name", DATASETS)
     _choice(c, "data.partition", PARTITIONERS)
     _choice(c, "data.synthetic_partition", ["natural", *PARTITIONERS])
     _choice(c, "client.optimizer", optimizers.CLIENT_OPTIMIZERS)
@@ -379,10 +387,62 @@ def group_names(config: ml_collections.ConfigDict) -> list[str]:
     return names or [config.model.student]
 
 
-def build_dataset(config: ml_collections.ConfigDict) -> FederatedDataset:
-    """Builds the federated dataset named by ``config.data``."""
+#: What a user's dataset loader (``data.name=package.module:function``) may return
+#: as a dict: the arrays of :func:`fedjax_kd.data.from_arrays`.
+USER_DATASET_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def _user_dataset(config: ml_collections.ConfigDict, partition_kwargs: dict) -> FederatedDataset:
+    """Calls a user's loader and partitions its arrays as ``config.data`` says.
+
+    The loader is called as ``load(seed=...)`` when it takes ``seed``, else
+    ``load()``; it returns a :class:`FederatedDataset` (used as it is) or a
+    dict with ``x_train, y_train, x_test, y_test`` (and optionally
+    ``num_classes`` and ``client_indices``, one index array per client),
+    which ``data.partition`` splits over ``data.num_clients``.
+    """
+    import inspect
+
     d = config.data
-    partition = d.partition if d.name == "digits" else d.synthetic_partition
+    load = models.resolve_import_path(d.name)
+    try:
+        takes_seed = "seed" in inspect.signature(load).parameters
+    except (TypeError, ValueError):
+        takes_seed = False
+    try:
+        loaded = load(seed=config.seed) if takes_seed else load()
+    except Exception as e:
+        raise ConfigError(
+            f"config key 'data.name': {d.name} raised {type(e).__name__}: {e}"
+        ) from None
+    if isinstance(loaded, FederatedDataset):
+        return loaded
+    if not isinstance(loaded, dict) or not set(USER_DATASET_KEYS) <= set(loaded):
+        raise ConfigError(
+            f"config key 'data.name': {d.name} must return a FederatedDataset or a dict with "
+            f"{', '.join(USER_DATASET_KEYS)}; got {type(loaded).__name__}"
+        )
+    given = loaded.get("client_indices")
+    try:
+        return data_lib.from_arrays(
+            *(loaded[k] for k in USER_DATASET_KEYS),
+            name=d.name,
+            num_classes=loaded.get("num_classes"),
+            num_clients=None if given is not None else d.num_clients,
+            partition=d.partition,
+            seed=config.seed,
+            proxy_fraction=d.proxy_fraction,
+            client_indices=given,
+            **({} if given is not None else partition_kwargs),
+        )
+    except ValueError as e:
+        raise ConfigError(f"data ({d.name}, partition={d.partition}): {e}") from None
+
+
+def build_dataset(config: ml_collections.ConfigDict) -> FederatedDataset:
+    """Builds the federated dataset named by ``config.data`` (or a user's loader)."""
+    d = config.data
+    partition = d.partition if d.name != "synthetic" else d.synthetic_partition
     kwargs = {}
     if partition in ("dirichlet", "quantity"):
         kwargs["min_size"] = d.min_client_size
@@ -392,6 +452,8 @@ def build_dataset(config: ml_collections.ConfigDict) -> FederatedDataset:
         kwargs["shards_per_client"] = d.shards_per_client
     elif partition == "quantity":
         kwargs["sigma"] = d.quantity_sigma
+    if models.is_import_path(d.name):
+        return _user_dataset(config, kwargs)
     try:
         if d.name == "digits":
             return DATASETS["digits"](

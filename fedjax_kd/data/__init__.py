@@ -1,6 +1,6 @@
 """Federated data: padded client arrays, partitioners and offline datasets."""
 
-from fedjax_kd.data.datasets import DATASETS, digits, synthetic
+from fedjax_kd.data.datasets import DATASETS, digits, from_arrays, synthetic
 from fedjax_kd.data.federated import (
     ClientData,
     Cohort,
@@ -28,6 +28,7 @@ __all__ = [
     "gather_cohort",
     "pack_ragged",
     "digits",
+    "from_arrays",
     "dirichlet",
     "gather_clients",
     "iid",

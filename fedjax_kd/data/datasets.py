@@ -38,7 +38,7 @@ import numpy as np
 from fedjax_kd.data.federated import FederatedDataset, pack, pack_ragged
 from fedjax_kd.data.partition import PARTITIONERS
 
-__all__ = ["DATASETS", "digits", "synthetic"]
+__all__ = ["DATASETS", "digits", "from_arrays", "synthetic"]
 
 _SYNTHETIC_DIM = 60
 _SYNTHETIC_CLASSES = 10
@@ -93,20 +93,104 @@ def digits(
     x_train, x_test, y_train, y_test = train_test_split(
         x, y, test_size=test_fraction, stratify=y, random_state=0
     )
-    proxy_x = None
-    if proxy_fraction:
-        if not 0 < proxy_fraction < 1:
-            raise ValueError(f"proxy_fraction must be in [0, 1); got {proxy_fraction}.")
-        x_train, proxy_x, y_train, _ = train_test_split(
-            x_train, y_train, test_size=proxy_fraction, stratify=y_train, random_state=0
-        )
-    parts = PARTITIONERS[partition](y_train, num_clients, seed=seed, **partition_kwargs)
-    return FederatedDataset(
+    return from_arrays(
+        x_train,
+        y_train,
+        x_test,
+        y_test,
         name="digits",
+        num_classes=10,
+        num_clients=num_clients,
+        partition=partition,
+        seed=seed,
+        proxy_fraction=proxy_fraction,
+        **partition_kwargs,
+    )
+
+
+def from_arrays(
+    x_train,
+    y_train,
+    x_test,
+    y_test,
+    *,
+    name: str = "arrays",
+    num_classes: int | None = None,
+    num_clients: int | None = None,
+    partition: str = "iid",
+    seed: int = 0,
+    proxy_fraction: float = 0.0,
+    client_indices=None,
+    **partition_kwargs,
+) -> FederatedDataset:
+    """A federated dataset from a user's arrays in memory.
+
+    The training examples are split over clients by a built-in partitioner
+    (``partition`` over ``num_clients``, seeded by ``seed``) or as given
+    (``client_indices``: one index array into the training arrays per
+    client). With ``proxy_fraction`` a stratified, fixed part of the training
+    examples (scikit-learn's ``train_test_split``, ``random_state=0``) is
+    held out first as the server's unlabeled proxy set (not with
+    ``client_indices``, which index the arrays as given).
+
+    Args:
+      x_train, y_train: ``[n, *feature_shape]`` features and ``[n]`` integer labels.
+      x_test, y_test: the centralized test set.
+      name: the dataset's name in reports.
+      num_classes: number of classes (default ``max(label) + 1``).
+      num_clients: number of clients (with a partitioner).
+      partition: a key of ``PARTITIONERS``.
+      seed: the partition's seed.
+      proxy_fraction: fraction held out as the proxy set; 0 = none.
+      client_indices: the clients' example indices, instead of a partitioner.
+      **partition_kwargs: the partitioner's arguments (e.g. ``alpha=0.1``).
+
+    Returns:
+      A :class:`FederatedDataset` (float32 features, int32 labels).
+
+    Raises:
+      ValueError: mismatched shapes, labels outside ``[0, num_classes)``, an
+        unknown partition, or settings the partitioner cannot meet.
+    """
+    x_train, x_test = (np.asarray(a, np.float32) for a in (x_train, x_test))
+    y_train, y_test = (np.asarray(a).astype(np.int32) for a in (y_train, y_test))
+    if len(x_train) != len(y_train) or len(x_test) != len(y_test):
+        raise ValueError("features and labels must have the same number of examples")
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise ValueError(f"train and test features differ: {x_train.shape} vs {x_test.shape}")
+    if num_classes is None:
+        num_classes = int(max(y_train.max(initial=0), y_test.max(initial=0))) + 1
+    if min(y_train.min(initial=0), y_test.min(initial=0)) < 0 or (
+        max(y_train.max(initial=0), y_test.max(initial=0)) >= num_classes
+    ):
+        raise ValueError(f"labels must lie in [0, {num_classes})")
+    proxy_x = None
+    if client_indices is not None:
+        if proxy_fraction:
+            raise ValueError("proxy_fraction needs a partitioner, not client_indices")
+        parts = [np.asarray(i, np.int64) for i in client_indices]
+    else:
+        if partition not in PARTITIONERS:
+            raise ValueError(
+                f"Unknown partition {partition!r}; choose from {sorted(PARTITIONERS)}."
+            )
+        if proxy_fraction:
+            if not 0 < proxy_fraction < 1:
+                raise ValueError(f"proxy_fraction must be in [0, 1); got {proxy_fraction}.")
+            from sklearn.model_selection import train_test_split
+
+            x_train, proxy_x, y_train, _ = train_test_split(
+                x_train, y_train, test_size=proxy_fraction, stratify=y_train, random_state=0
+            )
+        if num_clients is None:
+            raise ValueError("from_arrays needs num_clients (or client_indices)")
+        parts = PARTITIONERS[partition](y_train, num_clients, seed=seed, **partition_kwargs)
+    return FederatedDataset(
+        name=name,
         train=pack(x_train, y_train, parts),
         test_x=x_test,
         test_y=y_test,
-        num_classes=10,
+        num_classes=num_classes,
         proxy_x=proxy_x,
     )
 
