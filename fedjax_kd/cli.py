@@ -147,6 +147,11 @@ def _main(argv: list[str] | None = None) -> int:
         default=_env_int("FEDJAX_KD_PROCESS_ID"),
         help="this process's id in [0, N) (env FEDJAX_KD_PROCESS_ID)",
     )
+    sub.add_parser(
+        "list",
+        help="the algorithms (with their config keys), models and datasets",
+        usage=("fedjax-kd list"),
+    )
     from fedjax_kd import bench_options  # light: JAX is imported only when a benchmark runs
 
     bench_p = sub.add_parser(
@@ -168,6 +173,13 @@ def _main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     if args.command is None:
         return fail(f"missing command (usage: {USAGE} | fedjax-kd bench|sweep|report ...)")
+    if args.command == "list":
+        if overrides:
+            return fail("list takes no --config.KEY overrides")
+        from fedjax_kd import experiment
+
+        print(experiment.describe_components())
+        return 0
     if args.command == "sweep":
         args.overrides = overrides
         return sweep.run(args)

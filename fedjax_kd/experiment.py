@@ -29,25 +29,12 @@ from fedjax_kd import data as data_lib
 from fedjax_kd.configs import default as default_config
 from fedjax_kd.configs import flatten
 from fedjax_kd.data import DATASETS, PARTITIONERS, FederatedDataset
+from fedjax_kd.spec import AlgorithmSpec, BuildContext
+from fedjax_kd.spec import _never as _never_needs_proxy
 from fedjax_kd.types import FederatedAlgorithm
 
-ALGORITHMS = (
-    "fedavg",
-    "fedprox",
-    "teacher_student",
-    "feddf",
-    "fedntd",
-    "fedkd",
-    "fedmd",
-    "dsfl",
-    "fd",
-)
-#: Algorithms that need the server's unlabeled proxy set (data.proxy_fraction > 0).
-NEEDS_PROXY = ("teacher_student", "feddf", "fedmd", "dsfl")
-#: Algorithms that accept heterogeneous client models (model.student_groups).
-HETEROGENEOUS = ("feddf", "fedmd", "dsfl", "fd")
-# Algorithms with FedProx's systems heterogeneity (client.straggler_fraction).
-STRAGGLERS = ("fedavg", "fedprox", "fedntd", "teacher_student", "feddf")
+#: The built-in algorithms' names (their specs: ``fedjax_kd.algorithms.SPECS``).
+ALGORITHMS = tuple(algorithms.SPECS)
 
 
 class ConfigError(ValueError):
@@ -216,18 +203,134 @@ def resolve(
     Raises:
       ConfigError: unknown key, wrong type or out-of-range value.
     """
-    schema = _flatten(default_config.get_config())
     resolved = default_config.get_config()
     given = _flatten(config) if config is not None else {}
     items = list(given.items()) + list(overrides)
+    # A user's algorithm brings its namespace: add it before checking any key.
+    names = [str(v) for k, v in items if k == "algorithm.name"]
+    if names and models.is_import_path(names[-1]):
+        default_config.add_algorithm(resolved, user_algorithm_spec(names[-1]))
+    schema = _flatten(resolved)
     for key, value in items:
         if key not in schema:
-            close = [k for k in schema if k.split(".")[-1] == key.split(".")[-1]]
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"unknown config key '{key}'{hint}")
+            raise ConfigError(f"unknown config key '{key}'{did_you_mean(key, schema)}")
         _set(resolved, key, _coerce(key, value, schema[key]))
     validate(resolved)
     return resolved
+
+
+#: Keys of the flat ``algorithm.*`` schema before each algorithm had its namespace.
+RENAMED_KEYS = {
+    "algorithm.mu": "fedprox.mu",
+    "algorithm.kd_weight": "teacher_student.kd_weight",
+    "algorithm.temperature": "teacher_student.temperature",
+    "algorithm.kd_start_round": "teacher_student.kd_start_round",
+    "algorithm.ntd_beta": "fedntd.beta",
+    "algorithm.ntd_tau": "fedntd.temperature",
+    "algorithm.fedkd_t_start": "fedkd.energy_start",
+    "algorithm.fedkd_t_end": "fedkd.energy_end",
+    "algorithm.fedkd_compress": "fedkd.compress",
+    "algorithm.fedkd_stop_gradient_denominator": "fedkd.stop_gradient_denominator",
+    "algorithm.public_size": "fedmd.public_size or dsfl.public_size",
+    "algorithm.public_epochs": "fedmd.public_epochs or dsfl.public_epochs",
+    "algorithm.public_batch_size": "fedmd.public_batch_size or dsfl.public_batch_size",
+    "algorithm.era_temperature": "dsfl.temperature",
+    "algorithm.dsfl_aggregation": "dsfl.aggregation",
+    "algorithm.fd_gamma": "fd.gamma",
+}
+
+
+def did_you_mean(key: str, known: Iterable[str]) -> str:
+    """``"; did you mean 'K'?"`` for the closest known key (same last part first), or ""."""
+    import difflib
+
+    if key in RENAMED_KEYS:
+        return f"; it is now '{RENAMED_KEYS[key]}' (each algorithm has its own namespace)"
+    known = list(known)
+    last = key.split(".")[-1]
+    close = [k for k in known if k.split(".")[-1] == last]
+    close = close or difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def user_algorithm_spec(path: str) -> AlgorithmSpec:
+    """The :class:`~fedjax_kd.spec.AlgorithmSpec` a user's ``package.module:SPEC`` names.
+
+    ``SPEC`` may be the spec itself or a function without arguments returning one.
+
+    Raises:
+      ConfigError: it does not resolve, or is not a spec.
+    """
+    try:
+        found = models.resolve_import_path(path)
+        if callable(found) and not isinstance(found, AlgorithmSpec):
+            found = found()
+    except ValueError as e:
+        raise ConfigError(f"config key 'algorithm.name': {e}") from None
+    except Exception as e:  # a user's function failed: one line
+        raise ConfigError(
+            f"config key 'algorithm.name': {path} raised {type(e).__name__}: {e}"
+        ) from None
+    if not isinstance(found, AlgorithmSpec):
+        raise ConfigError(
+            f"config key 'algorithm.name': {path} is not a fedjax_kd.spec.AlgorithmSpec "
+            f"(got {type(found).__name__})"
+        )
+    return found
+
+
+def describe_components(specs: Iterable[AlgorithmSpec] | None = None) -> str:
+    """What ``fedjax-kd list`` prints: algorithms with their keys, models, datasets.
+
+    Generated from the specs (``fedjax_kd.algorithms.SPECS``, or ``specs``).
+    """
+    specs = list(algorithms.SPECS.values() if specs is None else specs)
+    lines = ["algorithms (--config.algorithm.name=NAME, or package.module:SPEC):"]
+    for spec in specs:
+        lines.append(f"  {spec.name:<16} {spec.help}")
+        needs = [*spec.supports()]
+        if spec.needs_proxy is not _never_needs_proxy:
+            needs.append("proxy set (data.proxy_fraction)")
+        if needs:
+            lines.append(f"  {'':<16} supports/needs: {', '.join(needs)}")
+        for hyper_name, hyper in spec.hypers.items():
+            key = f"{spec.name}.{hyper_name}"
+            allowed = hyper.allowed or (" | ".join(hyper.choices) if hyper.choices else "")
+            detail = f"{hyper.help}" + (f" ({allowed})" if allowed else "")
+            lines.append(f"    {key} = {_format_default(hyper.default)}: {detail}")
+    lines += [
+        "",
+        "models (--config.model.student / model.teacher / model.student_groups):",
+        "  linear           multinomial logistic regression",
+        "  mlp-W1[-W2...]   ReLU MLP with these hidden widths, e.g. mlp-64, mlp-256-256",
+        "  cnn-C1[-C2...]   3x3 ReLU convolutions with these channels, e.g. cnn-16-32",
+        "  pkg.mod:function a user's Flax NNX or Linen model (README: bring your own)",
+        "",
+        "datasets (--config.data.name):",
+        "  digits           scikit-learn's 8x8 digits, partitioned by data.partition",
+        "  synthetic        FedProx's Synthetic(alpha, beta), one client per user",
+        "  pkg.mod:function a user's arrays or FederatedDataset (README: bring your own)",
+        "",
+        f"partitions (--config.data.partition): {', '.join(PARTITIONERS)}",
+    ]
+    return "\n".join(lines)
+
+
+def _format_default(value) -> str:
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
+def algorithm_spec(config: ml_collections.ConfigDict) -> AlgorithmSpec:
+    """The spec of ``config.algorithm.name``: a built-in or a user's import path."""
+    name = config.algorithm.name
+    if models.is_import_path(name):
+        return user_algorithm_spec(name)
+    if name not in algorithms.SPECS:
+        raise ConfigError(
+            f"config key 'algorithm.name' must be one of {', '.join(ALGORITHMS)} "
+            f"(or package.module:SPEC), got {name!r}"
+        )
+    return algorithms.SPECS[name]
 
 
 def _check(ok: bool, key: str, allowed: str, value) -> None:
@@ -282,19 +385,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
             0 <= c.client.straggler_fraction <= 1,
             "in [0, 1]",
         ),
-        ("algorithm.mu", c.algorithm.mu >= 0, ">= 0"),
-        ("algorithm.kd_weight", c.algorithm.kd_weight >= 0, ">= 0"),
-        ("algorithm.temperature", c.algorithm.temperature > 0, "> 0"),
-        ("algorithm.kd_start_round", c.algorithm.kd_start_round >= 0, ">= 0"),
-        ("algorithm.ntd_beta", c.algorithm.ntd_beta >= 0, ">= 0"),
-        ("algorithm.ntd_tau", c.algorithm.ntd_tau > 0, "> 0"),
-        ("algorithm.fedkd_t_start", 0 < c.algorithm.fedkd_t_start <= 1, "in (0, 1]"),
-        ("algorithm.fedkd_t_end", 0 < c.algorithm.fedkd_t_end <= 1, "in (0, 1]"),
-        ("algorithm.public_size", c.algorithm.public_size >= 1, ">= 1"),
-        ("algorithm.public_epochs", c.algorithm.public_epochs >= 1, ">= 1"),
-        ("algorithm.public_batch_size", c.algorithm.public_batch_size >= 1, ">= 1"),
-        ("algorithm.era_temperature", c.algorithm.era_temperature > 0, "> 0"),
-        ("algorithm.fd_gamma", c.algorithm.fd_gamma >= 0, ">= 0"),
         ("data.proxy_fraction", 0 <= c.data.proxy_fraction < 1, "in [0, 1)"),
         ("server.distill_steps", c.server.distill_steps >= 0, ">= 0"),
         ("server.distill_lr", c.server.distill_lr > 0, "> 0"),
@@ -320,28 +410,30 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _choice(c, "data.partition", PARTITIONERS)
     _choice(c, "data.synthetic_partition", ["natural", *PARTITIONERS])
     _choice(c, "client.optimizer", optimizers.CLIENT_OPTIMIZERS)
-    _choice(c, "algorithm.name", ALGORITHMS)
+    spec = algorithm_spec(c)
+    specs = {**algorithms.SPECS, spec.name: spec}
+    for other in specs.values():  # every namespace in the config, whichever runs
+        for hyper_name, hyper in other.hypers.items():
+            key = f"{other.name}.{hyper_name}"
+            message = hyper.error(key, flat[key])
+            if message:
+                raise ConfigError(message)
     _choice(c, "server.optimizer", optimizers.SERVER_OPTIMIZERS)
-    _choice(c, "algorithm.dsfl_aggregation", ("era", "mean"))
     for key in ("model.student", "model.teacher"):
         _check_model_name(flat[key], key)
     for name in group_names(c):
         _check_model_name(name, "model.student_groups")
-    name = c.algorithm.name
-    uses_server_distill = name in ("teacher_student", "feddf") and c.server.distill_steps > 0
-    if (
-        name in NEEDS_PROXY
-        and c.data.proxy_fraction == 0
-        and (uses_server_distill or name in ("fedmd", "dsfl"))
-    ):
+    name = spec.name
+    if spec.needs_proxy(c) and c.data.proxy_fraction == 0:
         raise ConfigError(
             f"algorithm '{name}' distils on a server proxy set: set data.proxy_fraction > 0 "
             "(e.g. --config.data.proxy_fraction=0.1)"
         )
-    if c.client.straggler_fraction > 0 and name not in STRAGGLERS:
+    if c.client.straggler_fraction > 0 and not spec.stragglers:
+        with_stragglers = [s.name for s in algorithms.SPECS.values() if s.stragglers]
         raise ConfigError(
             f"config key 'client.straggler_fraction': algorithm '{name}' has no stragglers; "
-            f"they work with {', '.join(STRAGGLERS)}"
+            f"they work with {', '.join(with_stragglers)}"
         )
     if c.client.straggler_fraction > 0 and not c.client.drop_stragglers and c.client.epochs < 2:
         raise ConfigError(
@@ -357,10 +449,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
             "(client.drop_stragglers=true); lower it"
         )
     groups = len(group_names(c))
-    if groups > 1 and name not in HETEROGENEOUS:
+    if groups > 1 and not spec.groups:
+        with_groups = [s.name for s in algorithms.SPECS.values() if s.groups]
         raise ConfigError(
             f"config key 'model.student_groups': algorithm '{name}' needs one model; "
-            f"heterogeneous groups work with {', '.join(HETEROGENEOUS)}"
+            f"heterogeneous groups work with {', '.join(with_groups)}"
         )
     if groups > 1 and c.clients_per_round % groups:
         raise ConfigError(
@@ -506,109 +599,61 @@ def _create_model(name: str, dataset: FederatedDataset, key: str):
 def build_algorithm(
     config: ml_collections.ConfigDict, dataset: FederatedDataset
 ) -> FederatedAlgorithm:
-    """Maps ``config.algorithm``/``client``/``server`` to an algorithm builder's arguments."""
-    student = build_model(config, dataset, "student")
+    """Builds the algorithm ``config.algorithm.name`` names, through its spec.
+
+    The context holds what every spec may use (models, optimizers, the FedAvg
+    and personal families' arguments, stragglers, server distillation); the
+    spec's ``build`` picks its arguments. A builder's ValueError becomes a
+    ConfigError naming the hyperparameter's key when the message names one.
+    """
+    spec = algorithm_spec(config)
     c, s = config.client, config.server
-    common = dict(
-        client_optimizer=optimizers.client_optimizer(c.optimizer, lr=c.lr, momentum=c.momentum),
-        server_optimizer=optimizers.server_optimizer(
-            s.optimizer, lr=s.lr, momentum=s.momentum, b1=s.b1, b2=s.b2, eps=s.eps
+    student = build_model(config, dataset, "student")
+    client_optimizer = optimizers.client_optimizer(c.optimizer, lr=c.lr, momentum=c.momentum)
+    ctx = BuildContext(
+        hp=dict(config[spec.name]) if spec.hypers else {},
+        config=config,
+        dataset=dataset,
+        student=student,
+        teacher=build_model(config, dataset, "teacher") if spec.teacher else None,
+        group_models=(
+            [_create_model(n, dataset, "model.student_groups") for n in group_names(config)]
+            if spec.groups
+            else [student]
         ),
-        epochs=c.epochs,
-        batch_size=c.batch_size,
-        uniform_weighting=config.algorithm.uniform_weighting,
-    )
-    a = config.algorithm
-    distill_kwargs = dict(
-        distill_optimizer=optax.chain(optax.clip_by_global_norm(5.0), optax.adam(s.distill_lr)),
-        distill_steps=s.distill_steps,
-        distill_batch_size=s.distill_batch_size,
-    )
-    name = a.name
-    stragglers = dict(straggler_fraction=c.straggler_fraction, drop_stragglers=c.drop_stragglers)
-    if name == "fedavg":
-        return algorithms.fed_avg(student, **stragglers, **common)
-    if name == "fedprox":
-        return algorithms.fed_prox(student, mu=a.mu, **stragglers, **common)
-    if name == "fedntd":
-        return algorithms.fed_ntd(student, beta=a.ntd_beta, tau=a.ntd_tau, **stragglers, **common)
-    if name == "teacher_student":
-        return algorithms.teacher_student(
-            student,
-            build_model(config, dataset, "teacher"),
-            kd_weight=a.kd_weight,
-            temperature=a.temperature,
-            kd_start_round=a.kd_start_round,
-            distill_temperature=s.distill_temperature,
-            **distill_kwargs,
-            **stragglers,
-            **common,
-        )
-    if name == "fedkd":
-        return algorithms.fed_kd(
-            student,
-            build_model(config, dataset, "teacher"),
+        common=dict(
+            client_optimizer=client_optimizer,
+            server_optimizer=optimizers.server_optimizer(
+                s.optimizer, lr=s.lr, momentum=s.momentum, b1=s.b1, b2=s.b2, eps=s.eps
+            ),
+            epochs=c.epochs,
+            batch_size=c.batch_size,
+            uniform_weighting=config.algorithm.uniform_weighting,
+        ),
+        personal=dict(
             num_clients=dataset.num_clients,
-            rounds=config.rounds,
-            t_start=a.fedkd_t_start,
-            t_end=a.fedkd_t_end,
-            compress=a.fedkd_compress,
-            stop_gradient_denominator=a.fedkd_stop_gradient_denominator,
-            **common,
-        )
-    group_models = [_create_model(n, dataset, "model.student_groups") for n in group_names(config)]
-    if name == "feddf":
-        return algorithms.fed_df(
-            group_models,
-            temperature=s.distill_temperature,
-            **distill_kwargs,
-            **stragglers,
-            **common,
-        )
-    personal = dict(
-        num_clients=dataset.num_clients,
-        client_optimizer=common["client_optimizer"],
-        epochs=c.epochs,
-        batch_size=c.batch_size,
+            client_optimizer=client_optimizer,
+            epochs=c.epochs,
+            batch_size=c.batch_size,
+        ),
+        stragglers=dict(straggler_fraction=c.straggler_fraction, drop_stragglers=c.drop_stragglers),
+        distill=dict(
+            distill_optimizer=optax.chain(optax.clip_by_global_norm(5.0), optax.adam(s.distill_lr)),
+            distill_steps=s.distill_steps,
+            distill_batch_size=s.distill_batch_size,
+        ),
     )
-    if name in ("fedmd", "dsfl"):
-        num_proxy = 0 if dataset.proxy_x is None else len(dataset.proxy_x)
-        if a.public_size > num_proxy:
-            raise ConfigError(
-                f"config key 'algorithm.public_size' must be <= the {num_proxy} proxy examples "
-                f"(data.proxy_fraction), got {a.public_size}"
-            )
-    if name == "fedmd":
-        return algorithms.fed_md(
-            group_models,
-            public_size=a.public_size,
-            digest_epochs=a.public_epochs,
-            digest_batch_size=a.public_batch_size,
-            **personal,
-        )
-    if name == "dsfl":
-        return algorithms.ds_fl(
-            group_models,
-            public_size=a.public_size,
-            era_temperature=a.era_temperature,
-            aggregation=a.dsfl_aggregation,
-            distill_epochs=a.public_epochs,
-            distill_batch_size=a.public_batch_size,
-            **personal,
-        )
-    if name == "fd":
-        return algorithms.fd(
-            group_models, num_classes=dataset.num_classes, gamma=a.fd_gamma, **personal
-        )
-    raise ConfigError(f"config key 'algorithm.name' must be one of {ALGORITHMS}, got {name!r}")
+    try:
+        return spec.build(ctx)
+    except ValueError as e:
+        keys = [f"{spec.name}.{h}" for h in spec.hypers if h in str(e)]
+        where = f"config key '{keys[0]}'" if keys else f"algorithm '{spec.name}'"
+        raise ConfigError(f"{where}: {e}") from None
 
 
 #: Config keys a checkpointed run may change when it resumes: its length (a larger
 #: ``rounds`` extends a finished run) and its checkpoint cadence.
 RESUMABLE_KEYS = ("rounds", "checkpoint_every")
-#: Algorithms whose schedule depends on the total ``rounds`` (FedKD's SVD energy
-#: threshold): extending them would not equal an uninterrupted longer run.
-ROUNDS_DEPENDENT = ("fedkd",)
 
 
 def config_conflicts(workdir: str | os.PathLike, config: ml_collections.ConfigDict):
@@ -618,7 +663,7 @@ def config_conflicts(workdir: str | os.PathLike, config: ml_collections.ConfigDi
       ``["key old -> new", ...]`` (empty when compatible), or None when the
       workdir has no ``config.json``. A key missing from an older
       ``config.json`` counts as its default; :data:`RESUMABLE_KEYS` may differ
-      (``rounds`` not for :data:`ROUNDS_DEPENDENT` algorithms).
+      (``rounds`` not for algorithms whose spec is ``rounds_dependent``).
 
     Raises:
       ValueError: ``config.json`` is unreadable or not a JSON object.
@@ -632,9 +677,11 @@ def config_conflicts(workdir: str | os.PathLike, config: ml_collections.ConfigDi
         raise ValueError(str(e.strerror or e)) from None
     if not isinstance(old, dict):
         raise ValueError("not a JSON object")
+    spec = algorithm_spec(config)
     before, defaults = flatten(old), _flatten(default_config.get_config())
+    defaults.update({f"{spec.name}.{k}": v for k, v in spec.defaults().items()})
     resumable = set(RESUMABLE_KEYS)
-    if config.algorithm.name in ROUNDS_DEPENDENT:
+    if spec.rounds_dependent:
         resumable.discard("rounds")  # its schedule spans config.rounds
     return [
         f"{key} {before.get(key, defaults[key])!r} -> {value!r}"

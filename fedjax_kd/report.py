@@ -68,8 +68,8 @@ class Run(NamedTuple):
 
     Attributes:
       path: the directory.
-      config: its ``config.json`` flattened to dotted keys (missing schema keys
-        at their defaults).
+      config: its ``config.json`` flattened to dotted keys, as written
+        (:func:`group_runs` fills keys other runs have from the schema).
       records: the parsed lines of ``metrics.jsonl`` (one per evaluation).
       finished: whether ``summary.json`` exists.
     """
@@ -108,8 +108,9 @@ def _schema_defaults() -> dict:
 def load_run(path: str | os.PathLike) -> Run:
     """Reads one run directory; a torn last line of ``metrics.jsonl`` is ignored.
 
-    Config keys missing from ``config.json`` (added to the schema since the run)
-    take their defaults, so old and new runs of the same config group together.
+    Config keys missing from ``config.json`` (added to the schema since the
+    run) take their defaults when the runs are grouped (:func:`group_runs`),
+    so old and new runs of the same config group together.
 
     Raises:
       ReportError: unreadable ``config.json`` or ``metrics.jsonl``.
@@ -132,9 +133,22 @@ def load_run(path: str | os.PathLike) -> Run:
             if i == len(lines) - 1:
                 break  # written while we read it
             raise ReportError(f"{path}/metrics.jsonl: line {i + 1} is not JSON") from None
-    return Run(
-        path, {**_schema_defaults(), **flatten(config)}, records, (path / "summary.json").is_file()
-    )
+    return Run(path, flatten(config), records, (path / "summary.json").is_file())
+
+
+def _complete(runs: Sequence[Run]) -> list[Run]:
+    """Runs whose configs lack keys that others have take the schema's defaults there.
+
+    Only then is the schema (``configs/default.py``, which imports the
+    algorithms and so JAX) loaded: runs written by one version of the code
+    all have the same keys.
+    """
+    keys = set().union(*(run.config for run in runs)) if runs else set()
+    if all(set(run.config) == keys for run in runs):
+        return list(runs)
+    defaults = _schema_defaults()
+    fill = {k: defaults[k] for k in keys if k in defaults}
+    return [run._replace(config={**fill, **run.config}) for run in runs]
 
 
 def _format_value(value) -> str:
@@ -158,7 +172,7 @@ def group_runs(runs: Sequence[Run]) -> list[tuple[str, dict, list[Run]]]:
       ``algorithm.name`` when there is one group).
     """
     groups: dict[str, list[Run]] = {}
-    for run in runs:
+    for run in _complete(runs):
         rest = {k: v for k, v in run.config.items() if k not in NOT_GROUPED}
         groups.setdefault(json.dumps(rest, sort_keys=True), []).append(run)
     members = list(groups.values())

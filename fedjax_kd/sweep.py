@@ -11,7 +11,7 @@ config file's optional ``get_sweep(variant=None)``::
 
     def get_sweep(variant=None):
         return {
-            "grid": {"algorithm.name": ["fedavg", "fedprox"], "algorithm.mu": [0.01, 0.1]},
+            "grid": {"algorithm.name": ["fedavg", "fedprox"], "fedprox.mu": [0.01, 0.1]},
             # or a list of such dicts: the union of their cross products
             "seeds": [0, 1, 2],
         }
@@ -102,8 +102,8 @@ def value_string(value) -> str:
 def point_name(overrides: Sequence[tuple[str, str]]) -> str:
     """A readable, filesystem-safe directory name for a grid point.
 
-    ``[("algorithm.name", "fedprox"), ("algorithm.mu", "1.0")]`` ->
-    ``algorithm.name-fedprox__algorithm.mu-1.0``. Characters other than letters,
+    ``[("algorithm.name", "fedprox"), ("fedprox.mu", "1.0")]`` ->
+    ``algorithm.name-fedprox__fedprox.mu-1.0``. Characters other than letters,
     digits, ``.``, ``+``, ``-`` and ``_`` become ``_``; a name longer than
     :data:`MAX_NAME_LENGTH` is cut and ends in a hash of the full name. No
     overrides -> :data:`BASE_NAME`.

@@ -14,7 +14,8 @@ TINY = [
     ("model.teacher", "mlp-16"),
     ("client.epochs", "1"),
     ("server.distill_steps", "3"),
-    ("algorithm.public_size", "32"),
+    ("fedmd.public_size", "32"),
+    ("dsfl.public_size", "32"),
 ]
 
 

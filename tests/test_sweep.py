@@ -27,8 +27,8 @@ def no_run(monkeypatch):
 
 
 def test_point_name():
-    name = sweep.point_name([("algorithm.name", "fedprox"), ("algorithm.mu", "1.0")])
-    assert name == "algorithm.name-fedprox__algorithm.mu-1.0"
+    name = sweep.point_name([("algorithm.name", "fedprox"), ("fedprox.mu", "1.0")])
+    assert name == "algorithm.name-fedprox__fedprox.mu-1.0"
     assert sweep.point_name([("model.student_groups", "mlp-8,cnn 4/x")]) == (
         "model.student_groups-mlp-8_cnn_4_x"
     )
@@ -87,7 +87,7 @@ def get_config(variant=None):
     return c
 
 def get_sweep(variant=None):
-    grid = {"algorithm.mu": [0.0, 0.5]}
+    grid = {"fedprox.mu": [0.0, 0.5]}
     if variant == "smoke":
         return {"grid": [grid, {"algorithm.name": ["fedavg"]}], "seeds": [3, 4]}
     return {"grid": grid}
@@ -101,9 +101,9 @@ def test_config_variants_and_get_sweep(tmp_path):
     assert experiment.load_config_file(f"{f}:smoke").rounds == 2
     with pytest.raises(experiment.ConfigError, match="failed: KeyError"):
         experiment.load_config_file(f"{f}:nope")
-    assert sweep.load_sweep_file(f) == {"grid": [{"algorithm.mu": ["0.0", "0.5"]}], "seeds": None}
+    assert sweep.load_sweep_file(f) == {"grid": [{"fedprox.mu": ["0.0", "0.5"]}], "seeds": None}
     assert sweep.load_sweep_file(f"{f}:smoke") == {
-        "grid": [{"algorithm.mu": ["0.0", "0.5"]}, {"algorithm.name": ["fedavg"]}],
+        "grid": [{"fedprox.mu": ["0.0", "0.5"]}, {"algorithm.name": ["fedavg"]}],
         "seeds": [3, 4],
     }
 
@@ -198,7 +198,7 @@ def test_bad_sweep_exits_2_before_running(tmp_path, capsys, no_run, extra, messa
 def test_sweep_from_get_sweep_refuses_a_workdir_of_another_config(tmp_path, capsys, no_run):
     f = tmp_path / "cfg.py"
     f.write_text(CONFIG_FILE)
-    stale = tmp_path / "w" / "algorithm.mu-0.0" / "seed3"
+    stale = tmp_path / "w" / "fedprox.mu-0.0" / "seed3"
     stale.mkdir(parents=True)
     config = experiment.resolve(overrides=[("rounds", "5")])
     (stale / "config.json").write_text(json.dumps(config.to_dict()))
@@ -213,17 +213,17 @@ def test_sweep_plan_from_get_sweep(tmp_path, capsys, monkeypatch):
     calls = []
 
     def fake_run(config, *, workdir, progress):
-        calls.append((config.rounds, config.seed, config.algorithm.mu, workdir))
+        calls.append((config.rounds, config.seed, config.fedprox.mu, workdir))
         return simulate.RunResult(state=None, history=[], summary={"test_accuracy": 0.5})
 
     monkeypatch.setattr(experiment, "run", fake_run)
     assert cli.main(["sweep", "--config", f"{f}:smoke", "--workdir", str(tmp_path / "w")]) == 0
     w = tmp_path / "w"
     assert calls == [
-        (2, 3, 0.0, w / "algorithm.mu-0.0" / "seed3"),
-        (2, 4, 0.0, w / "algorithm.mu-0.0" / "seed4"),
-        (2, 3, 0.5, w / "algorithm.mu-0.5" / "seed3"),
-        (2, 4, 0.5, w / "algorithm.mu-0.5" / "seed4"),
+        (2, 3, 0.0, w / "fedprox.mu-0.0" / "seed3"),
+        (2, 4, 0.0, w / "fedprox.mu-0.0" / "seed4"),
+        (2, 3, 0.5, w / "fedprox.mu-0.5" / "seed3"),
+        (2, 4, 0.5, w / "fedprox.mu-0.5" / "seed4"),
         (2, 3, 0.01, w / "algorithm.name-fedavg" / "seed3"),
         (2, 4, 0.01, w / "algorithm.name-fedavg" / "seed4"),
     ]

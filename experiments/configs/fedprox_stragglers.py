@@ -51,7 +51,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.client.epochs = 20
     c.client.max_examples = 0  # the paper trains on all of a user's data
     c.algorithm.name = "fedprox"
-    c.algorithm.mu = 1.0
+    c.fedprox.mu = 1.0
     c.client.straggler_fraction = 0.9
     if variant == "smoke":
         c.rounds = 2
@@ -73,7 +73,7 @@ def get_sweep(variant: str | None = None) -> dict:
             },
             {
                 "algorithm.name": ["fedprox"],
-                "algorithm.mu": [0.0, 1.0],
+                "fedprox.mu": [0.0, 1.0],
                 "client.straggler_fraction": FRACTIONS,
             },
         ],

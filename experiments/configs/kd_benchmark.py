@@ -42,14 +42,14 @@ DATASET_OVERRIDES = {
 #: Per algorithm: what the papers tuned (on top of the base config).
 ALGORITHM_OVERRIDES = {
     "fedavg": {},
-    "fedprox": {"algorithm.mu": 0.01},
-    "fedntd": {"algorithm.ntd_beta": 1.0, "algorithm.ntd_tau": 1.0},
-    "teacher_student": {"algorithm.kd_weight": 1.0, "server.distill_steps": 50},
+    "fedprox": {"fedprox.mu": 0.01},
+    "fedntd": {"fedntd.beta": 1.0, "fedntd.temperature": 1.0},
+    "teacher_student": {"teacher_student.kd_weight": 1.0, "server.distill_steps": 50},
     "feddf": {"server.distill_steps": 50},
     "fedkd": {},
-    "fedmd": {"algorithm.public_size": 128},
-    "dsfl": {"algorithm.public_size": 128, "algorithm.era_temperature": 0.1},
-    "fd": {"algorithm.fd_gamma": 1.0},
+    "fedmd": {"fedmd.public_size": 128},
+    "dsfl": {"dsfl.public_size": 128, "dsfl.temperature": 0.1},
+    "fd": {"fd.gamma": 1.0},
 }
 
 

@@ -56,8 +56,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.client.epochs = 5
     c.client.batch_size = 10
     c.algorithm.name = "teacher_student"
-    c.algorithm.kd_weight = 1.0
-    c.algorithm.temperature = 1.0
+    c.teacher_student.kd_weight = 1.0
+    c.teacher_student.temperature = 1.0
     c.server.distill_steps = 50
     if variant == "smoke":
         c.rounds = 2

@@ -10,7 +10,21 @@ from fedjax_kd.algorithms.fed_ntd import fed_ntd
 from fedjax_kd.algorithms.fed_prox import fed_prox
 from fedjax_kd.algorithms.teacher_student import teacher_student
 
+
+def _specs() -> dict:
+    import importlib
+
+    modules = ("fed_avg", "fed_prox", "teacher_student", "fed_df", "fed_ntd", "fed_kd")
+    modules += ("fed_md", "ds_fl", "fd")
+    specs = [importlib.import_module(f"fedjax_kd.algorithms.{m}").SPEC for m in modules]
+    return {spec.name: spec for spec in specs}
+
+
+#: The built-in algorithms' specs by ``algorithm.name`` (each module's ``SPEC``).
+SPECS = _specs()
+
 __all__ = [
+    "SPECS",
     "ds_fl",
     "fd",
     "fed_avg",

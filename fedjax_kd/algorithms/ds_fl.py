@@ -99,6 +99,7 @@ from fedjax_kd.algorithms.personal import (
     upload_sums,
 )
 from fedjax_kd.client import local_train
+from fedjax_kd.spec import AlgorithmSpec, BuildContext, Hyper, at_least, positive
 from fedjax_kd.types import FederatedAlgorithm, Params
 
 AGGREGATIONS = ("era", "mean")
@@ -323,3 +324,38 @@ def ds_fl(
         eval_models=eval_models,
         sample_cohort=group_sampler(num_groups),
     )
+
+
+def _build(ctx: BuildContext) -> FederatedAlgorithm:
+    from fedjax_kd.algorithms.fed_md import check_public_size
+
+    hp = ctx.hp
+    check_public_size(hp["public_size"], ctx.dataset)
+    return ds_fl(
+        ctx.group_models,
+        public_size=hp["public_size"],
+        era_temperature=hp["temperature"],
+        aggregation=hp["aggregation"],
+        distill_epochs=hp["public_epochs"],
+        distill_batch_size=hp["public_batch_size"],
+        **ctx.personal,
+    )
+
+
+#: How the experiment layer builds DS-FL (``algorithm.name=dsfl``, keys ``dsfl.*``).
+SPEC = AlgorithmSpec(
+    name="dsfl",
+    help="DS-FL (Itahara et al. 2020): soft labels on a public subset, entropy-reduction "
+    "aggregation",
+    build=_build,
+    hypers={
+        "public_size": Hyper(128, "public (proxy) examples drawn per round", **at_least(1)),
+        "public_epochs": Hyper(1, "distillation epochs over the public subset", **at_least(1)),
+        "public_batch_size": Hyper(32, "distillation minibatch size", **at_least(1)),
+        "temperature": Hyper(0.1, "entropy-reduction (ERA) temperature T", **positive()),
+        "aggregation": Hyper("era", "era (entropy reduction) or mean", choices=("era", "mean")),
+    },
+    needs_proxy=lambda config: True,
+    groups=True,
+    per_client_state=True,
+)

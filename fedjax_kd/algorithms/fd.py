@@ -84,6 +84,7 @@ from fedjax_kd.algorithms.personal import (
 )
 from fedjax_kd.client import local_train, sum_batches
 from fedjax_kd.compress import tree_bytes
+from fedjax_kd.spec import AlgorithmSpec, BuildContext, Hyper, at_least
 from fedjax_kd.types import ApplyFn, FederatedAlgorithm
 
 LABEL_WEIGHTINGS = ("count", "uniform")
@@ -347,3 +348,23 @@ def fd(
         eval_models=eval_models,
         sample_cohort=group_sampler(num_groups),
     )
+
+
+def _build(ctx: BuildContext) -> FederatedAlgorithm:
+    return fd(
+        ctx.group_models,
+        num_classes=ctx.dataset.num_classes,
+        gamma=ctx.hp["gamma"],
+        **ctx.personal,
+    )
+
+
+#: How the experiment layer builds FD (``algorithm.name=fd``, keys ``fd.*``).
+SPEC = AlgorithmSpec(
+    name="fd",
+    help="FD (Jeong et al. 2018): distillation to the other clients' per-label mean softmax",
+    build=_build,
+    hypers={"gamma": Hyper(1.0, "weight gamma of the distillation term", **at_least(0))},
+    groups=True,
+    per_client_state=True,
+)

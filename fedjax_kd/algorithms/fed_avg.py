@@ -34,6 +34,7 @@ from fedjax_kd import aggregate
 from fedjax_kd.client import ClientUpdateFn, make_client_update
 from fedjax_kd.compress import tree_bytes
 from fedjax_kd.data.federated import as_cohort
+from fedjax_kd.spec import AlgorithmSpec, BuildContext
 from fedjax_kd.types import FederatedAlgorithm, PyTree, ServerState
 
 
@@ -321,3 +322,16 @@ def from_client_update(
         return {"global": (model.apply, state.params)}
 
     return FederatedAlgorithm(init=init, round=round_fn, eval_models=eval_models)
+
+
+def _build(ctx: BuildContext) -> FederatedAlgorithm:
+    return fed_avg(ctx.student, **ctx.stragglers, **ctx.common)
+
+
+#: How the experiment layer builds FedAvg (``algorithm.name=fedavg``).
+SPEC = AlgorithmSpec(
+    name="fedavg",
+    help="FedAvg (McMahan et al. 2017); FedAvgM/FedAdam/FedYogi/FedAdagrad via server.optimizer",
+    build=_build,
+    stragglers=True,
+)

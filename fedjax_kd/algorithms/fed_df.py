@@ -46,6 +46,7 @@ from fedjax_kd.algorithms.fed_avg import (
 )
 from fedjax_kd.client import make_client_update
 from fedjax_kd.data.federated import as_cohort
+from fedjax_kd.spec import AlgorithmSpec, BuildContext
 from fedjax_kd.types import FederatedAlgorithm, PyTree
 
 
@@ -220,3 +221,25 @@ def fed_df(
         eval_models=eval_models,
         sample_cohort=cohort.group_sampler(num_groups),
     )
+
+
+def _build(ctx: BuildContext) -> FederatedAlgorithm:
+    return fed_df(
+        ctx.group_models,
+        temperature=ctx.config.server.distill_temperature,
+        **ctx.distill,
+        **ctx.stragglers,
+        **ctx.common,
+    )
+
+
+#: How the experiment layer builds FedDF (its settings are ``server.distill_*``).
+SPEC = AlgorithmSpec(
+    name="feddf",
+    help="FedDF (Lin et al. 2020): FedAvg then ensemble distillation on the proxy set; "
+    "architecture groups",
+    build=_build,
+    needs_proxy=lambda config: config.server.distill_steps > 0,
+    groups=True,
+    stragglers=True,
+)

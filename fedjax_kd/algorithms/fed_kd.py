@@ -88,6 +88,7 @@ from fedjax_kd import cohort as cohort_lib
 from fedjax_kd.client import local_train, sum_batches
 from fedjax_kd.compress import compress_tree, energy_threshold, tree_bytes
 from fedjax_kd.data.federated import as_cohort
+from fedjax_kd.spec import AlgorithmSpec, BuildContext, Hyper, fraction
 from fedjax_kd.types import FederatedAlgorithm, Params, PyTree
 
 KL_REDUCTIONS = ("batchmean", "mean")
@@ -403,3 +404,40 @@ def fed_kd(
         return {"mentee": (mentee.apply, state.params), "mentors": (mentors_apply, state.mentors)}
 
     return FederatedAlgorithm(init=init, round=round_fn, eval_models=eval_models)
+
+
+def _build(ctx: BuildContext) -> FederatedAlgorithm:
+    hp = ctx.hp
+    return fed_kd(
+        ctx.student,
+        ctx.teacher,
+        num_clients=ctx.dataset.num_clients,
+        rounds=ctx.config.rounds,
+        t_start=hp["energy_start"],
+        t_end=hp["energy_end"],
+        compress=hp["compress"],
+        stop_gradient_denominator=hp["stop_gradient_denominator"],
+        **ctx.common,
+    )
+
+
+#: How the experiment layer builds FedKD (``algorithm.name=fedkd``, keys ``fedkd.*``).
+SPEC = AlgorithmSpec(
+    name="fedkd",
+    help="FedKD (Wu et al. 2022): private mentors (model.teacher), adaptive mutual "
+    "distillation, SVD-compressed updates",
+    build=_build,
+    hypers={
+        "energy_start": Hyper(
+            0.95, "SVD energy threshold T_start at the first round", **fraction()
+        ),
+        "energy_end": Hyper(0.98, "SVD energy threshold T_end at the last round", **fraction()),
+        "compress": Hyper(True, "SVD-compress the mentee updates, both ways"),
+        "stop_gradient_denominator": Hyper(
+            True, "treat the adaptive distillation weight's denominator as a constant"
+        ),
+    },
+    teacher=True,
+    rounds_dependent=True,
+    per_client_state=True,
+)

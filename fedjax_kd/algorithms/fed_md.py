@@ -90,6 +90,7 @@ from fedjax_kd.algorithms.personal import (
     upload_mean,
     upload_sums,
 )
+from fedjax_kd.spec import AlgorithmSpec, BuildContext, Hyper, at_least
 from fedjax_kd.types import FederatedAlgorithm
 
 # --- FedMD ---
@@ -216,3 +217,41 @@ def fed_md(
         eval_models=eval_models,
         sample_cohort=group_sampler(num_groups),
     )
+
+
+def _build(ctx: BuildContext) -> FederatedAlgorithm:
+    hp = ctx.hp
+    check_public_size(hp["public_size"], ctx.dataset)
+    return fed_md(
+        ctx.group_models,
+        public_size=hp["public_size"],
+        digest_epochs=hp["public_epochs"],
+        digest_batch_size=hp["public_batch_size"],
+        **ctx.personal,
+    )
+
+
+def check_public_size(public_size: int, dataset) -> None:
+    """Raises ValueError unless ``public_size`` fits the dataset's proxy set."""
+    num_proxy = 0 if dataset.proxy_x is None else len(dataset.proxy_x)
+    if public_size > num_proxy:
+        raise ValueError(
+            f"public_size must be <= the {num_proxy} proxy examples (data.proxy_fraction), "
+            f"got {public_size}"
+        )
+
+
+#: How the experiment layer builds FedMD (``algorithm.name=fedmd``, keys ``fedmd.*``).
+SPEC = AlgorithmSpec(
+    name="fedmd",
+    help="FedMD (Li & Wang 2019): personal models exchange logits on a public subset",
+    build=_build,
+    hypers={
+        "public_size": Hyper(128, "public (proxy) examples drawn per round", **at_least(1)),
+        "public_epochs": Hyper(1, "digest epochs over the public subset", **at_least(1)),
+        "public_batch_size": Hyper(32, "digest minibatch size", **at_least(1)),
+    },
+    needs_proxy=lambda config: True,
+    groups=True,
+    per_client_state=True,
+)

@@ -27,6 +27,7 @@ import optax
 from fedjax_kd import losses
 from fedjax_kd.algorithms.fed_avg import from_client_update
 from fedjax_kd.client import batched_apply, make_client_update
+from fedjax_kd.spec import AlgorithmSpec, BuildContext, Hyper, at_least, positive
 from fedjax_kd.types import FederatedAlgorithm
 
 
@@ -88,3 +89,26 @@ def fed_ntd(
         straggler_fraction=straggler_fraction,
         drop_stragglers=drop_stragglers,
     )
+
+
+def _build(ctx: BuildContext) -> FederatedAlgorithm:
+    return fed_ntd(
+        ctx.student,
+        beta=ctx.hp["beta"],
+        tau=ctx.hp["temperature"],
+        **ctx.stragglers,
+        **ctx.common,
+    )
+
+
+#: How the experiment layer builds FedNTD (``algorithm.name=fedntd``, keys ``fedntd.*``).
+SPEC = AlgorithmSpec(
+    name="fedntd",
+    help="FedNTD (Lee et al. 2022): not-true distillation from the downloaded global model",
+    build=_build,
+    hypers={
+        "beta": Hyper(1.0, "weight beta of the not-true distillation term", **at_least(0)),
+        "temperature": Hyper(1.0, "distillation temperature tau", **positive()),
+    },
+    stragglers=True,
+)

@@ -15,6 +15,7 @@ import optax
 
 from fedjax_kd.algorithms.fed_avg import from_client_update
 from fedjax_kd.client import make_client_update
+from fedjax_kd.spec import AlgorithmSpec, BuildContext, Hyper, at_least
 from fedjax_kd.types import FederatedAlgorithm
 
 
@@ -49,3 +50,17 @@ def fed_prox(
         straggler_fraction=straggler_fraction,
         drop_stragglers=drop_stragglers,
     )
+
+
+def _build(ctx: BuildContext) -> FederatedAlgorithm:
+    return fed_prox(ctx.student, mu=ctx.hp["mu"], **ctx.stragglers, **ctx.common)
+
+
+#: How the experiment layer builds FedProx (``algorithm.name=fedprox``, keys ``fedprox.*``).
+SPEC = AlgorithmSpec(
+    name="fedprox",
+    help="FedProx (Li et al. 2020): FedAvg plus a proximal term; stragglers' partial work",
+    build=_build,
+    hypers={"mu": Hyper(0.01, "proximal weight mu of (mu/2) ||w - w_global||^2", **at_least(0))},
+    stragglers=True,
+)

@@ -51,6 +51,7 @@ from fedjax_kd.algorithms.fed_avg import (
 from fedjax_kd.client import batched_apply, make_client_update
 from fedjax_kd.compress import tree_bytes
 from fedjax_kd.data.federated import as_cohort
+from fedjax_kd.spec import AlgorithmSpec, BuildContext, Hyper, at_least, positive
 from fedjax_kd.types import FederatedAlgorithm, Params, PyTree
 
 
@@ -217,3 +218,37 @@ def teacher_student(
         return {"student": (student.apply, state.params), "teacher": (teacher.apply, state.teacher)}
 
     return FederatedAlgorithm(init=init, round=round_fn, eval_models=eval_models)
+
+
+def _build(ctx: BuildContext) -> FederatedAlgorithm:
+    hp = ctx.hp
+    return teacher_student(
+        ctx.student,
+        ctx.teacher,
+        kd_weight=hp["kd_weight"],
+        temperature=hp["temperature"],
+        kd_start_round=hp["kd_start_round"],
+        distill_temperature=ctx.config.server.distill_temperature,
+        **ctx.distill,
+        **ctx.stragglers,
+        **ctx.common,
+    )
+
+
+#: How the experiment layer builds the founding loop (keys ``teacher_student.*``).
+SPEC = AlgorithmSpec(
+    name="teacher_student",
+    help="the founding loop: clients distil a global teacher (model.teacher) into the "
+    "student; the server distils the students' ensemble into the teacher",
+    build=_build,
+    hypers={
+        "kd_weight": Hyper(
+            1.0, "weight of the clients' distillation from the teacher", **at_least(0)
+        ),
+        "temperature": Hyper(1.0, "the clients' distillation temperature T", **positive()),
+        "kd_start_round": Hyper(1, "first round whose clients distil", **at_least(0)),
+    },
+    needs_proxy=lambda config: config.server.distill_steps > 0,
+    stragglers=True,
+    teacher=True,
+)

@@ -12,6 +12,29 @@ Expected: test accuracy >= 0.90 after 100 rounds, well under a minute on a
 
 import ml_collections
 
+from fedjax_kd import algorithms
+
+#: Top-level sections of the config; no algorithm may be named like one.
+SECTIONS = ("data", "model", "client", "algorithm", "server")
+
+
+def add_algorithm(config: ml_collections.ConfigDict, spec) -> None:
+    """Adds ``spec``'s hyperparameters to ``config`` under ``spec.name`` (with defaults).
+
+    Raises:
+      ValueError: the name is a top-level key, or another namespace already.
+    """
+    if spec.name in SECTIONS or (spec.name in config and spec.name not in _namespaces(config)):
+        raise ValueError(f"algorithm name {spec.name!r} clashes with the config key {spec.name!r}")
+    if spec.hypers:
+        config[spec.name] = ml_collections.ConfigDict(spec.defaults())
+
+
+def _namespaces(config) -> set:
+    return {k for k, v in config.items() if isinstance(v, ml_collections.ConfigDict)} - set(
+        SECTIONS
+    )
+
 
 def get_config() -> ml_collections.ConfigDict:
     """Returns the default configuration (every key the runner understands)."""
@@ -77,25 +100,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.client.drop_stragglers = False
 
     c.algorithm = ml_collections.ConfigDict()
-    # fedavg | fedprox | teacher_student | feddf | fedntd | fedkd | fedmd | dsfl | fd
+    # A built-in name (fedjax-kd list) or a user's spec, package.module:SPEC.
     c.algorithm.name = "fedavg"
-    c.algorithm.mu = 0.01  # FedProx proximal weight
     c.algorithm.uniform_weighting = False  # average clients uniformly, not by examples
-    c.algorithm.kd_weight = 1.0  # teacher_student: weight of distillation from the teacher
-    c.algorithm.temperature = 1.0  # teacher_student: client distillation temperature
-    c.algorithm.kd_start_round = 1  # teacher_student: first round that distils
-    c.algorithm.ntd_beta = 1.0  # FedNTD: weight of not-true distillation
-    c.algorithm.ntd_tau = 1.0  # FedNTD: temperature
-    c.algorithm.fedkd_t_start = 0.95  # FedKD: SVD energy threshold at the start
-    c.algorithm.fedkd_t_end = 0.98  # FedKD: ... and at the end of training
-    c.algorithm.fedkd_compress = True  # FedKD: SVD-compress mentee updates
-    c.algorithm.fedkd_stop_gradient_denominator = True  # FedKD: adaptive weight is constant
-    c.algorithm.public_size = 128  # FedMD, DS-FL: public (proxy) examples per round
-    c.algorithm.public_epochs = 1  # FedMD digest / DS-FL distillation epochs
-    c.algorithm.public_batch_size = 32  # ... and their batch size
-    c.algorithm.era_temperature = 0.1  # DS-FL: entropy-reduction temperature
-    c.algorithm.dsfl_aggregation = "era"  # DS-FL: era | mean
-    c.algorithm.fd_gamma = 1.0  # FD: weight of the distillation term
+    # Each algorithm's hyperparameters under its own name (fedprox.mu, fedkd.energy_start,
+    # ...), from its spec (fedjax_kd/algorithms/<file>.py: SPEC).
+    for spec in algorithms.SPECS.values():
+        add_algorithm(c, spec)
 
     c.server = ml_collections.ConfigDict()
     c.server.optimizer = "sgd"  # sgd | avgm | adam | yogi | adagrad

@@ -1,0 +1,147 @@
+"""What an algorithm says about itself: the spec the experiment layer reads.
+
+Each algorithm module declares one :class:`AlgorithmSpec` (``SPEC``) next to
+its builder: its name, a one-line help, its hyperparameters with defaults and
+one-line help (named as in its paper; they live under the config namespace
+``<name>.``), what it needs or supports, and ``build(ctx)``, which maps a
+:class:`BuildContext` to the builder's arguments. The experiment layer derives
+the config schema, validation, error messages, ``fedjax-kd list`` and
+building from the specs and never branches on an algorithm's name (principle
+9 of ``docs/ARCHITECTURE.md``); a user's algorithm is a spec too
+(``--config.algorithm.name=package.module:SPEC``).
+
+Light on purpose (standard library only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """One hyperparameter of an algorithm: default, help and the allowed values.
+
+    Attributes:
+      default: the default value; its type (bool, int, float, str) is the
+        config value's type.
+      help: one line, e.g. "proximal weight mu of (mu/2)||w - w_global||^2".
+      check: optional predicate on the value (e.g. ``lambda v: v >= 0``).
+      allowed: how to say what ``check`` allows, for the error (``">= 0"``).
+      choices: for a string, the allowed values.
+    """
+
+    default: bool | int | float | str
+    help: str
+    check: Callable[[Any], bool] | None = None
+    allowed: str = ""
+    choices: tuple[str, ...] = ()
+
+    def error(self, key: str, value) -> str | None:
+        """The one-line message for a value it does not allow (None when allowed)."""
+        if self.choices and value not in self.choices:
+            return f"config key '{key}' must be one of {', '.join(self.choices)}, got {value!r}"
+        if self.check is not None and not self.check(value):
+            return f"config key '{key}' must be {self.allowed}, got {value!r}"
+        return None
+
+
+def at_least(bound) -> dict:
+    """``Hyper`` arguments for ``value >= bound``."""
+    return {"check": lambda v: v >= bound, "allowed": f">= {bound}"}
+
+
+def positive() -> dict:
+    """``Hyper`` arguments for ``value > 0``."""
+    return {"check": lambda v: v > 0, "allowed": "> 0"}
+
+
+def fraction() -> dict:
+    """``Hyper`` arguments for ``0 < value <= 1``."""
+    return {"check": lambda v: 0 < v <= 1, "allowed": "in (0, 1]"}
+
+
+class BuildContext(NamedTuple):
+    """Everything the experiment layer hands a spec's ``build``.
+
+    Attributes:
+      hp: the algorithm's hyperparameters (its config namespace) as a dict.
+      config: the whole resolved config (read-only by convention).
+      dataset: the :class:`~fedjax_kd.data.FederatedDataset`.
+      student: the clients' model (``model.student``).
+      teacher: ``model.teacher`` when the spec has ``teacher=True``, else None.
+      group_models: one model per architecture group (``model.student_groups``,
+        or ``[student]``).
+      common: ``client_optimizer``, ``server_optimizer``, ``epochs``,
+        ``batch_size``, ``uniform_weighting``: the FedAvg family's arguments.
+      personal: ``num_clients``, ``client_optimizer``, ``epochs``,
+        ``batch_size``: the personal-model family's arguments.
+      stragglers: ``straggler_fraction``, ``drop_stragglers``.
+      distill: ``distill_optimizer``, ``distill_steps``, ``distill_batch_size``
+        (the server's ensemble distillation, ``server.distill_*``).
+    """
+
+    hp: dict
+    config: Any
+    dataset: Any
+    student: Any
+    teacher: Any
+    group_models: list
+    common: dict
+    personal: dict
+    stragglers: dict
+    distill: dict
+
+
+def _never(config) -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class AlgorithmSpec:
+    """An algorithm described for the experiment layer (see the module docstring).
+
+    Attributes:
+      name: the ``algorithm.name`` value and the config namespace of ``hypers``.
+      help: one line for ``fedjax-kd list``.
+      build: ``build(ctx: BuildContext) -> FederatedAlgorithm``; raises
+        ValueError for arguments the builder refuses (the message names the
+        hyperparameter, so the CLI can name its config key).
+      hypers: ``{name: Hyper}``, the keys ``<name>.<hyper>``.
+      needs_proxy: ``needs_proxy(config) -> bool``: whether this run needs the
+        server's proxy set (``data.proxy_fraction > 0``).
+      groups: accepts heterogeneous architecture groups (``model.student_groups``).
+      stragglers: supports FedProx's stragglers (``client.straggler_fraction``).
+      teacher: builds ``model.teacher`` (a teacher, a mentor).
+      rounds_dependent: its schedule depends on ``rounds`` (a finished run
+        cannot be extended).
+      per_client_state: keeps state on every client (mentors, personal models).
+    """
+
+    name: str
+    help: str
+    build: Callable[[BuildContext], Any]
+    hypers: Mapping[str, Hyper] = field(default_factory=dict)
+    needs_proxy: Callable[[Any], bool] = _never
+    groups: bool = False
+    stragglers: bool = False
+    teacher: bool = False
+    rounds_dependent: bool = False
+    per_client_state: bool = False
+
+    def defaults(self) -> dict:
+        """``{hyper: default}``."""
+        return {k: h.default for k, h in self.hypers.items()}
+
+    def supports(self) -> list[str]:
+        """What it needs or supports, as words for ``fedjax-kd list``."""
+        flags = {
+            "groups": self.groups,
+            "stragglers": self.stragglers,
+            "teacher": self.teacher,
+            "per-client state": self.per_client_state,
+            "needs the run's length": self.rounds_dependent,
+        }
+        return [word for word, on in flags.items() if on]
