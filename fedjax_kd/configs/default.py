@@ -5,7 +5,10 @@ Command::
     fedjax-kd run
 
 Every config file (``fedjax-kd run --config FILE``) starts from this one, and
-its keys are the complete set that ``--config.KEY=VALUE`` may override.
+its keys are the complete set that ``--config.KEY=VALUE`` may override: the
+core sections, and one namespace per algorithm built from its spec
+(``fedprox.mu``, ...; a user's algorithm, ``algorithm.name=package.module:SPEC``,
+brings its own).
 Expected: test accuracy >= 0.90 after 100 rounds, well under a minute on a
 2-core CPU (README states the measured number).
 """
