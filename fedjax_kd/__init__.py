@@ -10,7 +10,9 @@ round. The curated public API (see ``docs/ARCHITECTURE.md``):
   :func:`ds_fl`, :func:`fd`;
 * core types: :class:`FederatedAlgorithm`, :class:`ClientOutput`,
   :class:`ServerState`, :class:`Cohort`, :class:`ClientData`,
-  :class:`RaggedClientData`, :class:`FederatedDataset`, :class:`Model`;
+  :class:`RaggedClientData`, :class:`FederatedDataset`, :class:`Model`, and
+  the spec an algorithm describes itself with, :class:`AlgorithmSpec`
+  (:class:`Hyper`, :class:`BuildContext`);
 * primitives: :func:`local_train`, :func:`make_client_update`,
   :func:`map_batches`, :func:`sum_over_clients`, :func:`scan_over_chunks`;
   losses :func:`cross_entropy`, :func:`distillation_loss`,
@@ -53,6 +55,9 @@ _EXPORTS = {
     "FederatedDataset": "fedjax_kd.data",
     "RaggedClientData": "fedjax_kd.data",
     "Model": "fedjax_kd.models",
+    "AlgorithmSpec": "fedjax_kd.spec",
+    "BuildContext": "fedjax_kd.spec",
+    "Hyper": "fedjax_kd.spec",
     # Primitives.
     "local_train": "fedjax_kd.client",
     "make_client_update": "fedjax_kd.client",
@@ -79,6 +84,7 @@ _MODULES = (
     "models",
     "optimizers",
     "simulate",
+    "spec",
     "types",
 )
 

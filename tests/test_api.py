@@ -28,7 +28,8 @@ def test_every_public_name_resolves_to_its_defining_module():
         assert getattr(fedjax_kd, name) is value, name
     for name in fedjax_kd.__all__:
         assert getattr(fedjax_kd, name) is not None, name
-    assert set(algorithms.__all__) <= set(fedjax_kd.__all__)
+    assert set(algorithms.__all__) - {"SPECS"} <= set(fedjax_kd.__all__)  # every builder
+    assert fedjax_kd.AlgorithmSpec is fedjax_kd.spec.AlgorithmSpec
     assert set(fedjax_kd.__all__) <= set(dir(fedjax_kd))
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         fedjax_kd.nope  # noqa: B018
