@@ -28,8 +28,8 @@ from fedjax_kd import algorithms, checkpoint, cohort, models, optimizers, simula
 from fedjax_kd import data as data_lib
 from fedjax_kd.configs import default as default_config
 from fedjax_kd.configs import flatten
-from fedjax_kd.data import DATASETS, PARTITIONERS, FederatedDataset
-from fedjax_kd.spec import AlgorithmSpec, BuildContext
+from fedjax_kd.data import DATASET_SPECS, PARTITIONERS, FederatedDataset
+from fedjax_kd.spec import AlgorithmSpec, BuildContext, DataContext
 from fedjax_kd.spec import _never as _never_needs_proxy
 from fedjax_kd.types import FederatedAlgorithm
 
@@ -209,7 +209,7 @@ def resolve(
     # A user's algorithm brings its namespace: add it before checking any key.
     names = [str(v) for k, v in items if k == "algorithm.name"]
     if names and models.is_import_path(names[-1]):
-        default_config.add_algorithm(resolved, user_algorithm_spec(names[-1]))
+        default_config.add_component(resolved, user_algorithm_spec(names[-1]))
     schema = _flatten(resolved)
     for key, value in items:
         if key not in schema:
@@ -219,7 +219,7 @@ def resolve(
     return resolved
 
 
-#: Keys of the flat ``algorithm.*`` schema before each algorithm had its namespace.
+#: Keys of the flat schema before each algorithm and dataset had its namespace.
 RENAMED_KEYS = {
     "algorithm.mu": "fedprox.mu",
     "algorithm.kd_weight": "teacher_student.kd_weight",
@@ -237,6 +237,13 @@ RENAMED_KEYS = {
     "algorithm.era_temperature": "dsfl.temperature",
     "algorithm.dsfl_aggregation": "dsfl.aggregation",
     "algorithm.fd_gamma": "fd.gamma",
+    "data.test_fraction": "digits.test_fraction",
+    "data.synthetic_alpha": "synthetic.alpha",
+    "data.synthetic_beta": "synthetic.beta",
+    "data.synthetic_iid": "synthetic.iid",
+    "data.synthetic_test_fraction": "synthetic.test_fraction",
+    "data.synthetic_max_examples": "synthetic.max_examples",
+    "data.synthetic_partition": "synthetic.partition",
 }
 
 
@@ -245,7 +252,7 @@ def did_you_mean(key: str, known: Iterable[str]) -> str:
     import difflib
 
     if key in RENAMED_KEYS:
-        return f"; it is now '{RENAMED_KEYS[key]}' (each algorithm has its own namespace)"
+        return f"; it is now '{RENAMED_KEYS[key]}' (each algorithm and dataset has its own keys)"
     known = list(known)
     last = key.split(".")[-1]
     close = [k for k in known if k.split(".")[-1] == last]
@@ -286,18 +293,7 @@ def describe_components(specs: Iterable[AlgorithmSpec] | None = None) -> str:
     """
     specs = list(algorithms.SPECS.values() if specs is None else specs)
     lines = ["algorithms (--config.algorithm.name=NAME, or package.module:SPEC):"]
-    for spec in specs:
-        lines.append(f"  {spec.name:<16} {spec.help}")
-        needs = [*spec.supports()]
-        if spec.needs_proxy is not _never_needs_proxy:
-            needs.append("proxy set (data.proxy_fraction)")
-        if needs:
-            lines.append(f"  {'':<16} supports/needs: {', '.join(needs)}")
-        for hyper_name, hyper in spec.hypers.items():
-            key = f"{spec.name}.{hyper_name}"
-            allowed = hyper.allowed or (" | ".join(hyper.choices) if hyper.choices else "")
-            detail = f"{hyper.help}" + (f" ({allowed})" if allowed else "")
-            lines.append(f"    {key} = {_format_default(hyper.default)}: {detail}")
+    lines += _describe_specs(specs)
     lines += [
         "",
         "models (--config.model.student / model.teacher / model.student_groups):",
@@ -307,13 +303,30 @@ def describe_components(specs: Iterable[AlgorithmSpec] | None = None) -> str:
         "  pkg.mod:function a user's Flax NNX or Linen model (README: bring your own)",
         "",
         "datasets (--config.data.name):",
-        "  digits           scikit-learn's 8x8 digits, partitioned by data.partition",
-        "  synthetic        FedProx's Synthetic(alpha, beta), one client per user",
+        *_describe_specs(DATASET_SPECS.values()),
         "  pkg.mod:function a user's arrays or FederatedDataset (README: bring your own)",
         "",
         f"partitions (--config.data.partition): {', '.join(PARTITIONERS)}",
     ]
     return "\n".join(lines)
+
+
+def _describe_specs(specs) -> list[str]:
+    """Two-space lines per spec: name and help, needs/supports, then each option."""
+    lines = []
+    for spec in specs:
+        lines.append(f"  {spec.name:<16} {spec.help}")
+        needs = [*spec.supports()] if isinstance(spec, AlgorithmSpec) else []
+        if isinstance(spec, AlgorithmSpec) and spec.needs_proxy is not _never_needs_proxy:
+            needs.append("proxy set (data.proxy_fraction)")
+        if needs:
+            lines.append(f"  {'':<16} supports/needs: {', '.join(needs)}")
+        for hyper_name, hyper in spec.hypers.items():
+            key = f"{spec.name}.{hyper_name}"
+            allowed = hyper.allowed or (" | ".join(hyper.choices) if hyper.choices else "")
+            detail = f"{hyper.help}" + (f" ({allowed})" if allowed else "")
+            lines.append(f"    {key} = {_format_default(hyper.default)}: {detail}")
+    return lines
 
 
 def _format_default(value) -> str:
@@ -367,15 +380,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
         ("data.min_client_size", c.data.min_client_size >= 1, ">= 1"),
         ("data.shards_per_client", c.data.shards_per_client >= 1, ">= 1"),
         ("data.quantity_sigma", c.data.quantity_sigma >= 0, ">= 0"),
-        ("data.test_fraction", 0 < c.data.test_fraction < 1, "in (0, 1)"),
-        ("data.synthetic_test_fraction", 0 < c.data.synthetic_test_fraction < 1, "in (0, 1)"),
-        (
-            "data.synthetic_max_examples",
-            c.data.synthetic_max_examples == 0 or c.data.synthetic_max_examples >= 2,
-            "0 (no cap) or >= 2",
-        ),
-        ("data.synthetic_alpha", c.data.synthetic_alpha >= 0, ">= 0"),
-        ("data.synthetic_beta", c.data.synthetic_beta >= 0, ">= 0"),
         ("client.lr", c.client.lr > 0, "> 0"),
         ("client.momentum", 0 <= c.client.momentum < 1, "in [0, 1)"),
         ("client.epochs", c.client.epochs >= 1, ">= 1"),
@@ -406,18 +410,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
         except ValueError as e:
             raise ConfigError(f"config key 'data.name': {e}") from None
     else:
-        _choice(c, "data.name", DATASETS)
+        _choice(c, "data.name", DATASET_SPECS)
     _choice(c, "data.partition", PARTITIONERS)
-    _choice(c, "data.synthetic_partition", ["natural", *PARTITIONERS])
+    for dataset_spec in DATASET_SPECS.values():  # every dataset namespace, whichever runs
+        _check_hypers(dataset_spec, flat)
     _choice(c, "client.optimizer", optimizers.CLIENT_OPTIMIZERS)
     spec = algorithm_spec(c)
     specs = {**algorithms.SPECS, spec.name: spec}
     for other in specs.values():  # every namespace in the config, whichever runs
-        for hyper_name, hyper in other.hypers.items():
-            key = f"{other.name}.{hyper_name}"
-            message = hyper.error(key, flat[key])
-            if message:
-                raise ConfigError(message)
+        _check_hypers(other, flat)
     _choice(c, "server.optimizer", optimizers.SERVER_OPTIMIZERS)
     for key in ("model.student", "model.teacher"):
         _check_model_name(flat[key], key)
@@ -460,6 +461,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"config key 'clients_per_round' must be a multiple of the {groups} model groups, "
             f"got {c.clients_per_round}"
         )
+
+
+def _check_hypers(spec, flat: dict) -> None:
+    """ConfigError for the first of ``spec``'s options (``<name>.<option>``) out of range."""
+    for hyper_name, hyper in spec.hypers.items():
+        key = f"{spec.name}.{hyper_name}"
+        message = hyper.error(key, flat[key])
+        if message:
+            raise ConfigError(message)
 
 
 def _check_model_name(name: str, key: str) -> None:
@@ -533,9 +543,11 @@ def _user_dataset(config: ml_collections.ConfigDict, partition_kwargs: dict) -> 
 
 
 def build_dataset(config: ml_collections.ConfigDict) -> FederatedDataset:
-    """Builds the federated dataset named by ``config.data`` (or a user's loader)."""
+    """Builds the federated dataset ``config.data.name`` names, through its spec (or a loader)."""
     d = config.data
-    partition = d.partition if d.name != "synthetic" else d.synthetic_partition
+    spec = None if models.is_import_path(d.name) else DATASET_SPECS[d.name]
+    hp = dict(config[spec.name]) if spec is not None and spec.hypers else {}
+    partition = hp[spec.partition_option] if spec and spec.partition_option else d.partition
     kwargs = {}
     if partition in ("dirichlet", "quantity"):
         kwargs["min_size"] = d.min_client_size
@@ -545,35 +557,23 @@ def build_dataset(config: ml_collections.ConfigDict) -> FederatedDataset:
         kwargs["shards_per_client"] = d.shards_per_client
     elif partition == "quantity":
         kwargs["sigma"] = d.quantity_sigma
-    if models.is_import_path(d.name):
+    if spec is None:
         return _user_dataset(config, kwargs)
+    ctx = DataContext(
+        hp=hp,
+        num_clients=d.num_clients,
+        partition=partition,
+        partition_kwargs=kwargs,
+        seed=config.seed,
+        proxy_fraction=d.proxy_fraction,
+    )
     try:
-        if d.name == "digits":
-            return DATASETS["digits"](
-                num_clients=d.num_clients,
-                partition=d.partition,
-                seed=config.seed,
-                test_fraction=d.test_fraction,
-                proxy_fraction=d.proxy_fraction,
-                **kwargs,
-            )
-        return DATASETS["synthetic"](
-            alpha=d.synthetic_alpha,
-            beta=d.synthetic_beta,
-            num_clients=d.num_clients,
-            seed=config.seed,
-            iid=d.synthetic_iid,
-            test_fraction=d.synthetic_test_fraction,
-            max_examples=d.synthetic_max_examples or None,
-            proxy_fraction=d.proxy_fraction,
-            partition=partition,
-            partition_kwargs=kwargs,
-        )
+        return spec.build(ctx)
     except ValueError as e:
+        keys = ["data.num_clients", "data.min_client_size", "data.proxy_fraction"]
+        keys += [f"{spec.name}.{h}" for h in spec.hypers if h != spec.partition_option]
         raise ConfigError(
-            f"data ({d.name}, partition={partition}): {e} (check data.num_clients, "
-            "data.min_client_size, data.test_fraction, data.proxy_fraction"
-            + (", data.synthetic_max_examples)" if d.name == "synthetic" else ")")
+            f"data ({d.name}, partition={partition}): {e} (check {', '.join(keys)})"
         ) from None
 
 

@@ -1,4 +1,4 @@
-"""What an algorithm says about itself: the spec the experiment layer reads.
+"""What an algorithm or a dataset says about itself: the specs the experiment layer reads.
 
 Each algorithm module declares one :class:`AlgorithmSpec` (``SPEC``) next to
 its builder: its name, a one-line help, its hyperparameters with defaults and
@@ -145,3 +145,51 @@ class AlgorithmSpec:
             "needs the run's length": self.rounds_dependent,
         }
         return [word for word, on in flags.items() if on]
+
+
+class DataContext(NamedTuple):
+    """Everything the experiment layer hands a dataset spec's ``build``.
+
+    Attributes:
+      hp: the dataset's options (its config namespace) as a dict.
+      num_clients: ``data.num_clients``.
+      partition: the partition to use (``data.partition``, or the dataset's
+        own option named by its spec's ``partition_option``).
+      partition_kwargs: the partitioner's arguments from ``data.*``
+        (``alpha``, ``min_size``, ``shards_per_client``, ``sigma``).
+      seed: the run's seed.
+      proxy_fraction: ``data.proxy_fraction``.
+    """
+
+    hp: dict
+    num_clients: int
+    partition: str
+    partition_kwargs: dict
+    seed: int
+    proxy_fraction: float
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A dataset described for the experiment layer (``data.name=NAME``, keys ``NAME.*``).
+
+    Attributes:
+      name: the ``data.name`` value and the config namespace of ``hypers``.
+      help: one line for ``fedjax-kd list``.
+      build: ``build(ctx: DataContext) -> FederatedDataset``; raises
+        ValueError for settings it cannot meet.
+      hypers: ``{name: Hyper}``, the keys ``<name>.<hyper>``.
+      partition_option: the name of an option in ``hypers`` that chooses the
+        partition instead of ``data.partition`` (Synthetic's ``partition``:
+        ``natural`` or a partitioner); None = ``data.partition``.
+    """
+
+    name: str
+    help: str
+    build: Callable[[DataContext], Any]
+    hypers: Mapping[str, Hyper] = field(default_factory=dict)
+    partition_option: str | None = None
+
+    def defaults(self) -> dict:
+        """``{option: default}``."""
+        return {k: h.default for k, h in self.hypers.items()}

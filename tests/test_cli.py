@@ -27,7 +27,7 @@ BAD_OVERRIDES = [
     (["--config.rounds=abc"], "'rounds' must be an integer"),
     (["--config.rounds=2.5"], "'rounds' must be an integer"),
     (["--config.client.lr=fast"], "'client.lr' must be a number"),
-    (["--config.data.synthetic_iid=maybe"], "'data.synthetic_iid' must be a boolean"),
+    (["--config.synthetic.iid=maybe"], "'synthetic.iid' must be a boolean"),
     (["--config.rounds=0"], "'rounds' must be >= 1"),
     (["--config.clients_per_round=101"], "'clients_per_round' must be <= data.num_clients"),
     (["--config.client.lr=0"], "'client.lr' must be > 0"),
@@ -52,16 +52,22 @@ BAD_OVERRIDES = [
     (["--config.client.lr=inf"], "'client.lr' must be a finite number"),
     (["--config.data.alpha=nan"], "'data.alpha' must be a finite number"),
     (["--config.data.num_clients=0"], "'data.num_clients' must be >= 1"),
-    (["--config.data.synthetic_test_fraction=1"], "'data.synthetic_test_fraction' must be in"),
+    (["--config.synthetic.test_fraction=1"], "'synthetic.test_fraction' must be in"),
     (["--config.algorithm.name=feddf"], "set data.proxy_fraction > 0"),
     (
         ["--config.model.student_groups=mlp-8,mlp-16", "--config.algorithm.name=fedavg"],
         "'model.student_groups': algorithm 'fedavg' needs one model",
     ),
-    (["--config.data.synthetic_max_examples=1"], "'data.synthetic_max_examples' must be 0"),
+    (["--config.synthetic.max_examples=1"], "'synthetic.max_examples' must be 0"),
     (["--config.client_chunk_size=-1"], "'client_chunk_size' must be >= 0"),
     (["--config.rounds_per_call=0"], "'rounds_per_call' must be >= 1"),
     (["--config.client.max_examples=-5"], "'client.max_examples' must be >= 0"),
+    # Keys of the old flat schema are told their namespaced names.
+    (["--config.algorithm.ntd_tau=2"], "it is now 'fedntd.temperature'"),
+    (["--config.data.synthetic_alpha=0.5"], "it is now 'synthetic.alpha'"),
+    (["--config.fedkd.energy_strat=0.9"], "did you mean 'fedkd.energy_start'?"),
+    (["--config.fedkd.energy_end=0"], "'fedkd.energy_end' must be in (0, 1]"),
+    (["--config.dsfl.aggregation=max"], "'dsfl.aggregation' must be one of era, mean"),
 ]
 
 

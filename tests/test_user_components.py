@@ -334,4 +334,8 @@ def test_list_shows_every_algorithm_and_its_keys(capsys):
         assert f"  {spec.name} " in out and spec.help in out
         for name, hyper in spec.hypers.items():
             assert f"    {spec.name}.{name} = " in out and hyper.help in out
-    assert "mlp-W1[-W2...]" in out and "digits" in out
+    for spec in data.DATASET_SPECS.values():
+        assert f"  {spec.name} " in out
+        for name in spec.hypers:
+            assert f"    {spec.name}.{name} = " in out
+    assert "mlp-W1[-W2...]" in out

@@ -31,7 +31,7 @@ DATASET_OVERRIDES = {
     "synthetic": {
         "data.name": "synthetic",
         "data.num_clients": 30,
-        "data.synthetic_partition": "dirichlet",
+        "synthetic.partition": "dirichlet",
         "model.student": "linear",
         "model.teacher": "mlp-64-64",
         "model.student_groups": "",

@@ -16,19 +16,20 @@ Expected: test accuracy >= 0.90 after 100 rounds, well under a minute on a
 import ml_collections
 
 from fedjax_kd import algorithms
+from fedjax_kd.data import DATASET_SPECS
 
 #: Top-level sections of the config; no algorithm may be named like one.
 SECTIONS = ("data", "model", "client", "algorithm", "server")
 
 
-def add_algorithm(config: ml_collections.ConfigDict, spec) -> None:
-    """Adds ``spec``'s hyperparameters to ``config`` under ``spec.name`` (with defaults).
+def add_component(config: ml_collections.ConfigDict, spec) -> None:
+    """Adds an algorithm's or a dataset's options to ``config`` under ``spec.name``.
 
     Raises:
       ValueError: the name is a top-level key, or another namespace already.
     """
     if spec.name in SECTIONS or (spec.name in config and spec.name not in _namespaces(config)):
-        raise ValueError(f"algorithm name {spec.name!r} clashes with the config key {spec.name!r}")
+        raise ValueError(f"the name {spec.name!r} clashes with the config key {spec.name!r}")
     if spec.hypers:
         config[spec.name] = ml_collections.ConfigDict(spec.defaults())
 
@@ -59,25 +60,20 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 0
 
     c.data = ml_collections.ConfigDict()
-    c.data.name = "digits"  # digits | synthetic
+    c.data.name = "digits"  # digits | synthetic | package.module:function (a user's loader)
     c.data.num_clients = 100
     c.data.partition = "dirichlet"  # iid | dirichlet | shards | quantity (digits)
     c.data.alpha = 0.5  # Dirichlet concentration (partition=dirichlet)
     c.data.min_client_size = 2  # guaranteed examples per client (dirichlet, quantity)
     c.data.shards_per_client = 2  # partition=shards
     c.data.quantity_sigma = 1.0  # lognormal sigma of client sizes (partition=quantity)
-    c.data.test_fraction = 0.2  # digits: fixed stratified test split
-    c.data.synthetic_alpha = 1.0  # Synthetic(alpha, beta): model heterogeneity
-    c.data.synthetic_beta = 1.0  # Synthetic(alpha, beta): feature heterogeneity
-    c.data.synthetic_iid = False
-    c.data.synthetic_test_fraction = 0.1  # per-user test split (FedProx: 10%)
-    c.data.synthetic_max_examples = 0  # cap on examples per user; 0 = none (FedProx)
-    # natural: user k is client k (FedProx); or iid | dirichlet | shards | quantity
-    # over the pooled users' training data (then data.alpha etc. apply).
-    c.data.synthetic_partition = "natural"
     # Unlabeled server proxy set held out of the training data (FedDF,
     # teacher_student, FedMD, DS-FL need one): fraction of the training part.
     c.data.proxy_fraction = 0.0
+    # Each dataset's own options under its name (digits.test_fraction, synthetic.alpha, ...),
+    # from its spec (fedjax_kd/data/datasets.py).
+    for dataset_spec in DATASET_SPECS.values():
+        add_component(c, dataset_spec)
 
     c.model = ml_collections.ConfigDict()
     c.model.student = "mlp-64"  # linear | mlp-W1[-W2...] | cnn-C1[-C2...]
@@ -109,7 +105,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Each algorithm's hyperparameters under its own name (fedprox.mu, fedkd.energy_start,
     # ...), from its spec (fedjax_kd/algorithms/<file>.py: SPEC).
     for spec in algorithms.SPECS.values():
-        add_algorithm(c, spec)
+        add_component(c, spec)
 
     c.server = ml_collections.ConfigDict()
     c.server.optimizer = "sgd"  # sgd | avgm | adam | yogi | adagrad

@@ -1,6 +1,6 @@
 """Federated data: padded client arrays, partitioners and offline datasets."""
 
-from fedjax_kd.data.datasets import DATASETS, digits, from_arrays, synthetic
+from fedjax_kd.data.datasets import DATASET_SPECS, DATASETS, digits, from_arrays, synthetic
 from fedjax_kd.data.federated import (
     ClientData,
     Cohort,
@@ -18,6 +18,7 @@ from fedjax_kd.data.partition import PARTITIONERS, dirichlet, iid, quantity, sha
 
 __all__ = [
     "DATASETS",
+    "DATASET_SPECS",
     "PARTITIONERS",
     "ClientData",
     "Cohort",

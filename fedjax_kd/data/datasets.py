@@ -37,8 +37,9 @@ import numpy as np
 
 from fedjax_kd.data.federated import FederatedDataset, pack, pack_ragged
 from fedjax_kd.data.partition import PARTITIONERS
+from fedjax_kd.spec import DataContext, DatasetSpec, Hyper
 
-__all__ = ["DATASETS", "digits", "from_arrays", "synthetic"]
+__all__ = ["DATASETS", "DATASET_SPECS", "digits", "from_arrays", "synthetic"]
 
 _SYNTHETIC_DIM = 60
 _SYNTHETIC_CLASSES = 10
@@ -373,3 +374,70 @@ def synthetic(
 
 DATASETS = {"digits": digits, "synthetic": synthetic}
 """Dataset builders by name; each takes keyword-only arguments."""
+
+
+def _build_digits(ctx: DataContext) -> FederatedDataset:
+    return digits(
+        num_clients=ctx.num_clients,
+        partition=ctx.partition,
+        seed=ctx.seed,
+        test_fraction=ctx.hp["test_fraction"],
+        proxy_fraction=ctx.proxy_fraction,
+        **ctx.partition_kwargs,
+    )
+
+
+def _build_synthetic(ctx: DataContext) -> FederatedDataset:
+    hp = ctx.hp
+    return synthetic(
+        alpha=hp["alpha"],
+        beta=hp["beta"],
+        num_clients=ctx.num_clients,
+        seed=ctx.seed,
+        iid=hp["iid"],
+        test_fraction=hp["test_fraction"],
+        max_examples=hp["max_examples"] or None,
+        proxy_fraction=ctx.proxy_fraction,
+        partition=ctx.partition,
+        partition_kwargs=ctx.partition_kwargs,
+    )
+
+
+_between_0_and_1 = {"check": lambda v: 0 < v < 1, "allowed": "in (0, 1)"}
+
+#: How the experiment layer builds digits (``data.name=digits``, keys ``digits.*``).
+DIGITS_SPEC = DatasetSpec(
+    name="digits",
+    help="scikit-learn's 1797 8x8 digits, a fixed stratified test split; data.partition",
+    build=_build_digits,
+    hypers={"test_fraction": Hyper(0.2, "fixed stratified test split", **_between_0_and_1)},
+)
+
+#: How the experiment layer builds Synthetic(alpha, beta) (keys ``synthetic.*``).
+SYNTHETIC_SPEC = DatasetSpec(
+    name="synthetic",
+    help="FedProx's Synthetic(alpha, beta) (Li et al. 2020), user k = client k",
+    build=_build_synthetic,
+    hypers={
+        "alpha": Hyper(1.0, "model heterogeneity alpha", check=lambda v: v >= 0, allowed=">= 0"),
+        "beta": Hyper(1.0, "feature heterogeneity beta", check=lambda v: v >= 0, allowed=">= 0"),
+        "iid": Hyper(False, "the IID variant (one global model, zero feature means)"),
+        "test_fraction": Hyper(0.1, "per-user test split (FedProx: 10%)", **_between_0_and_1),
+        "max_examples": Hyper(
+            0,
+            "cap on examples per user; 0 = none (FedProx)",
+            check=lambda v: v == 0 or v >= 2,
+            allowed="0 (no cap) or >= 2",
+        ),
+        "partition": Hyper(
+            "natural",
+            "natural (user k is client k) or a partitioner over the pooled users' data "
+            "(then data.alpha etc. apply)",
+            choices=("natural", *PARTITIONERS),
+        ),
+    },
+    partition_option="partition",
+)
+
+#: The built-in datasets' specs by ``data.name``.
+DATASET_SPECS = {spec.name: spec for spec in (DIGITS_SPEC, SYNTHETIC_SPEC)}
