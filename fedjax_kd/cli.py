@@ -4,7 +4,7 @@ Usage::
 
     fedjax-kd run [--config PATH[:VARIANT]] [--config.KEY=VALUE ...] [--workdir DIR]
                   [--overwrite | --resume] [--no-progress]
-    fedjax-kd bench --clients 10,100,1000,10000 --json PATH   (see fedjax_kd/bench.py)
+    fedjax-kd bench --clients 10,100,1000,10000 --json PATH   (see fedjax_kd/bench/)
     fedjax-kd sweep --config PATH[:VARIANT] --workdir DIR [--grid KEY=V1,V2]... [--seeds 0,1,2]
                     [--config.KEY=VALUE ...] [--no-progress]   (see fedjax_kd/sweep.py)
     fedjax-kd report DIR... --out OUTDIR [--metric test_accuracy] [--target T]
@@ -152,7 +152,7 @@ def _main(argv: list[str] | None = None) -> int:
         help="the algorithms (with their config keys), models and datasets",
         usage=("fedjax-kd list"),
     )
-    from fedjax_kd import bench_options  # light: JAX is imported only when a benchmark runs
+    from fedjax_kd.bench import options as bench_options  # light: no JAX until a run
 
     bench_p = sub.add_parser(
         "bench", help="vmap round vs per-client loop vs centralized", usage=bench_options.USAGE
@@ -188,9 +188,9 @@ def _main(argv: list[str] | None = None) -> int:
             return fail(f"{args.command} takes no --config.KEY overrides")
         if args.command == "report":
             return report.run(args)
-        from fedjax_kd import bench
+        from fedjax_kd.bench import cli as bench_cli
 
-        return bench.run(args)
+        return bench_cli.run(args)
 
     if args.coordinator or args.num_processes or args.process_id is not None:
         if not (args.coordinator and args.num_processes and args.process_id is not None):

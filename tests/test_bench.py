@@ -231,7 +231,9 @@ def test_add_arguments_and_run_for_the_cli(monkeypatch, tmp_path, capsys):
         seen["config"] = config
         return []
 
-    monkeypatch.setattr(bench, "run_benchmark", fake)
+    from fedjax_kd.bench import cli as bench_cli  # run() calls the timing module's function
+
+    monkeypatch.setattr(bench_cli, "run_benchmark", fake)
     assert bench.run(args) == 0
     assert seen["config"].clients == (3,) and seen["config"].examples_per_client == 64
 

@@ -1,8 +1,8 @@
 """The settings and command-line options of ``fedjax-kd bench``, without JAX.
 
 ``fedjax-kd --help`` builds the bench subcommand's parser from this module, so
-it imports only the standard library; :mod:`fedjax_kd.bench` (the benchmark
-itself, which imports JAX) re-exports these names.
+it imports only the standard library; :mod:`fedjax_kd.bench` re-exports these
+names.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ class BenchConfig:
             raise BenchError(f"--compare-chunk must be >= 1, got {self.compare_chunk}")
         if self.max_loop_seconds is not None and not self.max_loop_seconds > 0:
             raise BenchError(f"--max-loop-seconds must be > 0, got {self.max_loop_seconds}")
-        from fedjax_kd.bench import forward_flops  # the models' names; imports JAX
+        from fedjax_kd.bench.workload import forward_flops  # the models' names; imports JAX
 
         for flag, name in (("--student", self.student), ("--teacher", self.teacher)):
             forward_flops(name, NUM_FEATURES, NUM_CLASSES, flag=flag)
