@@ -83,6 +83,7 @@ from fedjax_kd.algorithms.personal import (
     PHASE_B,
     SERVER,
     SUBSET,
+    check_public_size,
     cohort_pass,
     group_rows,
     group_sampler,
@@ -92,6 +93,7 @@ from fedjax_kd.algorithms.personal import (
     outputs,
     per_client_bytes,
     personal_eval_models,
+    public_hypers,
     public_subset,
     require,
     target_loss,
@@ -99,7 +101,7 @@ from fedjax_kd.algorithms.personal import (
     upload_sums,
 )
 from fedjax_kd.client import local_train
-from fedjax_kd.spec import AlgorithmSpec, BuildContext, Hyper, at_least, positive
+from fedjax_kd.spec import AlgorithmSpec, BuildContext, Hyper, positive
 from fedjax_kd.types import FederatedAlgorithm, Params
 
 AGGREGATIONS = ("era", "mean")
@@ -327,8 +329,6 @@ def ds_fl(
 
 
 def _build(ctx: BuildContext) -> FederatedAlgorithm:
-    from fedjax_kd.algorithms.fed_md import check_public_size
-
     hp = ctx.hp
     check_public_size(hp["public_size"], ctx.dataset)
     return ds_fl(
@@ -349,9 +349,7 @@ SPEC = AlgorithmSpec(
     "aggregation",
     build=_build,
     hypers={
-        "public_size": Hyper(128, "public (proxy) examples drawn per round", **at_least(1)),
-        "public_epochs": Hyper(1, "distillation epochs over the public subset", **at_least(1)),
-        "public_batch_size": Hyper(32, "distillation minibatch size", **at_least(1)),
+        **public_hypers("distillation"),
         "temperature": Hyper(0.1, "entropy-reduction (ERA) temperature T", **positive()),
         "aggregation": Hyper("era", "era (entropy reduction) or mean", choices=("era", "mean")),
     },

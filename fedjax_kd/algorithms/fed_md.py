@@ -76,6 +76,7 @@ from fedjax_kd.algorithms.personal import (
     PHASE_A,
     PHASE_B,
     SUBSET,
+    check_public_size,
     cohort_pass,
     group_rows,
     group_sampler,
@@ -85,12 +86,13 @@ from fedjax_kd.algorithms.personal import (
     outputs,
     per_client_bytes,
     personal_eval_models,
+    public_hypers,
     public_subset,
     require,
     upload_mean,
     upload_sums,
 )
-from fedjax_kd.spec import AlgorithmSpec, BuildContext, Hyper, at_least
+from fedjax_kd.spec import AlgorithmSpec, BuildContext
 from fedjax_kd.types import FederatedAlgorithm
 
 # --- FedMD ---
@@ -231,26 +233,12 @@ def _build(ctx: BuildContext) -> FederatedAlgorithm:
     )
 
 
-def check_public_size(public_size: int, dataset) -> None:
-    """Raises ValueError unless ``public_size`` fits the dataset's proxy set."""
-    num_proxy = 0 if dataset.proxy_x is None else len(dataset.proxy_x)
-    if public_size > num_proxy:
-        raise ValueError(
-            f"public_size must be <= the {num_proxy} proxy examples (data.proxy_fraction), "
-            f"got {public_size}"
-        )
-
-
 #: How the experiment layer builds FedMD (``algorithm.name=fedmd``, keys ``fedmd.*``).
 SPEC = AlgorithmSpec(
     name="fedmd",
     help="FedMD (Li & Wang 2019): personal models exchange logits on a public subset",
     build=_build,
-    hypers={
-        "public_size": Hyper(128, "public (proxy) examples drawn per round", **at_least(1)),
-        "public_epochs": Hyper(1, "digest epochs over the public subset", **at_least(1)),
-        "public_batch_size": Hyper(32, "digest minibatch size", **at_least(1)),
-    },
+    hypers=public_hypers("digest"),
     needs_proxy=lambda config: True,
     groups=True,
     per_client_state=True,

@@ -29,6 +29,7 @@ from fedjax_kd.client import local_train
 from fedjax_kd.cohort import gather, group_sampler, scatter  # noqa: F401 - group_sampler: re-exported
 from fedjax_kd.compress import tree_bytes
 from fedjax_kd.data.federated import as_cohort
+from fedjax_kd.spec import Hyper, at_least
 from fedjax_kd.types import ApplyFn, Params
 
 # Named random streams of a round (fold_in constants on the round's client key).
@@ -267,3 +268,22 @@ def cohort_pass(fn: Callable, cohort, groups: list, stores: tuple, inputs: dict 
 def per_client_bytes(message, k: int) -> jax.Array:
     """int32 ``[k]``: each client sends or receives ``message`` (one client's arrays)."""
     return jnp.full((k,), tree_bytes(message), jnp.int32)
+
+
+def check_public_size(public_size: int, dataset) -> None:
+    """Raises ValueError unless ``public_size`` fits the dataset's proxy set (FedMD, DS-FL)."""
+    num_proxy = 0 if dataset.proxy_x is None else len(dataset.proxy_x)
+    if public_size > num_proxy:
+        raise ValueError(
+            f"public_size must be <= the {num_proxy} proxy examples (data.proxy_fraction), "
+            f"got {public_size}"
+        )
+
+
+def public_hypers(phase: str) -> dict:
+    """The public-set hyperparameters FedMD and DS-FL share (``phase``: digest / distillation)."""
+    return {
+        "public_size": Hyper(128, "public (proxy) examples drawn per round", **at_least(1)),
+        "public_epochs": Hyper(1, f"{phase} epochs over the public subset", **at_least(1)),
+        "public_batch_size": Hyper(32, f"{phase} minibatch size", **at_least(1)),
+    }
