@@ -49,8 +49,10 @@ class FederatedAlgorithm(NamedTuple):
     Attributes:
       init: ``init(key) -> state``; builds the initial server state.
       round: ``round(state, cohort, key, server_data=None) -> (state,
-        metrics)``; one communication round over an already gathered cohort
-        (:class:`fedjax_kd.data.ClientData` with ``[K, N, ...]`` arrays);
+        metrics)``; one communication round over the round's
+        :class:`fedjax_kd.data.Cohort` (the sampled ids and a gather function
+        that fetches them chunk by chunk; an already gathered padded
+        :class:`fedjax_kd.data.ClientData` ``[K, N, ...]`` is accepted too);
         ``server_data`` is a dict with the server-side arrays (``proxy_x``)
         and ``cohort_ids`` (int32 ``[K]`` sampled client ids). Must be
         a pure function of its arguments so it can be ``jax.jit``-compiled.
@@ -64,9 +66,14 @@ class FederatedAlgorithm(NamedTuple):
         accuracy and loss are then averaged over those models.
       sample_cohort: optional ``sample_cohort(key, num_clients, k) -> ids``
         replacing uniform sampling (e.g. stratified by architecture group).
+      client_update: optional, for algorithms whose clients all run one
+        :func:`fedjax_kd.client.make_client_update` function (FedAvg, FedProx,
+        FedNTD, teacher_student): that very function, so that baselines (the
+        benchmark's per-client loop) run exactly the algorithm's local update.
     """
 
     init: Callable[[jax.Array], PyTree]
     round: Callable[..., tuple[PyTree, dict[str, jax.Array]]]
     eval_models: Callable[[PyTree], Mapping[str, tuple[ApplyFn, Params]]]
     sample_cohort: Callable[[jax.Array, int, int], jax.Array] | None = None
+    client_update: Callable[..., Any] | None = None

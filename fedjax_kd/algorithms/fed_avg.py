@@ -321,7 +321,9 @@ def from_client_update(
     def eval_models(state: ServerState):
         return {"global": (model.apply, state.params)}
 
-    return FederatedAlgorithm(init=init, round=round_fn, eval_models=eval_models)
+    return FederatedAlgorithm(
+        init=init, round=round_fn, eval_models=eval_models, client_update=client_update
+    )
 
 
 def _build(ctx: BuildContext) -> FederatedAlgorithm:

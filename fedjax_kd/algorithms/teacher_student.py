@@ -217,7 +217,9 @@ def teacher_student(
     def eval_models(state: TeacherStudentState):
         return {"student": (student.apply, state.params), "teacher": (teacher.apply, state.teacher)}
 
-    return FederatedAlgorithm(init=init, round=round_fn, eval_models=eval_models)
+    return FederatedAlgorithm(
+        init=init, round=round_fn, eval_models=eval_models, client_update=client_update
+    )
 
 
 def _build(ctx: BuildContext) -> FederatedAlgorithm:

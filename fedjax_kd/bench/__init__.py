@@ -10,9 +10,8 @@ with the same model, minibatch size, optimizer and number of passes:
   K clients ``jax.vmap``-ped inside one compiled program. This is what
   ``fedjax-kd run`` executes every round.
 * ``loop``: the per-client dispatch of FedJAX-style simulators, built as the
-  fastest honest baseline: the very same client update
-  (:func:`fedjax_kd.client.make_client_update` with the arguments the
-  algorithm gives it) compiled ONCE, then called once per client from a Python
+  fastest honest baseline: the very same client update (the algorithm's own,
+  ``algorithm.client_update``) compiled ONCE, then called once per client from a Python
   loop. Each call slices client ``k``'s examples and key out of the same
   stacked cohort (a ``dynamic_slice``, no host work), runs local training
   (for ``teacher_student`` it first computes the frozen teacher's logits on

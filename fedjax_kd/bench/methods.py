@@ -22,7 +22,7 @@ from fedjax_kd.bench.options import (
     BenchConfig,
     BenchError,
 )
-from fedjax_kd.client import batched_apply, make_client_update
+from fedjax_kd.client import batched_apply
 from fedjax_kd.data import Cohort
 
 # --------------------------------------------------------------------------- methods
@@ -116,13 +116,10 @@ def build_methods(
             distill_steps=0,
             **common,
         )
-        # The client update exactly as teacher_student builds it.
-        client_update = make_client_update(
-            student.apply, client_opt, kd_weight=1.0, temperature=1.0, **common
-        )
     else:
         algo = fed_avg(student, client_optimizer=client_opt, server_optimizer=server_opt, **common)
-        client_update = make_client_update(student.apply, client_opt, **common)
+    # The baselines run the algorithm's own client update, not a re-creation of it.
+    client_update = algo.client_update
 
     state0 = jax.jit(algo.init)(jax.random.fold_in(jax.random.key(config.seed), 0))
 
