@@ -127,7 +127,7 @@ def test_stragglers_config_checks():
         experiment.resolve(
             overrides=[
                 ("client.straggler_fraction", "0.5"),
-                ("algorithm.name", "fedkd"),
+                ("algorithm.name", "fd"),
             ]
         )
 
@@ -207,3 +207,69 @@ def test_stragglers_in_the_distilling_family_equal_python_loop(digits_small, lin
     chex.assert_trees_all_close(got, expected, rtol=1e-5, atol=1e-6)
     up = np.asarray(metrics["uplink_bytes"])
     assert (up[~active] == 0).all() and (up[active] > 0).all()
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_fedkd_stragglers_equal_python_loop(digits_small, drop):
+    """FedKD's stragglers: each client's mutual update with its epoch budget, or dropped.
+
+    A Python loop over the cohort with the algorithm's own mutual client update
+    (``num_epochs`` = the budget; dropped clients skipped) gives the same mentee
+    and mentors; dropped clients keep their mentor and send nothing.
+    """
+    from fedjax_kd import compress, models
+    from fedjax_kd.algorithms.fed_kd import fed_kd, make_mutual_client_update
+
+    mentee = models.create("mlp-8", feature_shape=(64,), num_classes=10)
+    mentor = models.create("mlp-16", feature_shape=(64,), num_classes=10)
+    epochs, k = 3, 6
+    algo = fed_kd(
+        mentee,
+        mentor,
+        num_clients=digits_small.train.num_clients,
+        rounds=4,
+        client_optimizer=optax.sgd(0.1),
+        server_optimizer=optax.sgd(1.0),
+        epochs=epochs,
+        batch_size=8,
+        compress=False,
+        straggler_fraction=0.5,
+        drop_stragglers=drop,
+    )
+    ids = jnp.array([1, 4, 6, 9, 11, 15], jnp.int32)
+    cohort = cohort_of(digits_small, ids)
+    state = algo.init(jax.random.key(0))
+    key = jax.random.key(5)
+    new_state, metrics = jax.jit(algo.round)(state, cohort, key, {"cohort_ids": ids})
+    budget, mask = straggler_epochs(
+        jax.random.fold_in(key, STRAGGLER_STREAM), k, epochs=epochs, fraction=0.5
+    )
+    budget, mask = np.asarray(budget), np.asarray(mask)
+    active = np.ones(k, bool) if not drop else ~mask
+    update = jax.jit(
+        make_mutual_client_update(mentee, mentor, optax.sgd(0.1), epochs=epochs, batch_size=8)
+    )
+    keys = jax.random.split(key, k)
+    total, weight = None, 0.0
+    for c in range(k):
+        row = jax.tree.map(lambda a, c=c: a[ids[c]], state.mentors)
+        got_row = jax.tree.map(lambda a, c=c: a[ids[c]], new_state.mentors)
+        if not active[c]:
+            chex.assert_trees_all_equal(got_row, row)  # a dropped client's mentor stays
+            continue
+        delta, new_mentor, _ = update(
+            state.params, row, cohort.x[c], cohort.y[c], cohort.count[c], keys[c],
+            jnp.int32(budget[c]),
+        )  # fmt: skip
+        chex.assert_trees_all_close(got_row, new_mentor, rtol=1e-5, atol=1e-6)
+        w = float(cohort.count[c])
+        term = jax.tree.map(lambda d, w=w: w * np.asarray(d, np.float64), delta)
+        total = term if total is None else jax.tree.map(np.add, total, term)
+        weight += w
+    expected = jax.tree.map(lambda p, d: np.asarray(p) - d / weight, state.params, total)
+    chex.assert_trees_all_close(new_state.params, expected, rtol=1e-5, atol=1e-6)
+    up = np.asarray(metrics["uplink_bytes"])
+    assert (up[~active] == 0).all()
+    assert (up[active] == compress.tree_bytes(state.params) + 4).all()
+    counts = np.asarray(cohort.count)
+    assert int(metrics["mentor_train_examples"]) == int((budget * counts * active).sum())

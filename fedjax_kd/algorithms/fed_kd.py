@@ -85,6 +85,7 @@ import optax
 
 from fedjax_kd import aggregate, losses
 from fedjax_kd import cohort as cohort_lib
+from fedjax_kd.algorithms.fed_avg import STRAGGLER_STREAM, check_stragglers, client_inputs
 from fedjax_kd.client import local_train, sum_batches
 from fedjax_kd.compress import compress_tree, energy_threshold, tree_bytes
 from fedjax_kd.data.federated import as_cohort
@@ -196,8 +197,9 @@ def make_mutual_client_update(
         :func:`adaptive_mutual_losses`.
 
     Returns:
-      ``update(mentee_params, mentor_params, x, y, count, key) -> (delta,
-      new_mentor, metrics)`` with ``delta = mentee_params - local_mentee`` and
+      ``update(mentee_params, mentor_params, x, y, count, key, num_epochs=None)
+      -> (delta, new_mentor, metrics)`` (``num_epochs``: a straggler's traced
+      epoch budget, ``<= epochs``) with ``delta = mentee_params - local_mentee`` and
       metrics ``train_loss`` (the mentee's mean CE over the examples seen),
       ``mentor_train_loss`` (the trained mentor's mean CE on the client's
       examples, one extra forward pass) and ``local_steps``.
@@ -215,7 +217,7 @@ def make_mutual_client_update(
         )
         return mentor_loss + mentee_loss, jnp.sum(jnp.where(valid, aux["mentee_ce"], 0.0))
 
-    def update(mentee_params, mentor_params, x, y, count, key):
+    def update(mentee_params, mentor_params, x, y, count, key, num_epochs=None):
         joint = {"mentor": mentor_params, "mentee": mentee_params}
         local, metrics = local_train(
             loss_fn,
@@ -226,6 +228,7 @@ def make_mutual_client_update(
             key,
             epochs=epochs,
             batch_size=batch_size,
+            num_epochs=num_epochs,
         )
 
         # local_train tracks one monitoring loss (the mentee's); the mentor's is
@@ -261,6 +264,8 @@ def fed_kd(
     stop_gradient_targets: bool = True,
     kl_reduction: str = "batchmean",
     uniform_weighting: bool = False,
+    straggler_fraction: float = 0.0,
+    drop_stragglers: bool = False,
 ) -> FederatedAlgorithm:
     """Builds FedKD.
 
@@ -282,6 +287,12 @@ def fed_kd(
       stop_gradient_targets: see :func:`adaptive_mutual_losses`.
       kl_reduction: see :func:`adaptive_mutual_losses`.
       uniform_weighting: average mentee deltas uniformly instead of by count.
+      straggler_fraction: fraction of each cohort that are stragglers (FedProx's
+        systems heterogeneity, ``fed_avg.client_inputs``, drawn from the stream
+        ``fed_avg.STRAGGLER_STREAM``); 0 = none. A straggler trains mentee and
+        mentor for ``U{1..E-1}`` epochs.
+      drop_stragglers: drop stragglers instead: they train nothing (their
+        mentor is unchanged) and send nothing up.
 
     Returns:
       A :class:`~fedjax_kd.types.FederatedAlgorithm` whose ``round`` needs
@@ -295,6 +306,7 @@ def fed_kd(
         raise ValueError(f"t_start and t_end must be in [0, 1], got {t_start}, {t_end}")
     if kl_reduction not in KL_REDUCTIONS:
         raise ValueError(f"kl_reduction must be one of {KL_REDUCTIONS}, got {kl_reduction!r}")
+    check_stragglers(straggler_fraction, epochs)
     client_update = make_mutual_client_update(
         mentee,
         mentor,
@@ -326,27 +338,48 @@ def fed_kd(
             raise ValueError("fed_kd's round needs server_data['cohort_ids'] (the sampled ids)")
         ids = server_data["cohort_ids"]
         k = cohort.size
-        keys = jax.random.split(key, k)
+        inputs = client_inputs(
+            key,
+            k,
+            epochs=epochs,
+            straggler_fraction=straggler_fraction,
+            drop_stragglers=drop_stragglers,
+            straggler_key=jax.random.fold_in(key, STRAGGLER_STREAM),
+        )
+        inputs["id"] = ids
+        budget = inputs.get("epochs", jnp.full((k,), epochs, jnp.int32))
         progress = jnp.minimum((state.round + 1).astype(jnp.float32) / rounds, 1.0)
         threshold = energy_threshold(progress, t_start, t_end)
 
         def chunk_fn(store, clients, inputs, valid):
             ids_c = inputs["id"]
             mentors = cohort_lib.gather(store, ids_c)
+            count = clients.count
+            if "active" in inputs:  # a dropped straggler: no data, weight 0, nothing sent
+                count = jnp.where(inputs["active"], count, 0)
             deltas, new_mentors, client_metrics = jax.vmap(
-                client_update, in_axes=(None, 0, 0, 0, 0, 0)
-            )(state.params, mentors, clients.x, clients.y, clients.count, inputs["key"])
+                client_update, in_axes=(None, 0, 0, 0, 0, 0, 0)
+            )(
+                state.params,
+                mentors,
+                clients.x,
+                clients.y,
+                count,
+                inputs["key"],
+                inputs.get("epochs"),
+            )
             # lax.map, not vmap: a batched SVD deadlocked XLA's CPU runtime (jaxlib
             # 0.10.2, thunk runtime) in round 2 of a digits run; one SVD per client
             # in sequence gives the same values and does not hang.
             sent, up_bytes = jax.lax.map(lambda d: send(d, threshold), deltas)
             w = jnp.where(
                 valid,
-                aggregate.client_weights(
-                    clients.count.astype(jnp.float32), uniform=uniform_weighting
-                ),
+                aggregate.client_weights(count.astype(jnp.float32), uniform=uniform_weighting),
                 0.0,
             )
+            if "active" in inputs:
+                w = jnp.where(inputs["active"], w, 0.0)  # a uniform weight would count it
+                up_bytes = jnp.where(inputs["active"], up_bytes, 0)
             sums = {
                 "weighted_sent": jax.tree.map(lambda x: jnp.tensordot(w, x, axes=1), sent),
                 "weight": jnp.sum(w),
@@ -356,11 +389,11 @@ def fed_kd(
             }
             # Padding rows (valid False) repeat a real client: they write nowhere.
             store = cohort_lib.scatter(store, ids_c, new_mentors, valid)
-            per_client = {"up_bytes": up_bytes, "count": clients.count, **client_metrics}
+            per_client = {"up_bytes": up_bytes, "count": count, **client_metrics}
             return store, sums, per_client
 
         mentors, sums, per_client = aggregate.scan_over_chunks(
-            chunk_fn, cohort, {"key": keys, "id": ids}, state.mentors
+            chunk_fn, cohort, inputs, state.mentors
         )
         client_metrics = per_client
         up_bytes = per_client["up_bytes"]
@@ -375,6 +408,8 @@ def fed_kd(
         weight_bytes = tree_bytes(counts) // k  # one float32 weight per client
         dense_bytes = tree_bytes(state.params)
         uplink = up_bytes + weight_bytes
+        if "active" in inputs:
+            uplink = jnp.where(inputs["active"], uplink, 0)  # dropped stragglers send nothing
         metrics = {
             "train_loss": aggregate.weighted_mean(client_metrics["train_loss"], counts),
             "mentor_train_loss": aggregate.weighted_mean(
@@ -387,7 +422,7 @@ def fed_kd(
             "uplink_compression": (dense_bytes + weight_bytes)
             / jnp.mean(uplink.astype(jnp.float32)),
             "downlink_compression": dense_bytes / jnp.maximum(down_bytes, 1).astype(jnp.float32),
-            "mentor_train_examples": (epochs * jnp.sum(per_client["count"])).astype(jnp.int32),
+            "mentor_train_examples": jnp.sum(budget * per_client["count"]).astype(jnp.int32),
         }
         new_state = FedKDState(
             params=params,
@@ -417,6 +452,7 @@ def _build(ctx: BuildContext) -> FederatedAlgorithm:
         t_end=hp["energy_end"],
         compress=hp["compress"],
         stop_gradient_denominator=hp["stop_gradient_denominator"],
+        **ctx.stragglers,
         **ctx.common,
     )
 
@@ -437,6 +473,7 @@ SPEC = AlgorithmSpec(
             True, "treat the adaptive distillation weight's denominator as a constant"
         ),
     },
+    stragglers=True,
     teacher=True,
     rounds_dependent=True,
     per_client_state=True,

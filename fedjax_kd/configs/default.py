@@ -92,7 +92,7 @@ def get_config() -> ml_collections.ConfigDict:
     # window of this many (heavy-tailed Synthetic users); 0 = no cap.
     c.client.max_examples = 1024
     # FedProx's systems heterogeneity (the FedAvg family: fedavg, fedprox, fedntd,
-    # teacher_student, feddf): this fraction of
+    # teacher_student, feddf, fedkd): this fraction of
     # each cohort are stragglers that run U{1..E-1} local epochs, or are dropped
     # (client.drop_stragglers, FedAvg's rule in the FedProx paper).
     c.client.straggler_fraction = 0.0
