@@ -9,6 +9,7 @@ Usage::
                     [--config.KEY=VALUE ...] [--no-progress]   (see fedjax_kd/sweep.py)
     fedjax-kd report DIR... --out OUTDIR [--metric test_accuracy] [--target T]
                      (see fedjax_kd/report.py)
+    fedjax-kd list   the algorithms with their config keys, the models, the datasets
 
 ``--config`` takes ``PATH:VARIANT`` too: ``get_config("VARIANT")`` of the file.
 
@@ -172,7 +173,7 @@ def _main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # argument mistakes (code 2) and --help (code 0)
         return int(e.code or 0)
     if args.command is None:
-        return fail(f"missing command (usage: {USAGE} | fedjax-kd bench|sweep|report ...)")
+        return fail(f"missing command (usage: {USAGE} | fedjax-kd list|bench|sweep|report ...)")
     if args.command == "list":
         if overrides:
             return fail("list takes no --config.KEY overrides")
