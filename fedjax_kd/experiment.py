@@ -207,9 +207,9 @@ def resolve(
     given = _flatten(config) if config is not None else {}
     items = list(given.items()) + list(overrides)
     # A user's algorithm brings its namespace: add it before checking any key.
-    names = [str(v) for k, v in items if k == "algorithm.name"]
-    if names and models.is_import_path(names[-1]):
-        default_config.add_component(resolved, user_algorithm_spec(names[-1]))
+    for name in dict.fromkeys(str(v) for k, v in items if k == "algorithm.name"):
+        if models.is_import_path(name):
+            default_config.add_component(resolved, user_algorithm_spec(name))
     schema = _flatten(resolved)
     for key, value in items:
         if key not in schema:
@@ -282,6 +282,13 @@ def user_algorithm_spec(path: str) -> AlgorithmSpec:
         raise ConfigError(
             f"config key 'algorithm.name': {path} is not a fedjax_kd.spec.AlgorithmSpec "
             f"(got {type(found).__name__})"
+        )
+    taken = {*default_config.get_config().keys(), *algorithms.SPECS, *DATASET_SPECS}
+    if not found.name.isidentifier() or found.name in taken:
+        raise ConfigError(
+            f"config key 'algorithm.name': {path} is named {found.name!r}, which "
+            + ("is not an identifier" if not found.name.isidentifier() else "is taken")
+            + "; give the spec a name of its own (it becomes its config namespace)"
         )
     return found
 
@@ -509,7 +516,8 @@ def _user_dataset(config: ml_collections.ConfigDict, partition_kwargs: dict) -> 
     d = config.data
     load = models.resolve_import_path(d.name)
     try:
-        takes_seed = "seed" in inspect.signature(load).parameters
+        params = inspect.signature(load).parameters.values()
+        takes_seed = any(p.name == "seed" or p.kind is p.VAR_KEYWORD for p in params)
     except (TypeError, ValueError):
         takes_seed = False
     try:
@@ -607,6 +615,11 @@ def build_algorithm(
     ConfigError naming the hyperparameter's key when the message names one.
     """
     spec = algorithm_spec(config)
+    if spec.needs_proxy(config) and dataset.proxy_x is None:
+        raise ConfigError(
+            f"algorithm '{spec.name}' distils on a server proxy set, and the dataset "
+            f"{config.data.name!r} has none (its loader returned no proxy_x)"
+        )
     c, s = config.client, config.server
     student = build_model(config, dataset, "student")
     client_optimizer = optimizers.client_optimizer(c.optimizer, lr=c.lr, momentum=c.momentum)
@@ -772,6 +785,11 @@ def run(
         raise ConfigError(f"{flag} needs --workdir (the run to overwrite or resume)")
     config = resolve(config)
     dataset = build_dataset(config)
+    if config.clients_per_round > dataset.num_clients:
+        raise ConfigError(
+            f"config key 'clients_per_round' must be <= the dataset's {dataset.num_clients} "
+            f"clients, got {config.clients_per_round}"
+        )
     groups = len(group_names(config))
     if groups > 1 and min(cohort.group_sizes(dataset.num_clients, groups)) < (
         config.clients_per_round // groups

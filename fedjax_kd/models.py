@@ -273,7 +273,7 @@ def from_import_path(path: str, *, feature_shape: Sequence[int], num_classes: in
     try:
         takes_rngs = "rngs" in inspect.signature(fn).parameters
     except (TypeError, ValueError):
-        takes_rngs = False
+        takes_rngs = False  # (a **kwargs function is called without rngs: Linen or a Model)
     if takes_rngs:
         return from_nnx(lambda rngs: fn(**kwargs, rngs=rngs), name=path)
     made = fn(**kwargs)

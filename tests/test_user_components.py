@@ -75,6 +75,15 @@ USER_MODULE = textwrap.dedent(
 
     def load_wrong():
         return [1, 2, 3]
+
+
+    def load_dataset():
+        from fedjax_kd import data
+
+        a = _arrays(0)
+        return data.from_arrays(
+            a["x_train"], a["y_train"], a["x_test"], a["y_test"], num_clients=10
+        )
     """
 )
 
@@ -266,6 +275,10 @@ USER_ALGORITHM = textwrap.dedent(
         return SPEC
 
 
+    TAKEN = spec.AlgorithmSpec(name="fedprox", help="clashes", build=_build)
+    DOTTED = spec.AlgorithmSpec(name="my.algo", help="not a namespace", build=_build)
+
+
     NOT_A_SPEC = 3
     """
 )
@@ -323,6 +336,28 @@ def test_user_algorithm_mistakes_are_one_error_line(capsys, user_algorithm, extr
     code = cli.main(["run", *TINY, f"--config.algorithm.name={user_algorithm}:NOT_A_SPEC"])
     err = capsys.readouterr().err
     assert code == 2 and "is not a fedjax_kd.spec.AlgorithmSpec (got int)" in err
+    for name, why in (("TAKEN", "is named 'fedprox', which is taken"), ("DOTTED", "identifier")):
+        code = cli.main(["run", *TINY, f"--config.algorithm.name={user_algorithm}:{name}"])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and why in err, err
+
+
+def test_a_config_file_with_a_user_algorithm_can_be_overridden(tmp_path, user_algorithm):
+    """The file's user algorithm keeps its namespace when an override picks another one."""
+    from fedjax_kd import experiment
+
+    path = tmp_path / "conf.py"
+    path.write_text(
+        "from fedjax_kd.configs import default\n"
+        "from fedjax_kd import experiment\n\n"
+        "def get_config():\n"
+        "    c = experiment.resolve(overrides=[('algorithm.name', "
+        f"'{user_algorithm}:SPEC'), ('stepavg.step', '0.5')])\n"
+        "    return c\n"
+    )
+    config = experiment.load_config_file(str(path))
+    resolved = experiment.resolve(config, [("algorithm.name", "fedavg")])
+    assert resolved.algorithm.name == "fedavg" and resolved.stepavg.step == 0.5
 
 
 def test_list_shows_every_algorithm_and_its_keys(capsys):
@@ -339,3 +374,20 @@ def test_list_shows_every_algorithm_and_its_keys(capsys):
         for name in spec.hypers:
             assert f"    {spec.name}.{name} = " in out
     assert "mlp-W1[-W2...]" in out
+
+
+def test_loader_clients_bound_the_cohort_and_a_missing_proxy_is_one_line(capsys, user_models):
+    # load_given_clients brings 10 clients of its own, whatever data.num_clients says.
+    argv = ["run", *TINY, f"--config.data.name={user_models}:load_given_clients"]
+    argv += ["--config.model.student=linear", "--config.data.num_clients=20"]
+    assert cli.main([*argv, "--config.clients_per_round=12"]) == 2
+    assert "must be <= the dataset's 10 clients, got 12" in capsys.readouterr().err
+    feddf = ["--config.algorithm.name=feddf", "--config.data.proxy_fraction=0.1"]
+    assert cli.main([*argv, *feddf]) == 2  # given clients cannot lend a proxy set
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "proxy_fraction needs a partitioner" in err
+    # A whole FederatedDataset without a proxy set: FedDF is refused in one line.
+    argv = ["run", *TINY, f"--config.data.name={user_models}:load_dataset", *feddf]
+    assert cli.main([*argv, "--config.model.student=linear"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has none (its loader returned no proxy_x)" in err
