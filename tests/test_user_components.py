@@ -93,14 +93,19 @@ TINY = [
 ]  # fmt: skip
 
 
+def install_user_module(tmp_path, monkeypatch, name: str, text: str) -> str:
+    """Writes module ``name`` into a folder outside the package and puts it on sys.path."""
+    folder = tmp_path / f"{name}_dir"
+    folder.mkdir()
+    (folder / f"{name}.py").write_text(text)
+    monkeypatch.syspath_prepend(str(folder))
+    return name
+
+
 @pytest.fixture
 def user_models(tmp_path, monkeypatch):
-    """``user_models_mod`` importable from a folder outside the package."""
-    folder = tmp_path / "user_code"
-    folder.mkdir()
-    (folder / "user_models_mod.py").write_text(USER_MODULE)
-    monkeypatch.syspath_prepend(str(folder))
-    return "user_models_mod"
+    """``user_models_mod`` (models and loaders) importable from outside the package."""
+    return install_user_module(tmp_path, monkeypatch, "user_models_mod", USER_MODULE)
 
 
 def test_from_nnx_and_from_linen_hand_computed():
@@ -287,11 +292,7 @@ USER_ALGORITHM = textwrap.dedent(
 @pytest.fixture
 def user_algorithm(tmp_path, monkeypatch):
     """``user_algo_mod`` (a spec built on fed_avg) importable from outside the package."""
-    folder = tmp_path / "user_algo"
-    folder.mkdir()
-    (folder / "user_algo_mod.py").write_text(USER_ALGORITHM)
-    monkeypatch.syspath_prepend(str(folder))
-    return "user_algo_mod"
+    return install_user_module(tmp_path, monkeypatch, "user_algo_mod", USER_ALGORITHM)
 
 
 def test_cli_runs_a_user_algorithm_resumes_and_sweeps_it(tmp_path, capsys, user_algorithm):
