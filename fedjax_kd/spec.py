@@ -99,6 +99,16 @@ def _never(config) -> bool:
     return False
 
 
+def always(config) -> bool:
+    """``needs_proxy`` of algorithms that always exchange outputs on the proxy set."""
+    return True
+
+
+def with_server_distillation(config) -> bool:
+    """``needs_proxy`` of algorithms that distil on the server: ``server.distill_steps > 0``."""
+    return config.server.distill_steps > 0
+
+
 @dataclass(frozen=True)
 class AlgorithmSpec:
     """An algorithm described for the experiment layer (see the module docstring).

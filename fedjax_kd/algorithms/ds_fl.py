@@ -101,7 +101,7 @@ from fedjax_kd.algorithms.personal import (
     upload_sums,
 )
 from fedjax_kd.client import local_train
-from fedjax_kd.spec import AlgorithmSpec, BuildContext, Hyper, positive
+from fedjax_kd.spec import AlgorithmSpec, BuildContext, Hyper, always, positive
 from fedjax_kd.types import FederatedAlgorithm, Params
 
 AGGREGATIONS = ("era", "mean")
@@ -353,7 +353,7 @@ SPEC = AlgorithmSpec(
         "temperature": Hyper(0.1, "entropy-reduction (ERA) temperature T", **positive()),
         "aggregation": Hyper("era", "era (entropy reduction) or mean", choices=("era", "mean")),
     },
-    needs_proxy=lambda config: True,
+    needs_proxy=always,
     groups=True,
     per_client_state=True,
 )

@@ -46,7 +46,7 @@ from fedjax_kd.algorithms.fed_avg import (
 )
 from fedjax_kd.client import make_client_update
 from fedjax_kd.data.federated import as_cohort
-from fedjax_kd.spec import AlgorithmSpec, BuildContext
+from fedjax_kd.spec import AlgorithmSpec, BuildContext, with_server_distillation
 from fedjax_kd.types import FederatedAlgorithm, PyTree
 
 
@@ -239,7 +239,7 @@ SPEC = AlgorithmSpec(
     help="FedDF (Lin et al. 2020): FedAvg then ensemble distillation on the proxy set; "
     "architecture groups",
     build=_build,
-    needs_proxy=lambda config: config.server.distill_steps > 0,
+    needs_proxy=with_server_distillation,
     groups=True,
     stragglers=True,
 )

@@ -92,7 +92,7 @@ from fedjax_kd.algorithms.personal import (
     upload_mean,
     upload_sums,
 )
-from fedjax_kd.spec import AlgorithmSpec, BuildContext
+from fedjax_kd.spec import AlgorithmSpec, BuildContext, always
 from fedjax_kd.types import FederatedAlgorithm
 
 # --- FedMD ---
@@ -239,7 +239,7 @@ SPEC = AlgorithmSpec(
     help="FedMD (Li & Wang 2019): personal models exchange logits on a public subset",
     build=_build,
     hypers=public_hypers("digest"),
-    needs_proxy=lambda config: True,
+    needs_proxy=always,
     groups=True,
     per_client_state=True,
 )

@@ -51,7 +51,14 @@ from fedjax_kd.algorithms.fed_avg import (
 from fedjax_kd.client import batched_apply, make_client_update
 from fedjax_kd.compress import tree_bytes
 from fedjax_kd.data.federated import as_cohort
-from fedjax_kd.spec import AlgorithmSpec, BuildContext, Hyper, at_least, positive
+from fedjax_kd.spec import (
+    AlgorithmSpec,
+    BuildContext,
+    Hyper,
+    at_least,
+    positive,
+    with_server_distillation,
+)
 from fedjax_kd.types import FederatedAlgorithm, Params, PyTree
 
 
@@ -250,7 +257,7 @@ SPEC = AlgorithmSpec(
         "temperature": Hyper(1.0, "the clients' distillation temperature T", **positive()),
         "kd_start_round": Hyper(1, "first round whose clients distil", **at_least(0)),
     },
-    needs_proxy=lambda config: config.server.distill_steps > 0,
+    needs_proxy=with_server_distillation,
     stragglers=True,
     teacher=True,
 )
