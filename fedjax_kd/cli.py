@@ -8,6 +8,7 @@ Usage::
     fedjax-kd sweep --config PATH[:VARIANT] --workdir DIR [--grid KEY=V1,V2]... [--seeds 0,1,2]
                     [--config.KEY=VALUE ...] [--no-progress]   (see fedjax_kd/sweep.py)
     fedjax-kd report DIR... --out OUTDIR [--metric test_accuracy] [--target T]
+                     [--columns KEY,...] [--baseline KEY=VALUE] [--panels KEY,...]
                      (see fedjax_kd/report.py)
     fedjax-kd list   the algorithms with their config keys, the models, the datasets
 

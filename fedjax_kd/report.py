@@ -3,6 +3,7 @@
 Command::
 
     fedjax-kd report DIR... --out OUTDIR [--metric test_accuracy] [--target 0.9]
+        [--columns KEY,...] [--baseline KEY=VALUE] [--panels KEY,...]
 
 Every directory under each ``DIR`` (``DIR`` included) that holds
 ``config.json`` and ``metrics.jsonl`` (what ``fedjax-kd run --workdir`` and
@@ -16,18 +17,37 @@ Writes to ``OUTDIR``:
 
 * ``report.md``: one row per group: label, number of seeds, the final
   evaluation's metric as mean ± std over seeds, the best evaluation's metric
-  (each seed's best round, then mean ± std), the final round, and the mean
-  cumulative uplink and downlink bytes at that round. ``std`` is the SAMPLE
-  standard deviation (``ddof=1``), shown as ``n/a`` for a single seed. With
-  ``--target T``, also the rounds to reach ``T`` (McMahan et al.'s measure of
-  speed): each seed's first evaluation round with the metric ``>= T`` (``<=``
-  for a loss), then mean ± std; "not reached" when a seed never gets there.
+  (each seed's best round, then mean ± std), the final round, the mean
+  cumulative uplink and downlink bytes at that round and the mean wall time
+  there (``wall_s`` of the final evaluation: the run's seconds so far,
+  compilation included). ``std`` is the SAMPLE standard deviation
+  (``ddof=1``), shown as ``n/a`` for a single seed. With ``--target T``, also
+  the rounds to reach ``T`` (McMahan et al.'s measure of speed): each seed's
+  first evaluation round with the metric ``>= T`` (``<=`` for a loss), then
+  mean ± std; "not reached" when a seed never gets there.
 * ``report.json``: the same numbers, plus each group's curve (per round: mean
-  and std of the metric, mean cumulative bytes), machine-readable.
+  and std of the metric, mean cumulative total and uplink bytes) and, per
+  group, ``selected`` (the values of the keys named by the options below) and
+  ``vs_baseline``, machine-readable.
 * ``accuracy_vs_round.png``: the metric's mean over seeds per evaluation round,
   with a shaded ±std band.
-* ``accuracy_vs_bytes.png``: the same against the mean cumulative uplink +
-  downlink bytes.
+* ``accuracy_vs_bytes.png`` and ``accuracy_vs_uplink.png``: the same against
+  the mean cumulative uplink + downlink bytes, and uplink bytes alone.
+
+Options for large grids:
+
+* ``--columns data.name,data.alpha,algorithm.name``: these config keys become
+  the table's first columns and order its rows (numbers numerically); the
+  ``group`` column is left out when they tell every group apart.
+* ``--baseline algorithm.name=fedavg``: a "vs" column comparing each group
+  with its baseline group, the group with that value that agrees with it on
+  every key varying among the groups with that value (for a grid of
+  algorithms x alphas: the FedAvg group of the same alpha; keys tied to one
+  algorithm, like ``fedprox.mu``, do not count). The difference of the final
+  means is "better"/"worse" when it exceeds the sum of the two groups' sample
+  stds, else "no clear difference" (no verdict with one seed).
+* ``--panels data.name,data.alpha``: each plot gets one panel per combination
+  of these keys' values.
 
 Runs of one group evaluated at different rounds (an unfinished run, another
 ``eval_every``) are aggregated over the rounds they all have; the report says
@@ -50,12 +70,15 @@ import numpy as np
 
 from fedjax_kd.cli_util import fail
 from fedjax_kd.configs import flatten
+from fedjax_kd.report_plot import BYTES_PLOT, ROUND_PLOT, UPLINK_PLOT
+from fedjax_kd.report_plot import format_value as _format_value
 
-USAGE = "fedjax-kd report DIR [DIR ...] --out OUTDIR [--metric test_accuracy] [--target T]"
+USAGE = (
+    "fedjax-kd report DIR [DIR ...] --out OUTDIR [--metric test_accuracy] [--target T] "
+    "[--columns KEY,...] [--baseline KEY=VALUE] [--panels KEY,...]"
+)
 #: Sample standard deviation over seeds (NaN / ``None`` / ``n/a`` for one seed).
 DDOF = 1
-ROUND_PLOT = "accuracy_vs_round.png"
-BYTES_PLOT = "accuracy_vs_bytes.png"
 _MISSING = "<missing>"
 
 
@@ -151,12 +174,6 @@ def _complete(runs: Sequence[Run]) -> list[Run]:
     return [run._replace(config={**fill, **run.config}) for run in runs]
 
 
-def _format_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
 #: Config keys that do not define an experiment: runs differing only in these
 #: are seeds of one group (``checkpoint_every`` changes no result).
 NOT_GROUPED = ("seed", "checkpoint_every")
@@ -197,7 +214,7 @@ def _stats(values: Sequence[float]) -> dict:
     return {"mean": float(np.mean(a)), "std": std, "values": [float(v) for v in a]}
 
 
-def _bytes_at(record: dict, key: str) -> float | None:
+def _number_at(record: dict, key: str) -> float | None:
     value = record.get(key)
     return float(value) if isinstance(value, int | float) else None
 
@@ -263,7 +280,9 @@ def summarize_group(
         "round": None,
         "uplink_bytes": None,
         "downlink_bytes": None,
+        "wall_s": None,
         "rounds_to_target": None,
+        "vs_baseline": None,
         "curve": [],
     }
     if target is not None and runs:
@@ -287,8 +306,9 @@ def summarize_group(
         final=_stats([r[metric] for r in final]),
         best=_stats([best_fn(rounds[t][metric] for t in common) for rounds in by_round]),
         round=common[-1],
-        uplink_bytes=_mean_or_none([_bytes_at(r, "cumulative_uplink_bytes") for r in final]),
-        downlink_bytes=_mean_or_none([_bytes_at(r, "cumulative_downlink_bytes") for r in final]),
+        uplink_bytes=_mean_or_none([_number_at(r, "cumulative_uplink_bytes") for r in final]),
+        downlink_bytes=_mean_or_none([_number_at(r, "cumulative_downlink_bytes") for r in final]),
+        wall_s=_mean_or_none([_number_at(r, "wall_s") for r in final]),
     )
     for t in common:
         stats = _stats([rounds[t][metric] for rounds in by_round])
@@ -296,25 +316,132 @@ def summarize_group(
             None if up is None or down is None else up + down
             for up, down in (
                 (
-                    _bytes_at(rounds[t], "cumulative_uplink_bytes"),
-                    _bytes_at(rounds[t], "cumulative_downlink_bytes"),
+                    _number_at(rounds[t], "cumulative_uplink_bytes"),
+                    _number_at(rounds[t], "cumulative_downlink_bytes"),
                 )
                 for rounds in by_round
             )
         ]
+        uplink = [_number_at(rounds[t], "cumulative_uplink_bytes") for rounds in by_round]
         group["curve"].append(
-            {"round": t, "mean": stats["mean"], "std": stats["std"], "bytes": _mean_or_none(total)}
+            {
+                "round": t,
+                "mean": stats["mean"],
+                "std": stats["std"],
+                "bytes": _mean_or_none(total),
+                "uplink": _mean_or_none(uplink),
+            }
         )
     return group
 
 
+def parse_baseline(text: str) -> tuple[str, str]:
+    """``"algorithm.name=fedavg"`` -> ``("algorithm.name", "fedavg")``.
+
+    Raises:
+      ReportError: no ``=``, or an empty key or value.
+    """
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip() or not value.strip():
+        raise ReportError(f"--baseline {text!r}: expected KEY=VALUE, e.g. algorithm.name=fedavg")
+    return key.strip(), value.strip()
+
+
+def _matches(value, text: str) -> bool:
+    """Whether a config value is the one written ``text`` (``100`` matches ``100.0``)."""
+    if _format_value(value) == text:
+        return True
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            return float(text) == value
+        except ValueError:
+            return False
+    return False
+
+
+def compare(stats: dict, base: dict, higher_is_better: bool = True) -> dict:
+    """A group's final stats against its baseline's: difference of means and a verdict.
+
+    "better" ("worse") when the difference of the means exceeds the sum of the
+    two sample standard deviations in the good (bad) direction, else "no
+    clear difference"; ``None`` when either has one seed (no spread).
+
+    Returns:
+      ``{"diff": mean - base mean, "noise": std + base std or None, "verdict": ...}``.
+    """
+    diff = stats["mean"] - base["mean"]
+    if stats["std"] is None or base["std"] is None:
+        return {"diff": diff, "noise": None, "verdict": None}
+    noise = stats["std"] + base["std"]
+    gain = diff if higher_is_better else -diff
+    verdict = "better" if gain > noise else "worse" if -gain > noise else "no clear difference"
+    return {"diff": diff, "noise": noise, "verdict": verdict}
+
+
+def _add_baseline(groups: list[dict], configs: list[dict], key: str, value: str, metric: str):
+    """Fills each group's ``vs_baseline`` (see the module docstring's ``--baseline``)."""
+    base = [i for i, c in enumerate(configs) if _matches(c.get(key, _MISSING), value)]
+    if not base:
+        seen = sorted({_format_value(c.get(key, _MISSING)) for c in configs})
+        raise ReportError(f"--baseline {key}={value}: no group has it ({key}: {', '.join(seen)})")
+    keys = set().union(*(configs[i] for i in base)) - set(NOT_GROUPED)
+    varying = [
+        k for k in sorted(keys) if len({json.dumps(configs[i].get(k, _MISSING)) for i in base}) > 1
+    ]
+    for i, g in enumerate(groups):
+        if i in base:
+            g["vs_baseline"] = {"baseline": g["label"], "is_baseline": True}
+            continue
+        same = [
+            j
+            for j in base
+            if all(
+                json.dumps(configs[j].get(k, _MISSING)) == json.dumps(configs[i].get(k, _MISSING))
+                for k in varying
+            )
+        ]
+        if not same:
+            continue  # e.g. an alpha without a baseline run: no comparison
+        (j,) = same  # two baseline groups differ in a varying key
+        entry = {"baseline": groups[j]["label"], "is_baseline": False}
+        if g["final"] is not None and groups[j]["final"] is not None:
+            entry.update(compare(g["final"], groups[j]["final"], "accuracy" in metric))
+        g["vs_baseline"] = entry
+
+
+def _sort_key(values: Sequence) -> tuple:
+    """Numbers before strings, numbers numerically."""
+    return tuple(
+        (0, float(v), "")
+        if isinstance(v, int | float) and not isinstance(v, bool)
+        else (1, 0.0, _format_value(v))
+        for v in values
+    )
+
+
 def summarize(
-    dirs: Sequence[str | os.PathLike], metric: str = "test_accuracy", target: float | None = None
+    dirs: Sequence[str | os.PathLike],
+    metric: str = "test_accuracy",
+    target: float | None = None,
+    *,
+    columns: Sequence[str] = (),
+    baseline: str | None = None,
+    panels: Sequence[str] = (),
 ) -> dict:
     """Finds, loads and groups the runs under ``dirs``; the content of ``report.json``.
 
+    Args:
+      dirs: searched recursively for run directories.
+      metric: the ``metrics.jsonl`` key reported.
+      target: also report the rounds to reach it.
+      columns: config keys shown as the table's first columns; they order the groups.
+      baseline: ``"KEY=VALUE"``: compare each group with its baseline group.
+      panels: config keys splitting each plot into panels.
+
     Raises:
-      ReportError: no run directories, or no run records ``metric``.
+      ReportError: no run directories, no run records ``metric``, a key of
+        ``columns``/``baseline``/``panels`` that no run has, or no group with
+        the baseline's value.
     """
     paths = find_runs(dirs)
     if not paths:
@@ -336,10 +463,29 @@ def summarize(
         raise ReportError(
             f"no run records metric '{metric}' (available: {', '.join(available) or 'none'})"
         )
-    groups = [summarize_group(*g, metric, target) for g in group_runs(runs)]
+    grouped = group_runs(runs)
+    configs = [members[0].config for _, _, members in grouped]
+    base_key, base_value = parse_baseline(baseline) if baseline else (None, None)
+    selected = list(dict.fromkeys([*columns, *panels, *([base_key] if base_key else [])]))
+    for key in selected:
+        if not any(key in c for c in configs):
+            option = (
+                "--columns" if key in columns else "--panels" if key in panels else "--baseline"
+            )
+            raise ReportError(f"{option}: no run has the config key '{key}'")
+    groups = [summarize_group(*g, metric, target) for g in grouped]
+    for g, c in zip(groups, configs, strict=True):
+        g["selected"] = {k: c.get(k, _MISSING) for k in selected}
+    if base_key:
+        _add_baseline(groups, configs, base_key, base_value, metric)
+    if columns:
+        groups.sort(key=lambda g: _sort_key([g["selected"][k] for k in columns]))
     return {
         "metric": metric,
         "target": target,
+        "columns": list(columns),
+        "baseline": baseline,
+        "panels": list(panels),
         "std": f"sample standard deviation over seeds (ddof={DDOF}); null for one seed",
         "best": ("max" if "accuracy" in metric else "min") + " over the common eval rounds, "
         "per seed, then mean and std",
@@ -377,33 +523,86 @@ def _rounds_to_target(entry: dict | None) -> str:
     return f"{stats['mean']:.1f} ± {std}"
 
 
+def _vs_baseline(entry: dict | None) -> str:
+    if entry is not None and entry["is_baseline"]:
+        return "baseline"
+    if entry is None or "diff" not in entry:
+        return "n/a"  # no baseline group, or one of the two records no metric
+    diff = f"{entry['diff']:+.4f}".replace("-0.0000", "+0.0000")
+    if entry["verdict"] is None:
+        return f"{diff} (one seed)"
+    return f"{entry['verdict']} ({diff})"
+
+
 def format_markdown(summary: dict) -> str:
     """``report.md`` for the output of :func:`summarize`."""
     m = summary["metric"]
     target = summary.get("target")
-    extra_head = "" if target is None else f" rounds to {m} {target:g} (mean ± std) |"
+    columns = summary.get("columns") or []
+    baseline = summary.get("baseline")
+    groups = summary["groups"]
     best = "max" if "accuracy" in m else "min"
+    # The label column is left out when the chosen columns tell every group apart.
+    keyed = {json.dumps([g["selected"][k] for k in columns]) for g in groups} if columns else ()
+    with_label = len(keyed) < len(groups)
+    numbers = [
+        "seeds",
+        f"final {m} (mean ± sample std, ddof={DDOF})",
+        f"best-round {m} ({best} per seed, mean ± std)",
+        "rounds",
+        "uplink (mean)",
+        "downlink (mean)",
+        "wall s (mean)",
+    ]
+    if target is not None:
+        numbers.append(f"rounds to {m} {target:g} (mean ± std)")
+    head = [*columns, *(["group"] if with_label else []), *numbers]
+    if baseline:
+        head.append(f"vs {baseline}")  # words: left-aligned
+    text = (
+        f"{summary['num_runs']} runs in {len(groups)} groups from "
+        + ", ".join(f"`{d}`" for d in summary["dirs"])
+        + f". ± is the sample standard deviation over seeds (ddof={DDOF}); "
+        "bytes are cumulative at the final round and wall s is the run's time there "
+        "(compilation included), mean over seeds."
+    )
+    if baseline:
+        text += (
+            f" vs {baseline}: against the group with {baseline} that agrees on every key "
+            f"varying among such groups; better/worse when the difference of the final "
+            f"means exceeds the sum of the two sample stds."
+        )
     lines = [
         f"# Report: {m}",
         "",
-        f"{summary['num_runs']} runs in {len(summary['groups'])} groups from "
-        + ", ".join(f"`{d}`" for d in summary["dirs"])
-        + f". ± is the sample standard deviation over seeds (ddof={DDOF}); "
-        "bytes are cumulative at the final round, mean over seeds.",
+        text,
         "",
-        f"| group | seeds | final {m} (mean ± sample std, ddof={DDOF}) | best-round {m} "
-        f"({best} per seed, mean ± std) | rounds | uplink (mean) | downlink (mean) |" + extra_head,
-        "|---|---:|---:|---:|---:|---:|---:|" + ("" if target is None else "---:|"),
+        "| " + " | ".join(head) + " |",
+        "|" + "".join("---:|" if h in numbers else "---|" for h in head),
     ]
-    for g in summary["groups"]:
-        label = g["label"].replace("|", "\\|")
-        lines.append(
-            f"| {label} | {g['num_runs']} | {_mean_std(g['final'])} | {_mean_std(g['best'])} | "
-            f"{g['round'] if g['round'] is not None else 'n/a'} | "
-            f"{human_bytes(g['uplink_bytes'])} | {human_bytes(g['downlink_bytes'])} |"
-            + ("" if target is None else f" {_rounds_to_target(g['rounds_to_target'])} |")
-        )
-    notes = [f"* {g['label']}: {note}" for g in summary["groups"] for note in g["notes"]]
+    for g in groups:
+        cells = [_format_value(g["selected"][k]) for k in columns]
+        if with_label:
+            cells.append(g["label"])
+        cells += [
+            str(g["num_runs"]),
+            _mean_std(g["final"]),
+            _mean_std(g["best"]),
+            str(g["round"]) if g["round"] is not None else "n/a",
+            human_bytes(g["uplink_bytes"]),
+            human_bytes(g["downlink_bytes"]),
+            "n/a" if g["wall_s"] is None else f"{g['wall_s']:.1f}",
+        ]
+        if target is not None:
+            cells.append(_rounds_to_target(g["rounds_to_target"]))
+        if baseline:
+            cells.append(_vs_baseline(g["vs_baseline"]))
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    notes = [f"* {g['label']}: {note}" for g in groups for note in g["notes"]]
+    if baseline:
+        alone = [g["label"] for g in groups if g["vs_baseline"] is None]
+        if alone:
+            notes.append(f"* no {baseline} group to compare with: {'; '.join(alone)}")
     if notes:
         lines += ["", "Notes:", "", *notes]
     lines += [
@@ -412,70 +611,25 @@ def format_markdown(summary: dict) -> str:
         "",
         f"![{m} vs cumulative bytes]({BYTES_PLOT})",
         "",
+        f"![{m} vs cumulative uplink bytes]({UPLINK_PLOT})",
+        "",
     ]
     return "\n".join(lines)
 
 
-def legend_labels(groups: Sequence[dict]) -> list[str]:
-    """Group labels for a plot legend: config keys shortened to their last part
-    (``algorithm.name=feddf`` -> ``name=feddf``) when that stays unambiguous."""
-    keys = sorted({k for g in groups for k in g["config"]})
-    short = {k: k.rsplit(".", 1)[-1] for k in keys}
-    if len(set(short.values())) < len(keys) or not keys:
-        return [g["label"] for g in groups]
-    return [
-        ", ".join(f"{short[k]}={_format_value(v)}" for k, v in g["config"].items()) or g["label"]
-        for g in groups
-    ]
-
-
 def plot(summary: dict, out: str | os.PathLike) -> list[Path]:
-    """Writes the two PNGs (Agg backend, no pyplot state) into ``out``; returns their paths.
+    """Writes the three PNGs into ``out`` (:func:`fedjax_kd.report_plot.plot`).
 
-    The legend sits below the axes (one line per group), so long labels never
-    cover the curves.
+    Raises:
+      ReportError: matplotlib missing.
     """
     try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+        import matplotlib  # noqa: F401
     except ImportError:
         raise ReportError("report needs matplotlib (pip install matplotlib)") from None
-    metric = summary["metric"]
-    paths = []
-    for filename, x_key, x_label in (
-        (ROUND_PLOT, "round", "round"),
-        (BYTES_PLOT, "bytes", "cumulative uplink + downlink bytes (mean over seeds)"),
-    ):
-        groups = summary["groups"]
-        fig = Figure(figsize=(8, 4.5 + 0.22 * len(groups)), layout="constrained")
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot()
-        all_x = []
-        for g, name in zip(groups, legend_labels(groups), strict=True):
-            points = [p for p in g["curve"] if p[x_key] is not None]
-            if not points:
-                continue
-            x = np.array([p[x_key] for p in points], dtype=np.float64)
-            y = np.array([p["mean"] for p in points])
-            (line,) = ax.plot(x, y, marker="o", markersize=3, label=f"{name} (n={g['num_runs']})")
-            if all(p["std"] is not None for p in points):
-                s = np.array([p["std"] for p in points])
-                ax.fill_between(x, y - s, y + s, color=line.get_color(), alpha=0.2, linewidth=0)
-            all_x.extend(x)
-        if x_key == "bytes" and all_x and min(all_x) > 0 and max(all_x) / min(all_x) > 100:
-            ax.set_xscale("log")
-            x_label += ", log scale"
-        ax.set_xlabel(x_label)
-        ax.set_ylabel(f"{metric} (mean ± sample std over seeds)")
-        ax.grid(alpha=0.3)
-        if all_x:
-            ax.legend(
-                fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False
-            )
-        path = Path(out) / filename
-        fig.savefig(path, dpi=110)
-        paths.append(path)
-    return paths
+    from fedjax_kd import report_plot
+
+    return report_plot.plot(summary, out)
 
 
 def make_report(
@@ -483,13 +637,16 @@ def make_report(
     out: str | os.PathLike,
     metric: str = "test_accuracy",
     target: float | None = None,
+    **options,
 ) -> dict:
-    """Writes ``report.md``, ``report.json`` and the two PNGs into ``out``; returns the summary.
+    """Writes ``report.md``, ``report.json`` and the three PNGs into ``out``; returns the summary.
+
+    ``options``: ``columns``, ``baseline``, ``panels`` of :func:`summarize`.
 
     Raises:
       ReportError: see :func:`summarize`; ``out`` not writable; matplotlib missing.
     """
-    summary = summarize(dirs, metric, target)
+    summary = summarize(dirs, metric, target, **options)
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -499,6 +656,13 @@ def make_report(
     except OSError as e:
         raise ReportError(f"--out {out}: cannot write there ({e.strerror or e})") from None
     return summary
+
+
+def _keys(text: str) -> list[str]:
+    keys = [k.strip() for k in text.split(",")]
+    if any(not k for k in keys):
+        raise argparse.ArgumentTypeError(f"expected KEY,KEY,... got {text!r}")
+    return list(dict.fromkeys(keys))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -516,6 +680,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="also report the rounds until the metric reaches this value",
     )
+    parser.add_argument(
+        "--columns",
+        type=_keys,
+        default=[],
+        metavar="KEY,...",
+        help="config keys shown as the table's first columns, ordering its rows",
+    )
+    parser.add_argument(
+        "--baseline",
+        default=None,
+        metavar="KEY=VALUE",
+        help="compare each group with the group that has KEY=VALUE and agrees on the keys "
+        "varying among those (e.g. algorithm.name=fedavg)",
+    )
+    parser.add_argument(
+        "--panels",
+        type=_keys,
+        default=[],
+        metavar="KEY,...",
+        help="one plot panel per combination of these config keys' values",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -523,9 +708,17 @@ def run(args: argparse.Namespace) -> int:
     if args.target is not None and not np.isfinite(args.target):
         return fail(f"--target must be a finite number, got {args.target}")
     try:
-        summary = make_report(args.dirs, args.out, args.metric, args.target)
+        summary = make_report(
+            args.dirs,
+            args.out,
+            args.metric,
+            args.target,
+            columns=args.columns,
+            baseline=args.baseline,
+            panels=args.panels,
+        )
     except ReportError as e:
         return fail(str(e))
     print(format_markdown(summary).split("\n\n![")[0])
-    print(f"wrote {args.out}/report.md, report.json, {ROUND_PLOT}, {BYTES_PLOT}")
+    print(f"wrote {args.out}/report.md, report.json, {ROUND_PLOT}, {BYTES_PLOT}, {UPLINK_PLOT}")
     return 0

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from fedjax_kd import cli, report
+from fedjax_kd import cli, report, report_plot
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -19,7 +19,15 @@ GROUPS = {
 
 
 def write_run(
-    path, *, algorithm="fedavg", alpha=0.5, seed=0, accuracies=(0.5,), rounds=None, finished=True
+    path,
+    *,
+    algorithm="fedavg",
+    alpha=0.5,
+    seed=0,
+    accuracies=(0.5,),
+    rounds=None,
+    finished=True,
+    mu=0.01,
 ):
     """A run directory as experiment.run writes it, with made-up numbers."""
     path.mkdir(parents=True)
@@ -27,7 +35,7 @@ def write_run(
         "seed": seed,
         "rounds": 3,
         "data": {"name": "digits", "alpha": alpha},
-        "algorithm": {"name": algorithm, "mu": 0.01},
+        "algorithm": {"name": algorithm, "mu": mu},
     }
     (path / "config.json").write_text(json.dumps(config, indent=2))
     rounds = rounds or list(range(1, len(accuracies) + 1))
@@ -82,19 +90,21 @@ def test_groups_mean_std_labels_and_files(tmp_path):
     # best per seed: 0.81, 0.82, 0.87 (seed 0's best is its second round).
     assert g["best"]["mean"] == pytest.approx(np.mean([0.81, 0.82, 0.87]))
     assert g["uplink_bytes"] == 300 and g["downlink_bytes"] == 600
+    assert g["wall_s"] == pytest.approx(0.3)  # the final evaluation's wall_s
     curve = {p["round"]: p for p in g["curve"]}
     assert curve[1]["mean"] == pytest.approx(0.1) and curve[3]["bytes"] == 900
+    assert curve[3]["uplink"] == 300
     assert g["notes"] == []
 
     out = tmp_path / "out"
     md = (out / "report.md").read_text()
     assert "| algorithm.name=feddf, data.alpha=0.1 | 3 | 0.9200 ± 0.0265 |" in md
     assert "| algorithm.name=fedavg, data.alpha=0.5 | 3 | 0.8300 ± 0.0361 |" in md
-    assert "ddof=1" in md and "300 B" in md
+    assert "ddof=1" in md and "| 300 B | 600 B | 0.3 |" in md
     assert json.loads((out / "report.json").read_text())["groups"] == json.loads(
         json.dumps(summary["groups"])
     )
-    for name in ("accuracy_vs_round.png", "accuracy_vs_bytes.png"):
+    for name in ("accuracy_vs_round.png", "accuracy_vs_bytes.png", "accuracy_vs_uplink.png"):
         data = (out / name).read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 1000
 
@@ -131,6 +141,7 @@ def test_cli_report(tmp_path, capsys):
     assert data["metric"] == "test_loss"
     for name in ("report.md", "accuracy_vs_round.png", "accuracy_vs_bytes.png"):
         assert (out / name).is_file()
+    assert (out / "accuracy_vs_uplink.png").is_file()
 
 
 @pytest.mark.parametrize(
@@ -140,6 +151,13 @@ def test_cli_report(tmp_path, capsys):
         (["{missing}"], "not a directory"),
         (["{runs}", "--metric", "nope"], "no run records metric 'nope'"),
         (["{runs}", "--config.rounds=2"], "report takes no --config.KEY overrides"),
+        (["{runs}", "--baseline", "algorithm.name"], "expected KEY=VALUE"),
+        (
+            ["{runs}", "--baseline", "algorithm.name=nope"],
+            "no group has it (algorithm.name: fedavg)",
+        ),
+        (["{runs}", "--columns", "data.nope"], "--columns: no run has the config key 'data.nope'"),
+        (["{runs}", "--panels", "data.alpha,"], "--panels"),
         ([], "--out"),
     ],
 )
@@ -187,12 +205,12 @@ def test_legend_labels_shorten_keys_only_when_unambiguous():
             "config": {"algorithm.name": "fedavg", "data.alpha": 1.0},
         },
     ]
-    assert report.legend_labels(groups) == ["name=feddf, alpha=0.1", "name=fedavg, alpha=1.0"]
+    assert report_plot.legend_labels(groups) == ["name=feddf, alpha=0.1", "name=fedavg, alpha=1.0"]
     clash = [
         {"label": "a.lr=0.1, b.lr=1.0", "config": {"a.lr": 0.1, "b.lr": 1.0}},
         {"label": "a.lr=0.2, b.lr=1.0", "config": {"a.lr": 0.2, "b.lr": 1.0}},
     ]
-    assert report.legend_labels(clash) == ["a.lr=0.1, b.lr=1.0", "a.lr=0.2, b.lr=1.0"]
+    assert report_plot.legend_labels(clash) == ["a.lr=0.1, b.lr=1.0", "a.lr=0.2, b.lr=1.0"]
 
 
 def test_runs_without_records_and_groups_without_the_metric(tmp_path):
@@ -242,3 +260,123 @@ def test_help_and_report_start_without_jax(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "heavy: []" in out.stdout
     assert (tmp_path / "out" / "report.md").is_file()
+
+
+#: Final accuracies (3 seeds, or 1) of a grid of algorithms x alphas; FedProx has its own mu.
+BASELINE_GRID = {
+    ("fedavg", 0.5): [0.80, 0.82, 0.87],  # mean 0.83, sample std 0.0361
+    ("feddf", 0.5): [0.90, 0.91, 0.95],  # mean 0.92, std 0.0265: +0.09 > 0.0625, better
+    ("fedprox", 0.5): [0.82, 0.83, 0.84],  # mean 0.83, std 0.01: +0.00, no clear difference
+    ("fedavg", 0.1): [0.70, 0.70, 0.70],  # mean 0.70, std 0
+    ("fedprox", 0.1): [0.60, 0.61, 0.62],  # mean 0.61, std 0.01: -0.09 < -0.01, worse
+    ("feddf", 1.0): [0.90],  # no FedAvg at alpha 1.0: nothing to compare with
+}
+
+
+def write_baseline_grid(root):
+    for (algorithm, alpha), finals in BASELINE_GRID.items():
+        for seed, final in enumerate(finals):
+            write_run(
+                root / f"{algorithm}-{alpha}" / f"seed{seed}",
+                algorithm=algorithm,
+                alpha=alpha,
+                seed=seed,
+                accuracies=(0.1, final - 0.05, final),
+                mu=0.1 if algorithm == "fedprox" else 0.01,  # a key tied to one algorithm
+            )
+
+
+def test_baseline_columns_and_panels_hand_computed(tmp_path):
+    write_baseline_grid(tmp_path / "runs")
+    out = tmp_path / "out"
+    summary = report.make_report(
+        [tmp_path / "runs"],
+        out,
+        columns=["data.alpha", "algorithm.name"],
+        baseline="algorithm.name=fedavg",
+        panels=["data.alpha"],
+    )
+    # --columns orders the groups: alpha numerically, then the algorithm.
+    order = [
+        (g["selected"]["data.alpha"], g["selected"]["algorithm.name"]) for g in summary["groups"]
+    ]
+    assert order == [
+        (0.1, "fedavg"),
+        (0.1, "fedprox"),
+        (0.5, "fedavg"),
+        (0.5, "feddf"),
+        (0.5, "fedprox"),
+        (1.0, "feddf"),
+    ]
+    vs = {k: g["vs_baseline"] for k, g in zip(order, summary["groups"], strict=True)}
+    # The baseline of each group: FedAvg at its alpha (algorithm.mu, FedProx's own, is ignored).
+    assert (
+        vs[(0.5, "feddf")]["baseline"] == "algorithm.mu=0.01, algorithm.name=fedavg, data.alpha=0.5"
+    )
+    assert vs[(0.5, "feddf")]["diff"] == pytest.approx(0.09)
+    assert vs[(0.5, "feddf")]["noise"] == pytest.approx(np.sqrt(0.0013) + np.sqrt(0.0007))
+    assert vs[(0.5, "feddf")]["verdict"] == "better"
+    assert vs[(0.5, "fedprox")]["verdict"] == "no clear difference"
+    assert vs[(0.5, "fedprox")]["diff"] == pytest.approx(0.0, abs=1e-12)
+    assert vs[(0.1, "fedprox")]["verdict"] == "worse"
+    assert vs[(0.1, "fedprox")]["diff"] == pytest.approx(-0.09)
+    assert vs[(0.1, "fedprox")]["noise"] == pytest.approx(0.01)
+    assert vs[(0.1, "fedavg")]["is_baseline"] and vs[(0.5, "fedavg")]["is_baseline"]
+    assert vs[(1.0, "feddf")] is None
+
+    md = (out / "report.md").read_text()
+    # The columns tell every group apart: no group column; the vs column last.
+    assert "| data.alpha | algorithm.name | seeds | final test_accuracy" in md
+    assert md.count("| vs algorithm.name=fedavg |") == 1
+    assert "|---|---|---:|---:|---:|---:|---:|---:|---:|---|" in md
+    assert "| 0.5 | feddf | 3 | 0.9200 ± 0.0265 |" in md and "| better (+0.0900) |" in md
+    assert "| 0.1 | fedprox | 3 | 0.6100 ± 0.0100 |" in md and "| worse (-0.0900) |" in md
+    assert "| no clear difference (+0.0000) |" in md
+    assert "| 0.5 | fedavg | 3 | 0.8300 ± 0.0361 |" in md and "| baseline |" in md
+    assert "| 1.0 | feddf | 1 | 0.9000 ± n/a |" in md
+    assert "no algorithm.name=fedavg group to compare with" in md
+    for name in ("accuracy_vs_round.png", "accuracy_vs_bytes.png", "accuracy_vs_uplink.png"):
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+
+    # One panel per alpha; inside one, the legend names only what differs there.
+    panels = report_plot.split_panels(summary["groups"], ["data.alpha"])
+    assert [title for title, _ in panels] == ["data.alpha=0.1", "data.alpha=0.5", "data.alpha=1.0"]
+    assert report_plot.legend_labels(panels[1][1]) == [
+        "mu=0.01, name=fedavg",
+        "mu=0.01, name=feddf",
+        "mu=0.1, name=fedprox",
+    ]
+    assert report_plot.legend_labels(panels[2][1]) == [panels[2][1][0]["label"]]
+
+    # Columns that do not tell the groups apart keep the group column.
+    md = report.format_markdown(report.summarize([tmp_path / "runs"], columns=["algorithm.name"]))
+    assert "| algorithm.name | group | seeds |" in md
+
+
+def test_compare_one_seed_loss_and_value_matching():
+    one = {"mean": 0.9, "std": None}
+    assert report.compare(one, {"mean": 0.8, "std": 0.1}) == pytest.approx(
+        {"diff": 0.1, "noise": None, "verdict": None}
+    )
+    # For a loss, lower is better.
+    low, high = {"mean": 0.2, "std": 0.01}, {"mean": 0.5, "std": 0.01}
+    assert report.compare(low, high, higher_is_better=False)["verdict"] == "better"
+    assert report.compare(low, high, higher_is_better=True)["verdict"] == "worse"
+    # Exactly the sum of the stds is not a difference.
+    assert report.compare({"mean": 0.5, "std": 0.25}, {"mean": 0.0, "std": 0.25})["verdict"] == (
+        "no clear difference"
+    )
+    assert report._matches(100.0, "100") and report._matches(True, "true")
+    assert not report._matches("fedavg", "feddf")
+    assert report.parse_baseline(" algorithm.name = fedavg ") == ("algorithm.name", "fedavg")
+
+
+def test_cli_report_baseline_columns_panels(tmp_path, capsys):
+    write_baseline_grid(tmp_path / "runs")
+    argv = ["report", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]
+    argv += ["--columns", "data.alpha,algorithm.name", "--baseline", "algorithm.name=fedavg"]
+    assert cli.main([*argv, "--panels", "data.alpha"]) == 0
+    stdout = capsys.readouterr().out
+    assert "| 0.5 | feddf | 3 | 0.9200 ± 0.0265 |" in stdout and "better (+0.0900)" in stdout
+    data = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert data["baseline"] == "algorithm.name=fedavg" and data["panels"] == ["data.alpha"]
