@@ -10,11 +10,14 @@ round. The curated public API (see ``docs/ARCHITECTURE.md``):
   :func:`ds_fl`, :func:`fd`;
 * core types: :class:`FederatedAlgorithm`, :class:`ClientOutput`,
   :class:`ServerState`, :class:`Cohort`, :class:`ClientData`,
-  :class:`RaggedClientData`, :class:`FederatedDataset`, :class:`Model`, and
-  the spec an algorithm describes itself with, :class:`AlgorithmSpec`
-  (:class:`Hyper`, :class:`BuildContext`);
+  :class:`RaggedClientData`, :class:`FederatedDataset`, :class:`Model`,
+  :class:`ClientStore` (per-client state), and the specs components
+  describe themselves with, :class:`AlgorithmSpec` (:class:`Hyper`,
+  :class:`BuildContext`), :class:`ModelSpec` and :class:`DatasetSpec`;
 * primitives: :func:`local_train`, :func:`make_client_update`,
-  :func:`map_batches`, :func:`sum_over_clients`, :func:`scan_over_chunks`;
+  :func:`map_batches`, :func:`sum_over_clients`, :func:`scan_over_chunks`,
+  and the FedAvg family's server side, :func:`fedavg_step` with
+  :func:`client_inputs`;
   losses :func:`cross_entropy`, :func:`distillation_loss`,
   :func:`masked_mean`;
 * modules: ``data`` (``data.digits``, ``data.synthetic``, partitioners),
@@ -55,10 +58,15 @@ _EXPORTS = {
     "FederatedDataset": "fedjax_kd.data",
     "RaggedClientData": "fedjax_kd.data",
     "Model": "fedjax_kd.models",
+    "ClientStore": "fedjax_kd.cohort",
     "AlgorithmSpec": "fedjax_kd.spec",
     "BuildContext": "fedjax_kd.spec",
+    "DatasetSpec": "fedjax_kd.spec",
     "Hyper": "fedjax_kd.spec",
+    "ModelSpec": "fedjax_kd.spec",
     # Primitives.
+    "client_inputs": "fedjax_kd.algorithms.fed_avg",
+    "fedavg_step": "fedjax_kd.algorithms.fed_avg",
     "local_train": "fedjax_kd.client",
     "make_client_update": "fedjax_kd.client",
     "map_batches": "fedjax_kd.client",

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_kd.data.federated import as_cohort
+from fedjax_kd.data.federated import Cohort, check_cohort
 from fedjax_kd.types import Params, PyTree
 
 
@@ -91,7 +91,7 @@ def ensemble_contribution(apply_fn, global_params: Params, out, proxy_x: jax.Arr
     return {"proxy_logits": has_data * apply_fn(local, proxy_x), "members": has_data}
 
 
-def _chunk_layout(cohort, inputs: PyTree):
+def _chunk_layout(cohort: Cohort, inputs: PyTree):
     """How a cohort of K clients splits into chunks of ``cohort.chunk_size``.
 
     Returns ``(chunk, num_chunks, rows, valid, padded_inputs)``: ``chunk`` is
@@ -114,21 +114,31 @@ def _chunk_layout(cohort, inputs: PyTree):
     return chunk, num_chunks, rows, valid, padded
 
 
-def sum_over_clients(fn, cohort, keys: jax.Array) -> PyTree:
+def masked_sum(tree: PyTree, valid: jax.Array) -> PyTree:
+    """``sum_k tree[k]`` over the rows where ``valid`` (bool ``[C]``) holds, leaf-wise."""
+
+    def one(a):
+        mask = valid.reshape(valid.shape + (1,) * (a.ndim - 1))
+        return jnp.sum(jnp.where(mask, a, 0), axis=0)
+
+    return jax.tree.map(one, tree)
+
+
+def sum_over_clients(fn, cohort: Cohort, keys: PyTree) -> PyTree:
     """``sum_k fn(client_k, keys[k])`` over a cohort, in chunks of bounded memory.
 
     The map-reduce at the heart of every FedAvg-style round: ``fn`` trains one
     client and returns its contributions (e.g. ``w_k * delta_k`` and ``w_k``);
     only their running sum is kept. Clients of a chunk (``cohort.chunk_size``)
-    are ``jax.vmap``-ped together; chunks are a ``lax.scan``, so peak memory
-    grows with the chunk, not with the cohort. Rows that pad the cohort to
-    whole chunks (or to a multiple of the device count) are dummies whose
-    contributions are masked out.
+    are ``jax.vmap``-ped together; chunks follow each other in
+    :func:`scan_over_chunks`, so peak memory grows with the chunk, not with
+    the cohort. Rows that pad the cohort to whole chunks (or to a multiple of
+    the device count) are dummies whose contributions are masked out.
 
     Args:
       fn: ``fn(client: ClientData with x [N, ...], y [N], count [], key) ->
         pytree of arrays`` (no client axis).
-      cohort: a :class:`fedjax_kd.data.Cohort` or a gathered ``ClientData``.
+      cohort: the round's :class:`fedjax_kd.data.Cohort`.
       keys: ``[K]`` per-client keys (the same keys whatever the chunking), or
         any pytree of per-client arrays with leading axis ``K`` (e.g. keys and
         each client's epoch budget), passed to ``fn`` as its second argument.
@@ -136,44 +146,24 @@ def sum_over_clients(fn, cohort, keys: jax.Array) -> PyTree:
     Returns:
       The pytree of sums over the K real clients.
     """
-    cohort = as_cohort(cohort)
-    chunk, num_chunks, rows, valid, all_keys = _chunk_layout(cohort, keys)
 
-    def chunk_sum(rows_c, valid_c, keys_c):
-        data = cohort.gather(rows_c)
-        data = data._replace(count=jnp.where(valid_c, data.count, 0))
-        out = jax.vmap(fn)(data, keys_c)
+    def chunk_fn(carry, clients, keys_c, valid):
+        return carry, masked_sum(jax.vmap(fn)(clients, keys_c), valid), {}
 
-        def masked_sum(a):
-            mask = valid_c.reshape(valid_c.shape + (1,) * (a.ndim - 1))
-            return jnp.sum(jnp.where(mask, a, 0), axis=0)
-
-        return jax.tree.map(masked_sum, out)
-
-    if num_chunks == 1:
-        return chunk_sum(rows, valid, all_keys)
-    shaped = (
-        rows.reshape(num_chunks, chunk),
-        valid.reshape(num_chunks, chunk),
-        jax.tree.map(lambda a: a.reshape(num_chunks, chunk, *a.shape[1:]), all_keys),
-    )
-    first = jax.tree.map(lambda a: a[0], shaped)
-    init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(chunk_sum, *first))
-
-    def body(acc, inputs):
-        return jax.tree.map(jnp.add, acc, chunk_sum(*inputs)), None
-
-    return jax.lax.scan(body, init, shaped)[0]
+    return scan_over_chunks(chunk_fn, cohort, keys, (), scan_one=False)[1]
 
 
-def scan_over_chunks(fn, cohort, inputs: PyTree, carry: PyTree, *, scan_one: bool = True):
+def scan_over_chunks(fn, cohort: Cohort, inputs: PyTree, carry: PyTree, *, scan_one: bool = True):
     """Runs ``fn`` over a cohort's chunks in order, threading ``carry`` through them.
 
-    For rounds that update per-client state (FedKD's private mentors) as well
-    as sums: like :func:`sum_over_clients` the cohort is processed
-    ``cohort.chunk_size`` clients at a time (a ``lax.scan`` over chunks, so
-    peak memory grows with the chunk), but ``fn`` sees a whole chunk and a
-    carry (e.g. the per-client store it gathers from and scatters into).
+    The one chunk loop of the library: :func:`sum_over_clients`, the FedAvg
+    family's server side (``fed_avg.fedavg_step``, which also threads FedKD's
+    per-client store) and the personal-model family's passes all run on it.
+    The cohort is processed ``cohort.chunk_size`` clients at a time (a
+    ``lax.scan`` over chunks, so peak memory grows with the chunk); ``fn``
+    sees a whole chunk and the carry (e.g. the per-client store it gathers
+    from and scatters into), and its sums are added up chunk after chunk
+    (a running sum in the scan's carry, starting from zeros).
 
     Args:
       fn: ``fn(carry, clients, inputs_c, valid) -> (carry, sums, per_client)``
@@ -182,7 +172,7 @@ def scan_over_chunks(fn, cohort, inputs: PyTree, carry: PyTree, *, scan_one: boo
         change the carry, ``inputs_c`` the chunk's rows of ``inputs``;
         ``sums`` a pytree already summed over the chunk's valid rows,
         ``per_client`` a pytree with leading axis ``C``.
-      cohort: a :class:`fedjax_kd.data.Cohort` or a gathered ``ClientData``.
+      cohort: the round's :class:`fedjax_kd.data.Cohort`.
       inputs: pytree of per-client arrays with leading axis ``K`` (keys, ...).
       carry: the initial carry.
       scan_one: with False, a cohort that fits in one chunk (no
@@ -193,27 +183,33 @@ def scan_over_chunks(fn, cohort, inputs: PyTree, carry: PyTree, *, scan_one: boo
     Returns:
       ``(carry, sums over all chunks, per_client [K, ...])``.
     """
-    cohort = as_cohort(cohort)
+    check_cohort(cohort)
     k = cohort.size
     chunk, num_chunks, rows, valid, padded = _chunk_layout(cohort, inputs)
     total = num_chunks * chunk
 
-    def step(carry, xs):
-        rows_c, valid_c, inputs_c = xs
+    def step(carry, rows_c, valid_c, inputs_c):
         data = cohort.gather(rows_c)
         data = data._replace(count=jnp.where(valid_c, data.count, 0))
-        carry, sums, per_client = fn(carry, data, inputs_c, valid_c)
-        return carry, (sums, per_client)
+        return fn(carry, data, inputs_c, valid_c)
 
     if num_chunks == 1 and not scan_one:
-        carry, (sums, per_client) = step(carry, (rows, valid, padded))
+        carry, sums, per_client = step(carry, rows, valid, padded)
         return carry, sums, jax.tree.map(lambda a: a[:k], per_client)
     xs = (
         rows.reshape(num_chunks, chunk),
         valid.reshape(num_chunks, chunk),
         jax.tree.map(lambda a: a.reshape(num_chunks, chunk, *a.shape[1:]), padded),
     )
-    carry, (sums, per_client) = jax.lax.scan(step, carry, xs)
-    sums = jax.tree.map(lambda a: jnp.sum(a, axis=0), sums)
+    first = jax.tree.map(lambda a: a[0], xs)
+    sums_shape = jax.eval_shape(lambda c, *x: step(c, *x)[1], carry, *first)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape)
+
+    def body(acc, xs_c):
+        carry, running = acc
+        carry, sums, per_client = step(carry, *xs_c)
+        return (carry, jax.tree.map(jnp.add, running, sums)), per_client
+
+    (carry, sums), per_client = jax.lax.scan(body, (carry, zeros), xs)
     per_client = jax.tree.map(lambda a: a.reshape(total, *a.shape[2:])[:k], per_client)
     return carry, sums, per_client

@@ -1,10 +1,10 @@
-"""Cohort helpers: per-client state stores and architecture groups.
+"""Cohort helpers: the per-client state store and architecture groups.
 
 Some algorithms keep state on every client across rounds (FedKD's private
-mentors, FedMD/FD/DS-FL's personal models). That state lives in a *store*: a
-pytree whose leaves have a leading ``[num_clients]`` axis; a round gathers the
-cohort's rows, trains them under ``vmap``, and scatters them back. Clients
-outside the cohort are untouched.
+mentors, FedMD/FD/DS-FL's personal models). That state lives in a
+:class:`ClientStore`: a pytree whose leaves have a leading row axis; a round
+gathers the cohort's rows, trains them under ``vmap``, and scatters them back.
+Clients outside the cohort are untouched.
 
 Heterogeneous-model algorithms give client ``i`` the architecture of group
 ``i % num_groups``; :func:`sample_by_group` draws the same number of clients
@@ -15,6 +15,7 @@ from every group each round so that each group's sub-cohort has a static shape
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,28 +23,54 @@ import jax.numpy as jnp
 from fedjax_kd.types import PyTree
 
 
-def init_store(init_fn, key: jax.Array, num_clients: int) -> PyTree:
-    """``[num_clients, ...]`` store with ``init_fn(fold_in(key, i))`` in row ``i``."""
-    ids = jnp.arange(num_clients)
-    # lax.map, not vmap: the same values, and XLA on CPU compiles a vmapped
-    # threefry initialiser several times slower (init runs once per run).
-    return jax.lax.map(lambda i: init_fn(jax.random.fold_in(key, i)), ids)
+class ClientStore(NamedTuple):
+    """State kept on clients across rounds: one row per client, every leaf ``[n, ...]``.
 
+    The one per-client store of the library: FedKD's private mentors (row =
+    client id) and the personal models of FedMD, DS-FL and FD (one store per
+    architecture group; client ``i`` is row ``i // G`` of group ``i % G``'s).
+    A round gathers its cohort's rows, trains them under ``vmap`` and
+    scatters them back; rows of clients outside the cohort are untouched. A
+    pytree (a ``NamedTuple``), so it sits in an algorithm's state and is
+    checkpointed with it.
 
-def gather(store: PyTree, ids: jax.Array) -> PyTree:
-    """Rows ``ids`` of every leaf of ``store``."""
-    return jax.tree.map(lambda a: jnp.take(a, ids, axis=0), store)
-
-
-def scatter(store: PyTree, ids: jax.Array, rows: PyTree, valid: jax.Array | None = None) -> PyTree:
-    """``store`` with rows ``ids`` replaced by ``rows`` (ids must be distinct).
-
-    With ``valid`` (bool, one per id), the rows where it is False write
-    nowhere: the padding rows of a chunk, which may repeat a real client's id.
+    Attributes:
+      rows: pytree whose leaves have a leading ``[n]`` row axis.
     """
-    if valid is not None:
-        ids = jnp.where(valid, ids, jax.tree.leaves(store)[0].shape[0])  # out of range
-    return jax.tree.map(lambda a, r: a.at[ids].set(r, mode="drop"), store, rows)
+
+    rows: PyTree
+
+    @classmethod
+    def create(cls, init_fn, key: jax.Array, client_ids: jax.Array) -> ClientStore:
+        """Row ``r`` holds ``init_fn(fold_in(key, client_ids[r]))``.
+
+        Keying each row by its client's id makes a client's initial state
+        independent of how the clients are laid out in stores.
+        """
+        # lax.map, not vmap: the same values, and XLA on CPU compiles a vmapped
+        # threefry initialiser several times slower (init runs once per run).
+        return cls(jax.lax.map(lambda i: init_fn(jax.random.fold_in(key, i)), client_ids))
+
+    @property
+    def size(self) -> int:
+        """Number of rows ``n``."""
+        return jax.tree.leaves(self.rows)[0].shape[0]
+
+    def gather(self, rows: jax.Array) -> PyTree:
+        """The state in rows ``rows`` (leaves ``[len(rows), ...]``)."""
+        return jax.tree.map(lambda a: jnp.take(a, rows, axis=0), self.rows)
+
+    def scatter(self, rows: jax.Array, values: PyTree, valid: jax.Array | None = None):
+        """The store with rows ``rows`` (distinct) replaced by ``values``.
+
+        With ``valid`` (bool, one per row), the rows where it is False write
+        nowhere: the padding rows of a chunk, which may repeat a real client's.
+        """
+        if valid is not None:
+            rows = jnp.where(valid, rows, self.size)  # out of range: dropped
+        return ClientStore(
+            jax.tree.map(lambda a, r: a.at[rows].set(r, mode="drop"), self.rows, values)
+        )
 
 
 def group_sizes(num_clients: int, num_groups: int) -> list[int]:

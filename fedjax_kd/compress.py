@@ -44,6 +44,25 @@ def energy_threshold(progress, t_start: float = 0.95, t_end: float = 0.98):
     return t_start + (t_end - t_start) * progress
 
 
+def energy_schedule(t_start: float = 0.95, t_end: float = 0.98, *, rounds: int):
+    """FedKD's linear energy schedule as a function of the round, like an optax schedule.
+
+    ``schedule(r)`` for the 0-based round ``r`` (an int32 scalar, may be traced)
+    is :func:`energy_threshold` at ``t = min((r + 1) / rounds, 1)``: the
+    official code's ``(1 + comm_round) / epochs``, so round ``rounds - 1`` and
+    every later one use ``t_end``. ``rounds`` is the schedule's horizon, not
+    necessarily the run's length.
+    """
+    if rounds < 1:
+        raise ValueError(f"the energy schedule needs rounds >= 1, got {rounds}")
+
+    def schedule(r):
+        progress = jnp.minimum((r + 1).astype(jnp.float32) / rounds, 1.0)
+        return energy_threshold(progress, t_start, t_end)
+
+    return schedule
+
+
 def energy_rank(singular_values: jax.Array, threshold) -> jax.Array:
     """Smallest ``K`` with ``sum_{i<K} s_i^2 >= threshold * sum_i s_i^2``.
 

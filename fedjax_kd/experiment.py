@@ -304,9 +304,10 @@ def describe_components(specs: Iterable[AlgorithmSpec] | None = None) -> str:
     lines += [
         "",
         "models (--config.model.student / model.teacher / model.student_groups):",
-        "  linear           multinomial logistic regression",
-        "  mlp-W1[-W2...]   ReLU MLP with these hidden widths, e.g. mlp-64, mlp-256-256",
-        "  cnn-C1[-C2...]   3x3 ReLU convolutions with these channels, e.g. cnn-16-32",
+        *(
+            f"  {m.pattern:<16} {m.help}" + (f" ({m.sizes}), e.g. {m.example}" if m.sizes else "")
+            for m in models.MODEL_SPECS.values()
+        ),
         "  pkg.mod:function a user's Flax NNX or Linen model (README: bring your own)",
         "",
         "datasets (--config.data.name):",
@@ -694,7 +695,7 @@ def config_conflicts(workdir: str | os.PathLike, config: ml_collections.ConfigDi
     before, defaults = flatten(old), _flatten(default_config.get_config())
     defaults.update({f"{spec.name}.{k}": v for k, v in spec.defaults().items()})
     resumable = set(RESUMABLE_KEYS)
-    if spec.rounds_dependent:
+    if spec.rounds_dependent(config):
         resumable.discard("rounds")  # its schedule spans config.rounds
     return [
         f"{key} {before.get(key, defaults[key])!r} -> {value!r}"

@@ -25,9 +25,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fedjax_kd.spec import ModelSpec
 from fedjax_kd.types import ApplyFn, Params
-
-MODEL_FAMILIES = ("linear", "mlp", "cnn")
 
 
 class Model(NamedTuple):
@@ -84,27 +83,55 @@ class CNN(nnx.Module):
         return self.head(x.reshape(x.shape[0], -1))
 
 
-def parse_name(name: str) -> tuple[str, tuple[int, ...]]:
-    """Splits ``mlp-64-32`` into ``("mlp", (64, 32))``; raises ValueError if invalid."""
+def _mlp(sizes: tuple[int, ...], feature_shape: tuple[int, ...], num_classes: int):
+    in_features = math.prod(feature_shape)
+    return lambda rngs: MLP(in_features, sizes, num_classes, rngs=rngs)
+
+
+def _cnn(sizes: tuple[int, ...], feature_shape: tuple[int, ...], num_classes: int):
+    image_shape = _image_shape(feature_shape)
+    return lambda rngs: CNN(image_shape, sizes, num_classes, rngs=rngs)
+
+
+#: The built-in model families, by name: each describes itself (``fedjax-kd
+#: list``) and builds its NNX module from the sizes in a model name.
+MODEL_SPECS = {
+    spec.name: spec
+    for spec in (
+        ModelSpec("linear", "multinomial logistic regression", _mlp, example="linear"),
+        ModelSpec(
+            "mlp", "ReLU MLP on flattened inputs", _mlp, sizes="hidden widths", example="mlp-64"
+        ),
+        ModelSpec(
+            "cnn",
+            "3x3 ReLU convolutions, 2x2 average pooling, linear head",
+            _cnn,
+            sizes="convolution channels",
+            example="cnn-16-32",
+        ),
+    )
+}
+
+
+def parse_name(name: str) -> tuple[ModelSpec, tuple[int, ...]]:
+    """Splits ``mlp-64-32`` into ``(MODEL_SPECS["mlp"], (64, 32))``; ValueError if invalid."""
     family, *widths = name.split("-")
-    if family not in MODEL_FAMILIES:
-        raise ValueError(
-            f"unknown model {name!r}; expected one of: linear, mlp-W1[-W2...], cnn-C1[-C2...]"
-        )
+    spec = MODEL_SPECS.get(family)
+    if spec is None:
+        known = ", ".join(s.pattern for s in MODEL_SPECS.values())
+        raise ValueError(f"unknown model {name!r}; expected one of: {known}")
     try:
         sizes = tuple(int(w) for w in widths)
     except ValueError:
         sizes = ()
-    if (
-        (family == "linear" and widths)
-        or (family != "linear" and not sizes)
-        or min(sizes, default=1) < 1
-    ):
+    if bool(widths) != bool(spec.sizes) or (widths and not sizes) or min(sizes, default=1) < 1:
+        examples = ", ".join(s.example for s in MODEL_SPECS.values())
         raise ValueError(
-            f"bad model name {name!r}; widths are positive integers joined by '-', "
-            "e.g. mlp-64, mlp-256-128, cnn-16-32, linear"
+            f"bad model name {name!r}; {spec.pattern}"
+            + (f" with {spec.sizes} as positive integers" if spec.sizes else " takes no sizes")
+            + f", e.g. {examples}"
         )
-    return family, sizes
+    return spec, sizes
 
 
 def _image_shape(feature_shape: tuple[int, ...]) -> tuple[int, int, int]:
@@ -125,7 +152,8 @@ def create(name: str, *, feature_shape: Sequence[int], num_classes: int) -> Mode
     """Builds the model called ``name`` for inputs of ``feature_shape``.
 
     Args:
-      name: ``linear``, ``mlp-W1[-W2...]`` or ``cnn-C1[-C2...]``.
+      name: a family of :data:`MODEL_SPECS` with its sizes: ``linear``,
+        ``mlp-W1[-W2...]`` or ``cnn-C1[-C2...]``.
       feature_shape: shape of one example (without the batch axis).
       num_classes: number of output logits.
 
@@ -138,21 +166,9 @@ def create(name: str, *, feature_shape: Sequence[int], num_classes: int) -> Mode
       params = model.init(jax.random.key(0))
       logits = model.apply(params, jnp.zeros((5, 64)))  # [5, 10]
     """
-    family, sizes = parse_name(name)
+    spec, sizes = parse_name(name)
     feature_shape = tuple(int(d) for d in feature_shape)
-    if family == "cnn":
-        image_shape = _image_shape(feature_shape)
-
-        def build(rngs):
-            return CNN(image_shape, sizes, num_classes, rngs=rngs)
-
-    else:
-        in_features = math.prod(feature_shape)
-
-        def build(rngs):
-            return MLP(in_features, sizes, num_classes, rngs=rngs)
-
-    return from_nnx(build, name=name)
+    return from_nnx(spec.build(sizes, feature_shape, num_classes), name=name)
 
 
 def from_nnx(build: Callable[[nnx.Rngs], nnx.Module], *, name: str = "nnx") -> Model:

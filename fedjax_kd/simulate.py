@@ -8,8 +8,8 @@ One round is ``step(state, data, server_data, rounds_key, r) -> (state, metrics)
     state, metrics = algorithm.round(state, cohort, fold_in(key_r, CLIENTS), server_data)
 
 ``server_data`` holds the server's own arrays (``"proxy_x"`` when the dataset
-has an unlabeled proxy set) and ``"cohort_ids"``, the sampled ids (for
-algorithms that keep per-client state).
+has an unlabeled proxy set); the sampled ids come with the cohort
+(``Cohort.ids``, for algorithms that keep per-client state).
 
 It is compiled ahead of time once (``jax.jit(...).lower(...).compile()``), so
 the whole run uses one executable; the round index is a traced argument.
@@ -101,6 +101,24 @@ def replicate(tree, sharding: NamedSharding):
     return jax.tree.map(place, tree)
 
 
+def jit_round(algorithm: FederatedAlgorithm) -> Callable:
+    """``algorithm.round`` compiled for arrays gathered by hand (a test, a notebook).
+
+    Returns ``round(state, client_data, key, server_data=None, ids=None) ->
+    (state, metrics)``: ``client_data`` is a padded
+    :class:`~fedjax_kd.data.ClientData` ``[K, N, ...]`` and ``ids`` the
+    clients' ids (default ``0..K-1``; the rows of per-client stores), made a
+    :class:`~fedjax_kd.data.Cohort` inside the trace
+    (:meth:`~fedjax_kd.data.Cohort.from_data`: a Cohort is not a pytree, so
+    it cannot cross ``jax.jit`` itself).
+    """
+
+    def round_on_arrays(state, client_data, key, server_data=None, ids=None):
+        return algorithm.round(state, Cohort.from_data(client_data, ids), key, server_data)
+
+    return jax.jit(round_on_arrays)
+
+
 def make_round_step(
     algorithm: FederatedAlgorithm,
     *,
@@ -148,7 +166,6 @@ def make_round_step(
             multiple=multiple,
             constrain=constrain,
         )
-        server_data = {**server_data, "cohort_ids": ids}
         return algorithm.round(state, cohort, jax.random.fold_in(key_r, CLIENTS), server_data)
 
     return step

@@ -1,4 +1,4 @@
-"""What an algorithm or a dataset says about itself: the specs the experiment layer reads.
+"""What algorithms, model families and datasets say about themselves: the specs.
 
 Each algorithm module declares one :class:`AlgorithmSpec` (``SPEC``) next to
 its builder: its name, a one-line help, its hyperparameters with defaults and
@@ -8,7 +8,10 @@ one-line help (named as in its paper; they live under the config namespace
 the config schema, validation, error messages, ``fedjax-kd list`` and
 building from the specs and never branches on an algorithm's name (principle
 9 of ``docs/ARCHITECTURE.md``); a user's algorithm is a spec too
-(``--config.algorithm.name=package.module:SPEC``).
+(``--config.algorithm.name=package.module:SPEC``). Model families
+(:class:`ModelSpec`, ``fedjax_kd.models.MODEL_SPECS``) and datasets
+(:class:`DatasetSpec`, ``fedjax_kd.data.DATASET_SPECS``) describe themselves
+the same way.
 
 Light on purpose (standard library only).
 """
@@ -125,8 +128,9 @@ class AlgorithmSpec:
       groups: accepts heterogeneous architecture groups (``model.student_groups``).
       stragglers: supports FedProx's stragglers (``client.straggler_fraction``).
       teacher: builds ``model.teacher`` (a teacher, a mentor).
-      rounds_dependent: its schedule depends on ``rounds`` (a finished run
-        cannot be extended).
+      rounds_dependent: ``rounds_dependent(config) -> bool``: whether this
+        run's schedule spans ``rounds`` (then a finished run cannot be
+        extended: FedKD's default energy schedule).
       per_client_state: keeps state on every client (mentors, personal models).
     """
 
@@ -138,7 +142,7 @@ class AlgorithmSpec:
     groups: bool = False
     stragglers: bool = False
     teacher: bool = False
-    rounds_dependent: bool = False
+    rounds_dependent: Callable[[Any], bool] = _never
     per_client_state: bool = False
 
     def defaults(self) -> dict:
@@ -152,7 +156,7 @@ class AlgorithmSpec:
             "stragglers": self.stragglers,
             "teacher": self.teacher,
             "per-client state": self.per_client_state,
-            "needs the run's length": self.rounds_dependent,
+            "a schedule over the run's length (see its keys)": self.rounds_dependent is not _never,
         }
         return [word for word, on in flags.items() if on]
 
@@ -203,3 +207,37 @@ class DatasetSpec:
     def defaults(self) -> dict:
         """``{option: default}``."""
         return {k: h.default for k, h in self.hypers.items()}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model family described for the experiment layer (``model.student=NAME-W1-W2``).
+
+    A model name is the family followed by its sizes joined by ``-``
+    (``mlp-64-32``: hidden widths 64 and 32; ``cnn-16``: one 16-channel
+    convolution; ``linear``: none).
+
+    Attributes:
+      name: the family, the first part of a model name.
+      help: one line for ``fedjax-kd list``.
+      build: ``build(sizes, feature_shape, num_classes) -> build_module(rngs)``,
+        a function making the Flax NNX module (``fedjax_kd.models.from_nnx``);
+        raises ValueError for inputs it cannot take.
+      sizes: what the sizes are (``"hidden widths"``), or ``""`` for a family
+        that takes none.
+      example: a model name of this family, for help and errors.
+    """
+
+    name: str
+    help: str
+    build: Callable[..., Any]
+    sizes: str = ""
+    example: str = ""
+
+    @property
+    def pattern(self) -> str:
+        """How a name of this family is written: ``mlp-W1[-W2...]`` or ``linear``."""
+        if not self.sizes:
+            return self.name
+        letter = self.sizes.split()[-1][0].upper()
+        return f"{self.name}-{letter}1[-{letter}2...]"

@@ -24,11 +24,15 @@ class ClientOutput(NamedTuple):
       delta: ``global_params - local_params`` (the client's pseudo-gradient).
       weight: aggregation weight; the number of real local examples.
       metrics: scalar metrics of the local run (e.g. ``train_loss``).
+      state: the client's new per-client state (a row of a
+        :class:`~fedjax_kd.cohort.ClientStore`, e.g. FedKD's private mentor);
+        None for clients that keep none.
     """
 
     delta: Params
     weight: jax.Array
     metrics: Mapping[str, jax.Array]
+    state: PyTree = None
 
 
 class ServerState(NamedTuple):

@@ -11,7 +11,7 @@ def cohort_of(dataset, ids):
 
 def client_params(stores, client, num_groups):
     """Client ``client``'s personal params (row ``client // G`` of group ``client % G``)."""
-    return jax.tree.map(lambda a: a[client // num_groups], stores[client % num_groups])
+    return stores[client % num_groups].gather(client // num_groups)
 
 
 def assert_only_sampled_clients_changed(algo, result, *, rounds, k, num_clients, num_groups):

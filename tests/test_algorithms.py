@@ -9,6 +9,7 @@ import optax
 from fedjax_kd import aggregate, algorithms, models, simulate
 from fedjax_kd.client import make_client_update
 from fedjax_kd.data import ClientData
+from fedjax_kd.simulate import jit_round
 
 
 def zero_init_linear(num_features, num_classes):
@@ -37,7 +38,7 @@ def test_fedavg_hand_computed_round():
         count=jnp.array([1, 2], jnp.int32),
     )
     state = algo.init(jax.random.key(0))
-    state, metrics = jax.jit(algo.round)(state, cohort, jax.random.key(1))
+    state, metrics = jit_round(algo)(state, cohort, jax.random.key(1))
     np.testing.assert_allclose(state.params["head"]["kernel"], [[-0.5, 0.5]], rtol=1e-6)
     np.testing.assert_allclose(state.params["head"]["bias"], [-1 / 6, 1 / 6], rtol=1e-6)
     # Both clients start at uniform predictions: train loss is log 2.
@@ -58,7 +59,7 @@ def test_vmapped_round_equals_python_loop(digits_small):
     cohort = jax.tree.map(lambda a: jnp.asarray(a)[ids], digits_small.train)
     state = algo.init(jax.random.key(0))
     key = jax.random.key(42)
-    new_state, metrics = jax.jit(algo.round)(state, cohort, key)
+    new_state, metrics = jit_round(algo)(state, cohort, key)
 
     update = jax.jit(make_client_update(model.apply, optax.sgd(0.1), **kwargs))
     keys = jax.random.split(key, len(ids))
@@ -121,13 +122,13 @@ def test_server_adam_equals_adam_on_the_fedavg_pseudo_gradient(digits_small):
     key = jax.random.key(7)
     plain = algorithms.fed_avg(model, server_optimizer=optax.sgd(1.0), **common)
     state = plain.init(jax.random.key(0))
-    after_plain, _ = jax.jit(plain.round)(state, cohort, key)
+    after_plain, _ = jit_round(plain)(state, cohort, key)
     delta = jax.tree.map(jnp.subtract, state.params, after_plain.params)
 
     adam = optax.adam(0.01, eps=1e-3)
     fed_adam = algorithms.fed_avg(model, server_optimizer=adam, **common)
     adam_state = fed_adam.init(jax.random.key(0))
-    after_adam, _ = jax.jit(fed_adam.round)(adam_state, cohort, key)
+    after_adam, _ = jit_round(fed_adam)(adam_state, cohort, key)
     expected, _ = aggregate.server_update(state.params, adam.init(state.params), delta, adam)
     chex.assert_trees_all_close(after_adam.params, expected, rtol=1e-5, atol=1e-6)
 
@@ -141,7 +142,7 @@ def test_uniform_weighting_is_the_plain_mean(digits_small):
     key = jax.random.key(0)
     state = algorithms.fed_avg(model, **common).init(key)
     uniform = algorithms.fed_avg(model, uniform_weighting=True, **common)
-    new, _ = jax.jit(uniform.round)(state, cohort, key)
+    new, _ = jit_round(uniform)(state, cohort, key)
     update = jax.vmap(
         make_client_update(model.apply, optax.sgd(0.1), epochs=1, batch_size=50),
         in_axes=(None, 0, 0, 0, 0),

@@ -1,5 +1,6 @@
 """The curated top-level API: every exported name resolves, lazily."""
 
+import importlib
 import subprocess
 import sys
 
@@ -9,7 +10,9 @@ import fedjax_kd
 
 
 def test_every_public_name_resolves_to_its_defining_module():
-    from fedjax_kd import aggregate, algorithms, client, data, losses, models, types
+    from fedjax_kd import aggregate, algorithms, client, cohort, data, losses, models, spec, types
+
+    fed_avg = importlib.import_module("fedjax_kd.algorithms.fed_avg")  # the module
 
     expected = {
         "fed_avg": algorithms.fed_avg,
@@ -23,6 +26,11 @@ def test_every_public_name_resolves_to_its_defining_module():
         "sum_over_clients": aggregate.sum_over_clients,
         "scan_over_chunks": aggregate.scan_over_chunks,
         "masked_mean": losses.masked_mean,
+        "ClientStore": cohort.ClientStore,
+        "ModelSpec": spec.ModelSpec,
+        "DatasetSpec": spec.DatasetSpec,
+        "fedavg_step": fed_avg.fedavg_step,
+        "client_inputs": fed_avg.client_inputs,
     }
     for name, value in expected.items():
         assert getattr(fedjax_kd, name) is value, name

@@ -18,6 +18,7 @@ from fedjax_kd.algorithms.fd import (
     per_label_mean_softmax,
 )
 from fedjax_kd.client import local_train
+from fedjax_kd.simulate import jit_round
 
 C = 10
 
@@ -155,16 +156,14 @@ def test_two_rounds_follow_the_protocol(digits_proxy, linear):
     kwargs = dict(num_clients=30, num_classes=C, **HYPER)
     algo = fd([linear, linear], gamma=0.7, **kwargs)
     no_kd = fd([linear, linear], gamma=0.0, **kwargs)
-    step = jax.jit(algo.round)
+    step = jit_round(algo)
     ids0 = jnp.array([4, 0, 22, 1, 7, 15], jnp.int32)
     ids1 = jnp.array([4, 8, 2, 3, 7, 11], jnp.int32)  # 4 and 7 again
     state0 = algo.init(jax.random.key(0))
     key0, key1 = jax.random.key(10), jax.random.key(11)
-    state1, m0 = step(state0, cohort_of(digits_proxy, ids0), key0, {"cohort_ids": ids0})
+    state1, m0 = step(state0, cohort_of(digits_proxy, ids0), key0, None, ids0)
     # Round 0: no upload is held yet, so gamma changes nothing and nothing is sent down.
-    ref1, _ = jax.jit(no_kd.round)(
-        state0, cohort_of(digits_proxy, ids0), key0, {"cohort_ids": ids0}
-    )
+    ref1, _ = jit_round(no_kd)(state0, cohort_of(digits_proxy, ids0), key0, None, ids0)
     chex.assert_trees_all_equal(state1.stores, ref1.stores)
     np.testing.assert_array_equal(m0["downlink_bytes"], [0] * 6)
     np.testing.assert_array_equal(m0["uplink_bytes"], [C * C * 4 + C * 4] * 6)
@@ -182,7 +181,7 @@ def test_two_rounds_follow_the_protocol(digits_proxy, linear):
     )
 
     # Round 1: Python loop with the targets written out.
-    state2, m1 = step(state1, cohort_of(digits_proxy, ids1), key1, {"cohort_ids": ids1})
+    state2, m1 = step(state1, cohort_of(digits_proxy, ids1), key1, None, ids1)
     tables = np_leave_one_out(
         np.asarray(state1.label_means),
         np.asarray(state1.label_counts),

@@ -10,6 +10,7 @@ from helpers import RANK_MARGIN, energy_margin
 
 from fedjax_kd import compress, models, simulate
 from fedjax_kd.algorithms.fed_kd import adaptive_mutual_losses, fed_kd, make_mutual_client_update
+from fedjax_kd.data import Cohort
 
 
 def np_softmax(z):
@@ -105,7 +106,7 @@ MENTEE = models.create("mlp-8", feature_shape=(64,), num_classes=10)
 MENTOR = models.create("mlp-16", feature_shape=(64,), num_classes=10)
 COMMON = dict(
     num_clients=20,
-    rounds=4,
+    energy=compress.energy_schedule(rounds=4),
     client_optimizer=optax.sgd(0.1),
     server_optimizer=optax.sgd(1.0),
     epochs=2,
@@ -119,7 +120,9 @@ def test_vmapped_round_equals_python_loop_and_keeps_other_mentors(digits_small):
     cohort = jax.tree.map(lambda a: jnp.asarray(a)[ids], digits_small.train)
     state = algo.init(jax.random.key(0))
     key = jax.random.key(42)
-    new_state, metrics = jax.jit(algo.round)(state, cohort, key, {"cohort_ids": ids})
+    new_state, metrics = jax.jit(lambda s, c, k: algo.round(s, Cohort.from_data(c, ids), k))(
+        state, cohort, key
+    )
 
     update = jax.jit(
         make_mutual_client_update(MENTEE, MENTOR, optax.sgd(0.1), epochs=2, batch_size=16)
@@ -129,17 +132,18 @@ def test_vmapped_round_equals_python_loop_and_keeps_other_mentors(digits_small):
     keys = jax.random.split(key, len(ids))
     sent, up, counts, losses, deltas = [], [], [], [], []
     for k, cid in enumerate(ids):
-        mentor_row = jax.tree.map(lambda a, cid=cid: a[cid], state.mentors)
-        delta, new_mentor, m = update(
-            state.params, mentor_row, cohort.x[k], cohort.y[k], cohort.count[k], keys[k]
+        mentor_row = jax.tree.map(lambda a, cid=cid: a[cid], state.mentors.rows)
+        out = update(
+            state.params, cohort.x[k], cohort.y[k], cohort.count[k], keys[k], state=mentor_row
         )
+        delta, new_mentor, m = out.delta, out.state, out.metrics
         rec, nbytes = compress_tree(delta, threshold)
         deltas.append(delta)
         sent.append(rec)
         up.append(int(nbytes) + 4)  # + the float32 aggregation weight
         counts.append(float(cohort.count[k]))
         losses.append(float(m["train_loss"]))
-        got_row = jax.tree.map(lambda a, cid=cid: a[cid], new_state.mentors)
+        got_row = jax.tree.map(lambda a, cid=cid: a[cid], new_state.mentors.rows)
         chex.assert_trees_all_close(got_row, new_mentor, rtol=1e-5, atol=1e-6)
     w = np.array(counts) / sum(counts)
     mean_delta = jax.tree.map(lambda *ds: sum(wi * d for wi, d in zip(w, ds, strict=True)), *sent)
@@ -160,11 +164,11 @@ def test_vmapped_round_equals_python_loop_and_keeps_other_mentors(digits_small):
     # Mentors outside the cohort are untouched (bit-equal); those inside moved.
     others = np.setdiff1d(np.arange(20), np.asarray(ids))
     chex.assert_trees_all_equal(
-        jax.tree.map(lambda a: a[others], new_state.mentors),
-        jax.tree.map(lambda a: a[others], state.mentors),
+        jax.tree.map(lambda a: a[others], new_state.mentors.rows),
+        jax.tree.map(lambda a: a[others], state.mentors.rows),
     )
     moved = jax.tree.map(
-        lambda a, b: np.abs(a[ids] - b[ids]).max(), new_state.mentors, state.mentors
+        lambda a, b: np.abs(a[ids] - b[ids]).max(), new_state.mentors.rows, state.mentors.rows
     )
     assert min(jax.tree.leaves(moved)) > 0
 
@@ -173,10 +177,11 @@ def test_bytes_dense_without_compression_and_threshold_one_is_lossless(digits_sm
     ids = jnp.array([1, 4, 9, 2], jnp.int32)
     cohort = jax.tree.map(lambda a: jnp.asarray(a)[ids], digits_small.train)
     results = {}
-    for name, kw in {"dense": dict(compress=False), "svd_t1": dict(t_start=1.0, t_end=1.0)}.items():
-        algo = fed_kd(MENTEE, MENTOR, **COMMON, **kw)
+    for name, kw in {"dense": dict(compress=False), "svd_t1": dict(energy=1.0)}.items():
+        algo = fed_kd(MENTEE, MENTOR, **{**COMMON, **kw})
         state = algo.init(jax.random.key(0))
-        results[name] = jax.jit(algo.round)(state, cohort, jax.random.key(5), {"cohort_ids": ids})
+        round_fn = jax.jit(lambda s, c, k, algo=algo: algo.round(s, Cohort.from_data(c, ids), k))
+        results[name] = round_fn(state, cohort, jax.random.key(5))
     param_bytes = compress.tree_bytes(state.params)
     dense_state, dense = results["dense"]
     # FedAvg's accounting: params down; delta + one float32 weight up.
@@ -191,15 +196,26 @@ def test_bytes_dense_without_compression_and_threshold_one_is_lossless(digits_sm
     assert np.all(np.asarray(t1["downlink_bytes"]) <= param_bytes)
 
 
-def test_round_needs_cohort_ids(digits_small):
+def test_round_takes_a_cohort_only(digits_small):
     algo = fed_kd(MENTEE, MENTOR, **COMMON)
-    cohort = jax.tree.map(lambda a: jnp.asarray(a)[:2], digits_small.train)
-    with pytest.raises(ValueError, match="cohort_ids"):
-        algo.round(algo.init(jax.random.key(0)), cohort, jax.random.key(1))
+    gathered = jax.tree.map(lambda a: jnp.asarray(a)[:2], digits_small.train)
+    with pytest.raises(TypeError, match=r"Cohort\.from_data"):
+        algo.round(algo.init(jax.random.key(0)), gathered, jax.random.key(1))
+
+
+def test_energy_schedule_is_the_papers_line_and_a_constant_is_accepted():
+    schedule = compress.energy_schedule(0.9, 1.0, rounds=4)
+    got = [float(schedule(jnp.int32(r))) for r in range(6)]
+    # t = min((r + 1) / 4, 1): 0.925, 0.95, 0.975, then T_end from round 3 on.
+    np.testing.assert_allclose(got, [0.925, 0.95, 0.975, 1.0, 1.0, 1.0], rtol=1e-6)
+    with pytest.raises(ValueError, match="rounds >= 1"):
+        compress.energy_schedule(rounds=0)
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        fed_kd(MENTEE, MENTOR, **{**COMMON, "energy": 1.5})
 
 
 def test_run_traces_the_round_once_and_evaluates_mentee_and_mentors(digits_small):
-    algo = fed_kd(MENTEE, MENTOR, **{**COMMON, "rounds": 3})
+    algo = fed_kd(MENTEE, MENTOR, **{**COMMON, "energy": compress.energy_schedule(rounds=3)})
     traces = []
 
     def counting_round(state, cohort, key, server_data):

@@ -12,7 +12,9 @@ from fedjax_kd import models, simulate
 from fedjax_kd.algorithms import personal
 from fedjax_kd.algorithms.fed_md import consensus_logits, fed_md, make_shared_target_train
 from fedjax_kd.client import local_train
+from fedjax_kd.data import Cohort
 from fedjax_kd.losses import l1_logit_loss
+from fedjax_kd.simulate import jit_round
 
 C = 10
 
@@ -69,7 +71,7 @@ def test_round_equals_python_loop_and_leaves_other_clients_alone(digits_proxy, l
     proxy = jnp.asarray(digits_proxy.proxy_x)
     state = algo.init(jax.random.key(0))
     key = jax.random.key(5)
-    new, metrics = jax.jit(algo.round)(state, cohort, key, {"proxy_x": proxy, "cohort_ids": ids})
+    new, metrics = jit_round(algo)(state, cohort, key, {"proxy_x": proxy}, ids)
 
     # Reference: a Python loop over clients with the losses written out.
     idx = jax.random.choice(
@@ -125,7 +127,8 @@ def test_heterogeneous_groups_run_through_simulate_traced_once(digits_proxy):
 
     def counting_round(state, cohort, key, server_data):
         traces.append(1)
-        assert set(server_data) == {"proxy_x", "cohort_ids"}
+        assert set(server_data) == {"proxy_x"}  # the ids come with the cohort
+        assert cohort.ids.shape == (k,)
         return algo.round(state, cohort, key, server_data)
 
     result = simulate.run(
@@ -170,17 +173,18 @@ def test_errors_name_what_is_missing(digits_proxy, linear):
     proxy = jnp.asarray(digits_proxy.proxy_x)
 
     def trace(algo, server_data):  # the checks run while tracing: nothing is compiled
-        return jax.eval_shape(algo.round, state, cohort, jax.random.key(0), server_data)
+        def round_fn(s, c, k):
+            return algo.round(s, Cohort.from_data(c, ids), k, server_data)
+
+        return jax.eval_shape(round_fn, state, cohort, jax.random.key(0))
 
     with pytest.raises(ValueError, match="proxy_fraction"):
-        trace(algo, {"cohort_ids": ids})
-    with pytest.raises(ValueError, match="cohort_ids"):
-        trace(algo, {"proxy_x": proxy})
+        trace(algo, None)
     too_big = fed_md([linear], num_clients=30, public_size=1000, **HYPER)
     with pytest.raises(ValueError, match="public_size"):
-        trace(too_big, {"proxy_x": proxy, "cohort_ids": ids})
+        trace(too_big, {"proxy_x": proxy})
     with pytest.raises(ValueError, match="cannot be split"):
         trace(
             fed_md([linear] * 3, num_clients=30, public_size=10, **HYPER),
-            {"proxy_x": proxy, "cohort_ids": ids},
+            {"proxy_x": proxy},
         )

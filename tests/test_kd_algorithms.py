@@ -13,6 +13,7 @@ from fedjax_kd.algorithms.fed_df import fed_df
 from fedjax_kd.algorithms.fed_ntd import fed_ntd, ntd_distill_fn
 from fedjax_kd.algorithms.teacher_student import teacher_student
 from fedjax_kd.client import make_client_update
+from fedjax_kd.simulate import jit_round
 
 COMMON = dict(
     client_optimizer=optax.sgd(0.1), server_optimizer=optax.sgd(1.0), epochs=2, batch_size=8
@@ -65,7 +66,7 @@ def test_teacher_student_round_equals_python_loop(digits_proxy, student, teacher
     proxy = jnp.asarray(digits_proxy.proxy_x)
     state = algo.init(jax.random.key(0))
     key = jax.random.key(3)
-    new, metrics = jax.jit(algo.round)(state, cohort, key, {"proxy_x": proxy})
+    new, metrics = jit_round(algo)(state, cohort, key, {"proxy_x": proxy})
 
     update = jax.jit(
         make_client_update(
@@ -110,11 +111,11 @@ def test_teacher_student_kd_starts_at_kd_start_round(digits_proxy, student, teac
         student, teacher, kd_weight=2.0, kd_start_round=1, distill_steps=0, **COMMON
     )
     state = plain.init(jax.random.key(0))
-    a, _ = jax.jit(plain.round)(state, cohort, key)
-    b, _ = jax.jit(gated.round)(state, cohort, key)
+    a, _ = jit_round(plain)(state, cohort, key)
+    b, _ = jit_round(gated)(state, cohort, key)
     assert_same_params(a.params, b.params)  # round 0: no distillation yet
-    a2, _ = jax.jit(plain.round)(a, cohort, key)
-    b2, _ = jax.jit(gated.round)(b, cohort, key)
+    a2, _ = jit_round(plain)(a, cohort, key)
+    b2, _ = jit_round(gated)(b, cohort, key)
     assert not np.allclose(a2.params["head"]["kernel"], b2.params["head"]["kernel"])
 
 
@@ -149,7 +150,7 @@ def test_fedntd_equals_client_update_with_global_targets(digits_proxy, student):
     cohort = cohort_of(digits_proxy, [0, 5, 7])
     state = algo.init(jax.random.key(0))
     key = jax.random.key(2)
-    new, _ = jax.jit(algo.round)(state, cohort, key)
+    new, _ = jit_round(algo)(state, cohort, key)
     update = make_client_update(
         student.apply, optax.sgd(0.1), epochs=2, batch_size=8, kd_weight=0.5,
         distill_fn=ntd_distill_fn(2.0),
@@ -171,8 +172,8 @@ def test_feddf_distillation_moves_fused_model_towards_ensemble(digits_proxy, stu
     proxy = jnp.asarray(digits_proxy.proxy_x)
     state = algo.init(jax.random.key(0))
     key = jax.random.key(4)
-    fused, m = jax.jit(algo.round)(state, cohort, key, {"proxy_x": proxy})
-    avg, _ = jax.jit(plain.round)(state, cohort, key, {"proxy_x": proxy})
+    fused, m = jit_round(algo)(state, cohort, key, {"proxy_x": proxy})
+    avg, _ = jit_round(plain)(state, cohort, key, {"proxy_x": proxy})
     update = make_client_update(student.apply, optax.sgd(0.1), epochs=2, batch_size=8)
     out = jax.vmap(update, in_axes=(None, 0, 0, 0, 0))(
         state.params[0], cohort.x, cohort.y, cohort.count, jax.random.split(key, 5)

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 import pytest
 
-from fedjax_kd import algorithms, models, simulate
+from fedjax_kd import algorithms, compress, models, simulate
 
 EXTRA_ROWS = 70
 COMMON = dict(client_optimizer=optax.sgd(0.1), epochs=2, batch_size=8)
@@ -47,7 +47,12 @@ def build(name, num_clients):
         ),
         "feddf": lambda: algorithms.fed_df([student], distill_steps=2, **COMMON, **SERVER),
         "fedkd": lambda: algorithms.fed_kd(
-            student, teacher, num_clients=num_clients, rounds=2, **COMMON, **SERVER
+            student,
+            teacher,
+            num_clients=num_clients,
+            energy=compress.energy_schedule(rounds=2),
+            **COMMON,
+            **SERVER,
         ),
         "fd": lambda: algorithms.fd([student], num_clients=num_clients, num_classes=10, **COMMON),
         "fedmd": lambda: algorithms.fed_md(

@@ -66,16 +66,29 @@ def test_gather_cohort_hand_computed_window_and_cap():
     assert starts == {2, 3, 4}
 
 
-def test_scatter_writes_valid_rows_only_hand_computed():
+def test_client_store_scatter_writes_valid_rows_only_hand_computed():
     """Padding rows (valid False) write nowhere, even when they repeat a real row's id."""
-    store = {"w": jnp.arange(5.0), "b": jnp.zeros((5, 2))}
+    store = cohort_lib.ClientStore({"w": jnp.arange(5.0), "b": jnp.zeros((5, 2))})
     rows = {"w": jnp.array([10.0, 20.0, 30.0]), "b": jnp.ones((3, 2))}
-    out = cohort_lib.scatter(store, jnp.array([3, 1, 3]), rows, jnp.array([True, True, False]))
+    out = store.scatter(jnp.array([3, 1, 3]), rows, jnp.array([True, True, False])).rows
     np.testing.assert_array_equal(out["w"], [0.0, 20.0, 2.0, 10.0, 4.0])
     np.testing.assert_array_equal(out["b"][:, 0], [0.0, 1.0, 0.0, 1.0, 0.0])
     new = {"w": jnp.array([7.0, 8.0]), "b": 2 * jnp.ones((2, 2))}
-    plain = cohort_lib.scatter(store, jnp.array([4, 0]), new)  # no mask: every row writes
+    plain = store.scatter(jnp.array([4, 0]), new).rows  # no mask: every row writes
     np.testing.assert_array_equal(plain["w"], [8.0, 1.0, 2.0, 3.0, 7.0])
+    np.testing.assert_array_equal(store.gather(jnp.array([4, 1]))["w"], [4.0, 1.0])
+    assert store.size == 5
+
+
+def test_client_store_rows_are_keyed_by_client_id():
+    """Row r holds init(fold_in(key, ids[r])): a client's state does not depend on the layout."""
+    key = jax.random.key(3)
+    store = cohort_lib.ClientStore.create(
+        lambda k: {"u": jax.random.uniform(k, (2,))}, key, jnp.array([5, 2, 9])
+    )
+    for r, cid in enumerate([5, 2, 9]):
+        expected = jax.random.uniform(jax.random.fold_in(key, cid), (2,))
+        np.testing.assert_array_equal(store.rows["u"][r], expected)
 
 
 def test_ragged_store_gives_bit_identical_runs(digits_small):
@@ -104,7 +117,6 @@ def test_chunked_equals_unchunked(digits_proxy, name):
             student,
             teacher,
             num_clients=digits_proxy.num_clients,
-            rounds=3,
             compress=False,
             **COMMON,
         ),

@@ -11,6 +11,8 @@ from helpers import cohort_of
 from fedjax_kd import algorithms, experiment
 from fedjax_kd.algorithms.fed_avg import STRAGGLER_STREAM, straggler_epochs
 from fedjax_kd.client import make_client_update
+from fedjax_kd.data import Cohort
+from fedjax_kd.simulate import jit_round
 
 
 def test_partial_epochs_equal_a_shorter_run(digits_small, linear):
@@ -94,7 +96,7 @@ def test_straggler_round_equals_python_loop(digits_small, linear, drop):
     cohort = cohort_of(digits_small, [1, 4, 6, 9, 11, 15])
     state = algo.init(jax.random.key(0))
     key = jax.random.key(5)
-    new_state, metrics = jax.jit(algo.round)(state, cohort, key)
+    new_state, metrics = jit_round(algo)(state, cohort, key)
     budget, mask = straggler_epochs(jax.random.fold_in(key, 1), k, epochs=epochs, fraction=0.5)
     budget, mask = np.asarray(budget), np.asarray(mask)
     assert mask.sum() == 3 and (budget[mask] < epochs).all()
@@ -113,8 +115,8 @@ def test_no_stragglers_is_plain_fedavg(digits_small, linear):
     plain = algorithms.fed_avg(linear, **kwargs)
     prox0 = algorithms.fed_prox(linear, mu=0.0, straggler_fraction=0.0, **kwargs)
     state = plain.init(jax.random.key(0))
-    a, _ = jax.jit(plain.round)(state, cohort, jax.random.key(1))
-    b, _ = jax.jit(prox0.round)(state, cohort, jax.random.key(1))
+    a, _ = jit_round(plain)(state, cohort, jax.random.key(1))
+    b, _ = jit_round(prox0)(state, cohort, jax.random.key(1))
     chex.assert_trees_all_equal(a.params, b.params)
 
 
@@ -145,7 +147,7 @@ def test_drop_stragglers_with_one_epoch(digits_small, linear):
     )
     cohort = cohort_of(digits_small, [1, 4, 6, 9])
     state = algo.init(jax.random.key(0))
-    _, metrics = jax.jit(algo.round)(state, cohort, jax.random.key(5))
+    _, metrics = jit_round(algo)(state, cohort, jax.random.key(5))
     assert (np.asarray(metrics["uplink_bytes"]) == 0).sum() == 2
 
 
@@ -191,7 +193,7 @@ def test_stragglers_in_the_distilling_family_equal_python_loop(digits_small, lin
     cohort = cohort_of(digits_small, [1, 4, 6, 9, 11, 15])
     state = algo.init(jax.random.key(0))
     key = jax.random.key(5)
-    new_state, metrics = jax.jit(algo.round)(state, cohort, key)
+    new_state, metrics = jit_round(algo)(state, cohort, key)
     budget, mask = straggler_epochs(
         jax.random.fold_in(key, STRAGGLER_STREAM), k, epochs=epochs, fraction=0.5
     )
@@ -227,7 +229,6 @@ def test_fedkd_stragglers_equal_python_loop(digits_small, drop):
         mentee,
         mentor,
         num_clients=digits_small.train.num_clients,
-        rounds=4,
         client_optimizer=optax.sgd(0.1),
         server_optimizer=optax.sgd(1.0),
         epochs=epochs,
@@ -240,7 +241,9 @@ def test_fedkd_stragglers_equal_python_loop(digits_small, drop):
     cohort = cohort_of(digits_small, ids)
     state = algo.init(jax.random.key(0))
     key = jax.random.key(5)
-    new_state, metrics = jax.jit(algo.round)(state, cohort, key, {"cohort_ids": ids})
+    new_state, metrics = jax.jit(lambda s, c, k: algo.round(s, Cohort.from_data(c, ids), k))(
+        state, cohort, key
+    )
     budget, mask = straggler_epochs(
         jax.random.fold_in(key, STRAGGLER_STREAM), k, epochs=epochs, fraction=0.5
     )
@@ -252,15 +255,16 @@ def test_fedkd_stragglers_equal_python_loop(digits_small, drop):
     keys = jax.random.split(key, k)
     total, weight = None, 0.0
     for c in range(k):
-        row = jax.tree.map(lambda a, c=c: a[ids[c]], state.mentors)
-        got_row = jax.tree.map(lambda a, c=c: a[ids[c]], new_state.mentors)
+        row = jax.tree.map(lambda a, c=c: a[ids[c]], state.mentors.rows)
+        got_row = jax.tree.map(lambda a, c=c: a[ids[c]], new_state.mentors.rows)
         if not active[c]:
             chex.assert_trees_all_equal(got_row, row)  # a dropped client's mentor stays
             continue
-        delta, new_mentor, _ = update(
-            state.params, row, cohort.x[c], cohort.y[c], cohort.count[c], keys[c],
-            jnp.int32(budget[c]),
+        out = update(
+            state.params, cohort.x[c], cohort.y[c], cohort.count[c], keys[c],
+            num_epochs=jnp.int32(budget[c]), state=row,
         )  # fmt: skip
+        delta, new_mentor = out.delta, out.state
         chex.assert_trees_all_close(got_row, new_mentor, rtol=1e-5, atol=1e-6)
         w = float(cohort.count[c])
         term = jax.tree.map(lambda d, w=w: w * np.asarray(d, np.float64), delta)

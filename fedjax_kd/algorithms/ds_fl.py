@@ -101,6 +101,7 @@ from fedjax_kd.algorithms.personal import (
     upload_sums,
 )
 from fedjax_kd.client import local_train
+from fedjax_kd.data.federated import check_cohort
 from fedjax_kd.spec import AlgorithmSpec, BuildContext, Hyper, always, positive
 from fedjax_kd.types import FederatedAlgorithm, Params
 
@@ -199,7 +200,7 @@ def ds_fl(
 
     Returns:
       A :class:`~fedjax_kd.types.FederatedAlgorithm` whose ``round`` needs
-      ``server_data["proxy_x"]`` and ``server_data["cohort_ids"]``;
+      ``server_data["proxy_x"]`` (its clients' ids come with the cohort);
       ``eval_models`` gives ``clients`` (mean over all clients' models), one
       entry per group when there are several, and ``server`` with a server
       model.
@@ -243,7 +244,8 @@ def ds_fl(
         )
 
     def round_fn(state: DSFLState, cohort_data, key: jax.Array, server_data=None):
-        ids = require(server_data, "cohort_ids", "ds_fl")
+        check_cohort(cohort_data)
+        ids = cohort_data.ids
         proxy_x = require(server_data, "proxy_x", "ds_fl")
         k = ids.shape[0]
         groups = group_rows(ids, num_groups)

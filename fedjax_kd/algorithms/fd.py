@@ -80,10 +80,10 @@ from fedjax_kd.algorithms.personal import (
     group_sampler,
     init_personal_stores,
     personal_eval_models,
-    require,
 )
 from fedjax_kd.client import local_train, sum_batches
 from fedjax_kd.compress import tree_bytes
+from fedjax_kd.data.federated import check_cohort
 from fedjax_kd.spec import AlgorithmSpec, BuildContext, Hyper, at_least
 from fedjax_kd.types import ApplyFn, FederatedAlgorithm
 
@@ -236,8 +236,8 @@ def fd(
         1 = the previous round's, FD's protocol); None = every latest upload.
 
     Returns:
-      A :class:`~fedjax_kd.types.FederatedAlgorithm` whose ``round`` needs
-      ``server_data["cohort_ids"]``; ``eval_models`` gives ``clients`` (mean
+      A :class:`~fedjax_kd.types.FederatedAlgorithm` whose ``round`` reads
+      its clients' ids from the cohort; ``eval_models`` gives ``clients`` (mean
       over all clients' models) and, with several groups, one entry per group.
     """
     models = tuple(models)
@@ -293,7 +293,8 @@ def fd(
         )
 
     def round_fn(state: FDState, cohort_data, key: jax.Array, server_data=None):
-        ids = require(server_data, "cohort_ids", "fd")
+        check_cohort(cohort_data)
+        ids = cohort_data.ids
         k = ids.shape[0]
         groups = group_rows(ids, num_groups)
         available = available_uploads(state.upload_round, state.round, max_staleness)

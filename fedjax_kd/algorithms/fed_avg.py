@@ -24,6 +24,7 @@ the paper's code; 1 when ``E = 1``).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -32,8 +33,9 @@ import optax
 
 from fedjax_kd import aggregate
 from fedjax_kd.client import ClientUpdateFn, make_client_update
+from fedjax_kd.cohort import ClientStore
 from fedjax_kd.compress import tree_bytes
-from fedjax_kd.data.federated import as_cohort
+from fedjax_kd.data.federated import check_cohort
 from fedjax_kd.spec import AlgorithmSpec, BuildContext
 from fedjax_kd.types import FederatedAlgorithm, PyTree, ServerState
 
@@ -149,8 +151,13 @@ class FedAvgStep(NamedTuple):
       sums: the summed client terms (``weighted_delta``, ``weight``,
         ``loss_sum``, ``examples`` and any ``extra_terms``).
       uplink: int32 ``[K]`` bytes each client sent (0 for a dropped straggler).
-      downlink: int32 ``[K]`` bytes of the params each client received.
-      finite: whether the aggregate and the new params are finite.
+      downlink: int32 ``[K]`` bytes each client received.
+      finite: whether the aggregate, the new params (and the new per-client
+        state) are finite.
+      per_client: ``[K]`` arrays in cohort order: ``weight`` (the client's
+        real examples, 0 for a dropped straggler) and its local ``metrics``.
+      store: the per-client store with the cohort's rows updated (None
+        without one).
     """
 
     params: PyTree
@@ -160,6 +167,15 @@ class FedAvgStep(NamedTuple):
     uplink: jax.Array
     downlink: jax.Array
     finite: jax.Array
+    per_client: dict
+    store: PyTree = None
+
+
+#: A message transform ``send(tree) -> (tree as received, int32 bytes sent)``:
+#: what travels instead of a dense tree (FedKD's SVD factors,
+#: :func:`fedjax_kd.compress.compress_tree`); the receiver uses what it
+#: reconstructs.
+Transform = Callable[[PyTree], tuple[PyTree, jax.Array]]
 
 
 def fedavg_step(
@@ -174,24 +190,33 @@ def fedavg_step(
     targets_fn=None,
     kd_scale=None,
     extra_terms=None,
+    store: ClientStore | None = None,
+    uplink: Transform | None = None,
+    downlink: Transform | None = None,
 ) -> FedAvgStep:
     """The FedAvg family's server side, written once: train, sum, divide, step, count.
 
     Every client of ``cohort`` runs ``client_update`` from ``params`` (with
     per-example ``targets_fn(x)`` when given, e.g. a frozen teacher's logits);
-    the terms are summed chunk by chunk (:func:`aggregate.sum_over_clients`),
+    the terms are summed chunk by chunk (:func:`aggregate.scan_over_chunks`),
     the weighted mean delta goes through ``server_optimizer``, and the bytes
     exchanged are counted from the arrays: params down, delta and weight up.
     FedAvg, FedProx and FedNTD are this step; teacher_student and FedDF add a
     server distillation after it (their ensemble terms come from
-    ``extra_terms``).
+    ``extra_terms``); FedKD adds a per-client store (its private mentors) and
+    SVD transforms of both messages.
 
     Args:
       params: the global params sent to the clients.
       opt_state: the server optimizer's state.
-      cohort: the round's :class:`~fedjax_kd.data.Cohort` (or padded arrays).
-      inputs: from :func:`client_inputs` (sliced to the cohort's clients).
-      client_update: from :func:`fedjax_kd.client.make_client_update`.
+      cohort: the round's :class:`~fedjax_kd.data.Cohort`.
+      inputs: from :func:`client_inputs` (sliced to the cohort's clients);
+        with a ``store``, also ``"id"``: each client's row of it.
+      client_update: from :func:`fedjax_kd.client.make_client_update`, or
+        any function of its signature returning a
+        :class:`~fedjax_kd.types.ClientOutput`; with a ``store`` it also
+        takes ``state=`` (the client's row) and returns the new row in
+        ``ClientOutput.state``.
       server_optimizer: optax optimizer on the pseudo-gradient.
       uniform_weighting: average deltas uniformly instead of by example count.
       targets_fn: optional ``targets_fn(x) -> [N, ...]`` per-example
@@ -199,14 +224,27 @@ def fedavg_step(
       kd_scale: optional (traced) factor on the client's distillation term.
       extra_terms: optional ``extra_terms(out) -> dict`` of more per-client
         terms to sum (e.g. :func:`aggregate.ensemble_contribution`).
+      store: optional :class:`~fedjax_kd.cohort.ClientStore` of per-client
+        state, gathered for each chunk and scattered back after training.
+      uplink: optional :data:`Transform` of each client's delta: the server
+        aggregates what it reconstructs, and the uplink counts its bytes.
+        It runs client after client (``lax.map``): a vmapped SVD deadlocked
+        XLA's CPU runtime (jaxlib 0.10.2, thunk runtime) in round 2 of a
+        digits run; in sequence it gives the same values and does not hang.
+      downlink: optional :data:`Transform` of the server optimizer's update:
+        the server applies what it broadcasts (so every client's replica
+        equals the server's params) and the downlink counts its bytes
+        instead of the params'.
     """
 
-    def contribution(client, inputs_k):
+    def one_client(client, inputs_k, state_k):
         targets = None if targets_fn is None else targets_fn(client.x)
         count = client.count
         if "active" in inputs_k:
             count = jnp.where(inputs_k["active"], count, 0)  # dropped: no data, weight 0
         kwargs = {} if kd_scale is None else {"kd_scale": kd_scale}
+        if store is not None:
+            kwargs["state"] = state_k
         out = client_update(
             params,
             client.x,
@@ -217,31 +255,66 @@ def fedavg_step(
             num_epochs=inputs_k.get("epochs"),
             **kwargs,
         )
-        terms = aggregate.fedavg_contribution(out, uniform=uniform_weighting)
-        if "active" in inputs_k:
+        return out, ({} if extra_terms is None else extra_terms(out))
+
+    def chunk_fn(store, clients, inputs_c, valid):
+        rows = None if store is None else store.gather(inputs_c["id"])
+        out, extra = jax.vmap(one_client)(clients, inputs_c, rows)
+        contribution = functools.partial(aggregate.fedavg_contribution, uniform=uniform_weighting)
+        terms = jax.vmap(contribution)(out)
+        up = jnp.full(valid.shape, tree_bytes(params), jnp.int32)  # the delta, dense
+        if "active" in inputs_c:
             # With count 0 the delta is exactly 0; only a uniform weight (1)
             # would still count a dropped client in the denominator.
-            terms["weight"] = jnp.where(inputs_k["active"], terms["weight"], 0.0)
-        if extra_terms is not None:
-            terms |= extra_terms(out)
-        return terms
+            terms["weight"] = jnp.where(inputs_c["active"], terms["weight"], 0.0)
+        if uplink is not None:
+            sent, up = jax.lax.map(uplink, out.delta)
+            # The server sums what it reconstructs: the chunk's weights dotted
+            # with the stacked messages (FedKD's sum since it was written; a
+            # reduce of per-client products rounds differently in the last bit).
+            del terms["weighted_delta"]
+            w = jnp.where(valid, terms["weight"], 0.0)
+            weighted_sent = jax.tree.map(lambda x: jnp.tensordot(w, x, axes=1), sent)
+        if "active" in inputs_c:
+            up = jnp.where(inputs_c["active"], up, 0)  # dropped stragglers send nothing
+        sums = aggregate.masked_sum({**terms, **extra}, valid)
+        if uplink is not None:
+            sums["weighted_delta"] = weighted_sent
+        per_client = {"weight": out.weight, "uplink": up, "metrics": out.metrics}
+        if store is not None:
+            sums["state_nonfinite"] = jnp.sum(
+                jnp.where(valid, ~jax.vmap(aggregate.tree_all_finite)(out.state), False)
+            )
+            store = store.scatter(inputs_c["id"], out.state, valid)  # padding rows: nowhere
+        return store, sums, per_client
 
-    num_clients = inputs["key"].shape[0]
-    sums = aggregate.sum_over_clients(contribution, cohort, inputs)
+    new_store, sums, per_client = aggregate.scan_over_chunks(
+        chunk_fn, cohort, inputs, store, scan_one=False
+    )
     delta = aggregate.divide(sums["weighted_delta"], sums["weight"])
-    new_params, new_opt_state = aggregate.server_update(params, opt_state, delta, server_optimizer)
-    # Arrays actually exchanged: params down; delta (params-shaped) and weight up.
-    uplink = jnp.full((num_clients,), tree_bytes(params) + tree_bytes(sums["weight"]), jnp.int32)
+    updates, new_opt_state = server_optimizer.update(delta, opt_state, params)
+    if downlink is None:
+        down = tree_bytes(params)  # the params travel dense
+    else:
+        updates, down = downlink(updates)  # the server applies what it broadcasts
+    new_params = optax.apply_updates(params, updates)
+    finite = aggregate.tree_all_finite(delta) & aggregate.tree_all_finite(new_params)
+    if store is not None:
+        finite = finite & (sums.pop("state_nonfinite") == 0)
+    # One float32 aggregation weight travels up with every delta.
+    uplink_bytes = per_client["uplink"] + tree_bytes(sums["weight"])
     if "active" in inputs:
-        uplink = jnp.where(inputs["active"], uplink, 0)  # dropped stragglers send nothing
+        uplink_bytes = jnp.where(inputs["active"], uplink_bytes, 0)
     return FedAvgStep(
         params=new_params,
         opt_state=new_opt_state,
         delta=delta,
         sums=sums,
-        uplink=uplink,
-        downlink=jnp.full((num_clients,), tree_bytes(params), jnp.int32),
-        finite=aggregate.tree_all_finite(delta) & aggregate.tree_all_finite(new_params),
+        uplink=uplink_bytes.astype(jnp.int32),
+        downlink=jnp.full((cohort.size,), down, jnp.int32),
+        finite=finite,
+        per_client={"weight": per_client["weight"], **per_client["metrics"]},
+        store=new_store,
     )
 
 
@@ -292,10 +365,11 @@ def from_client_update(
         return ServerState(params=params, opt_state=server_optimizer.init(params))
 
     def round_fn(state: ServerState, cohort, key: jax.Array, server_data=None):
+        check_cohort(cohort)
         del server_data  # FedAvg uses no server-side data.
         inputs = client_inputs(
             key,
-            as_cohort(cohort).size,
+            cohort.size,
             epochs=epochs,
             straggler_fraction=straggler_fraction,
             drop_stragglers=drop_stragglers,

@@ -45,7 +45,7 @@ from fedjax_kd.algorithms.fed_avg import (
     fedavg_step,
 )
 from fedjax_kd.client import make_client_update
-from fedjax_kd.data.federated import as_cohort
+from fedjax_kd.data.federated import check_cohort
 from fedjax_kd.spec import AlgorithmSpec, BuildContext, with_server_distillation
 from fedjax_kd.types import FederatedAlgorithm, PyTree
 
@@ -133,7 +133,8 @@ def fed_df(
         return FedDFState(params=params, opt_state=tuple(server_optimizer.init(p) for p in params))
 
     def round_fn(state: FedDFState, cohort_data, key: jax.Array, server_data=None):
-        full = as_cohort(cohort_data)
+        check_cohort(cohort_data)
+        full = cohort_data
         num_clients = full.size
         per_group = num_clients // num_groups
         inputs = client_inputs(

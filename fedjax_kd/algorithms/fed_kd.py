@@ -77,6 +77,8 @@ cohort client plus one on the server.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -84,13 +86,19 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_kd import aggregate, losses
-from fedjax_kd import cohort as cohort_lib
-from fedjax_kd.algorithms.fed_avg import STRAGGLER_STREAM, check_stragglers, client_inputs
+from fedjax_kd.algorithms.fed_avg import (
+    STRAGGLER_STREAM,
+    check_stragglers,
+    client_inputs,
+    fedavg_step,
+    train_loss,
+)
 from fedjax_kd.client import local_train, sum_batches
-from fedjax_kd.compress import compress_tree, energy_threshold, tree_bytes
-from fedjax_kd.data.federated import as_cohort
-from fedjax_kd.spec import AlgorithmSpec, BuildContext, Hyper, fraction
-from fedjax_kd.types import FederatedAlgorithm, Params, PyTree
+from fedjax_kd.cohort import ClientStore
+from fedjax_kd.compress import compress_tree, energy_schedule, tree_bytes
+from fedjax_kd.data.federated import check_cohort
+from fedjax_kd.spec import AlgorithmSpec, BuildContext, Hyper, at_least, fraction
+from fedjax_kd.types import ClientOutput, FederatedAlgorithm, Params, PyTree
 
 KL_REDUCTIONS = ("batchmean", "mean")
 
@@ -101,14 +109,15 @@ class FedKDState(NamedTuple):
     Attributes:
       params: global mentee params.
       opt_state: server optimizer state for the mentee.
-      mentors: private mentors, every leaf ``[num_clients, ...]`` (row ``i`` is
-        client ``i``'s mentor; on a real deployment it never leaves client i).
+      mentors: the private mentors, a :class:`~fedjax_kd.cohort.ClientStore`
+        of ``num_clients`` rows (row ``i`` is client ``i``'s mentor; on a real
+        deployment it never leaves client i).
       round: number of completed rounds (int32 scalar).
     """
 
     params: Params
     opt_state: PyTree
-    mentors: Params
+    mentors: ClientStore
     round: jax.Array
 
 
@@ -197,12 +206,15 @@ def make_mutual_client_update(
         :func:`adaptive_mutual_losses`.
 
     Returns:
-      ``update(mentee_params, mentor_params, x, y, count, key, num_epochs=None)
-      -> (delta, new_mentor, metrics)`` (``num_epochs``: a straggler's traced
-      epoch budget, ``<= epochs``) with ``delta = mentee_params - local_mentee`` and
-      metrics ``train_loss`` (the mentee's mean CE over the examples seen),
-      ``mentor_train_loss`` (the trained mentor's mean CE on the client's
-      examples, one extra forward pass) and ``local_steps``.
+      ``update(mentee_params, x, y, count, key, targets=None, *,
+      num_epochs=None, state) -> ClientOutput`` (the FedAvg family's client
+      update with the client's mentor as ``state``; ``targets`` is unused,
+      ``num_epochs`` a straggler's traced epoch budget ``<= epochs``) with
+      ``delta = mentee_params - local_mentee``, ``weight`` the real examples,
+      ``state`` the trained mentor and metrics ``train_loss`` (the mentee's
+      mean CE over the examples seen), ``mentor_train_loss`` (the trained
+      mentor's mean CE on the client's examples, one extra forward pass) and
+      ``local_steps``.
     """
 
     def loss_fn(joint, batch, valid):
@@ -217,8 +229,9 @@ def make_mutual_client_update(
         )
         return mentor_loss + mentee_loss, jnp.sum(jnp.where(valid, aux["mentee_ce"], 0.0))
 
-    def update(mentee_params, mentor_params, x, y, count, key, num_epochs=None):
-        joint = {"mentor": mentor_params, "mentee": mentee_params}
+    def update(mentee_params, x, y, count, key, targets=None, *, num_epochs=None, state):
+        del targets  # the mentor is the client's own: no downloaded targets
+        joint = {"mentor": state, "mentee": mentee_params}
         local, metrics = local_train(
             loss_fn,
             joint,
@@ -242,9 +255,18 @@ def make_mutual_client_update(
         mentor_loss = ce_sum / jnp.maximum(count, 1).astype(jnp.float32)
         metrics = {**metrics, "mentor_train_loss": mentor_loss}
         delta = jax.tree.map(jnp.subtract, mentee_params, local["mentee"])
-        return delta, local["mentor"], metrics
+        return ClientOutput(
+            delta=delta, weight=count.astype(jnp.float32), metrics=metrics, state=local["mentor"]
+        )
 
     return update
+
+
+def _constant(threshold: float):
+    """The schedule that keeps the energy threshold at ``threshold``."""
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"the energy threshold must be in [0, 1], got {threshold}")
+    return lambda r: jnp.full((), threshold, jnp.float32)
 
 
 def fed_kd(
@@ -252,13 +274,11 @@ def fed_kd(
     mentor,
     *,
     num_clients: int,
-    rounds: int,
     client_optimizer: optax.GradientTransformation,
     server_optimizer: optax.GradientTransformation,
     epochs: int,
     batch_size: int,
-    t_start: float = 0.95,
-    t_end: float = 0.98,
+    energy: Callable[[jax.Array], jax.Array] | float = 0.95,
     compress: bool = True,
     stop_gradient_denominator: bool = True,
     stop_gradient_targets: bool = True,
@@ -267,20 +287,26 @@ def fed_kd(
     straggler_fraction: float = 0.0,
     drop_stragglers: bool = False,
 ) -> FederatedAlgorithm:
-    """Builds FedKD.
+    """Builds FedKD: the FedAvg family's server side with mentors, mutual training and SVD.
+
+    One round is :func:`fed_avg.fedavg_step` with the private mentors as its
+    per-client store, :func:`make_mutual_client_update` as the client update,
+    and :func:`fedjax_kd.compress.compress_tree` at the round's energy
+    threshold as the uplink and the downlink transforms.
 
     Args:
       mentee: the shared model (pure ``init``/``apply``); the headline model.
       mentor: the private per-client model (typically larger).
       num_clients: population size (rows of the mentor store).
-      rounds: total rounds of the run (the energy schedule's ``t = (r+1)/rounds``).
       client_optimizer: optax optimizer for the joint local training.
       server_optimizer: optax optimizer on the mentee pseudo-gradient
         (``sgd(1.0)``: the paper's plain average).
       epochs: local epochs per round.
       batch_size: local minibatch size.
-      t_start: energy threshold at the start (paper: 0.95).
-      t_end: energy threshold at the end (paper: 0.98).
+      energy: the SVD energy threshold ``T``: a schedule ``energy(r)`` of the
+        0-based round ``r`` (an int32 scalar; any optax schedule works), or a
+        constant. The paper's ``T`` rises linearly from 0.95 to 0.98 over the
+        run: ``compress.energy_schedule(0.95, 0.98, rounds=R)``.
       compress: SVD-compress the mentee updates both ways (False: dense, the
         bytes of FedAvg).
       stop_gradient_denominator: see :func:`adaptive_mutual_losses`.
@@ -295,15 +321,14 @@ def fed_kd(
         mentor is unchanged) and send nothing up.
 
     Returns:
-      A :class:`~fedjax_kd.types.FederatedAlgorithm` whose ``round`` needs
-      ``server_data["cohort_ids"]`` (``simulate`` provides it); ``eval_models``
+      A :class:`~fedjax_kd.types.FederatedAlgorithm` whose ``round`` reads the
+      clients' ids (their mentors' rows) from its cohort; ``eval_models``
       gives ``mentee`` (headline) and ``mentors`` (the mean accuracy of all
       ``num_clients`` private mentors on the test set).
     """
-    if num_clients < 1 or rounds < 1:
-        raise ValueError(f"fed_kd needs num_clients, rounds >= 1, got {num_clients}, {rounds}")
-    if not (0.0 <= t_start <= 1.0 and 0.0 <= t_end <= 1.0):
-        raise ValueError(f"t_start and t_end must be in [0, 1], got {t_start}, {t_end}")
+    if num_clients < 1:
+        raise ValueError(f"fed_kd needs num_clients >= 1, got {num_clients}")
+    schedule = energy if callable(energy) else _constant(energy)
     if kl_reduction not in KL_REDUCTIONS:
         raise ValueError(f"kl_reduction must be one of {KL_REDUCTIONS}, got {kl_reduction!r}")
     check_stragglers(straggler_fraction, epochs)
@@ -323,20 +348,15 @@ def fed_kd(
         return FedKDState(
             params=params,
             opt_state=server_optimizer.init(params),
-            mentors=cohort_lib.init_store(mentor.init, jax.random.fold_in(key, 1), num_clients),
+            mentors=ClientStore.create(
+                mentor.init, jax.random.fold_in(key, 1), jnp.arange(num_clients)
+            ),
             round=jnp.zeros((), jnp.int32),
         )
 
-    def send(tree, threshold):
-        if compress:
-            return compress_tree(tree, threshold)
-        return tree, jnp.asarray(tree_bytes(tree), jnp.int32)
-
     def round_fn(state: FedKDState, cohort, key: jax.Array, server_data=None):
-        cohort = as_cohort(cohort)  # in chunks of cohort.chunk_size (default: all at once)
-        if not server_data or "cohort_ids" not in server_data:
-            raise ValueError("fed_kd's round needs server_data['cohort_ids'] (the sampled ids)")
-        ids = server_data["cohort_ids"]
+        check_cohort(cohort)
+        del server_data  # FedKD uses no server-side data
         k = cohort.size
         inputs = client_inputs(
             key,
@@ -346,88 +366,46 @@ def fed_kd(
             drop_stragglers=drop_stragglers,
             straggler_key=jax.random.fold_in(key, STRAGGLER_STREAM),
         )
-        inputs["id"] = ids
-        budget = inputs.get("epochs", jnp.full((k,), epochs, jnp.int32))
-        progress = jnp.minimum((state.round + 1).astype(jnp.float32) / rounds, 1.0)
-        threshold = energy_threshold(progress, t_start, t_end)
-
-        def chunk_fn(store, clients, inputs, valid):
-            ids_c = inputs["id"]
-            mentors = cohort_lib.gather(store, ids_c)
-            count = clients.count
-            if "active" in inputs:  # a dropped straggler: no data, weight 0, nothing sent
-                count = jnp.where(inputs["active"], count, 0)
-            deltas, new_mentors, client_metrics = jax.vmap(
-                client_update, in_axes=(None, 0, 0, 0, 0, 0, 0)
-            )(
-                state.params,
-                mentors,
-                clients.x,
-                clients.y,
-                count,
-                inputs["key"],
-                inputs.get("epochs"),
-            )
-            # lax.map, not vmap: a batched SVD deadlocked XLA's CPU runtime (jaxlib
-            # 0.10.2, thunk runtime) in round 2 of a digits run; one SVD per client
-            # in sequence gives the same values and does not hang.
-            sent, up_bytes = jax.lax.map(lambda d: send(d, threshold), deltas)
-            w = jnp.where(
-                valid,
-                aggregate.client_weights(count.astype(jnp.float32), uniform=uniform_weighting),
-                0.0,
-            )
-            if "active" in inputs:
-                w = jnp.where(inputs["active"], w, 0.0)  # a uniform weight would count it
-                up_bytes = jnp.where(inputs["active"], up_bytes, 0)
-            sums = {
-                "weighted_sent": jax.tree.map(lambda x: jnp.tensordot(w, x, axes=1), sent),
-                "weight": jnp.sum(w),
-                "nonfinite": (
-                    ~(aggregate.tree_all_finite(deltas) & aggregate.tree_all_finite(new_mentors))
-                ).astype(jnp.int32),
-            }
-            # Padding rows (valid False) repeat a real client: they write nowhere.
-            store = cohort_lib.scatter(store, ids_c, new_mentors, valid)
-            per_client = {"up_bytes": up_bytes, "count": count, **client_metrics}
-            return store, sums, per_client
-
-        mentors, sums, per_client = aggregate.scan_over_chunks(
-            chunk_fn, cohort, inputs, state.mentors
+        inputs["id"] = cohort.ids  # the rows of the clients' mentors
+        threshold = jnp.asarray(schedule(state.round), jnp.float32)
+        send = None
+        if compress:
+            send = functools.partial(compress_tree, threshold=threshold)
+        step = fedavg_step(
+            state.params,
+            state.opt_state,
+            cohort,
+            inputs,
+            client_update=client_update,
+            server_optimizer=server_optimizer,
+            uniform_weighting=uniform_weighting,
+            store=state.mentors,
+            uplink=send,
+            downlink=send,
         )
-        client_metrics = per_client
-        up_bytes = per_client["up_bytes"]
-        counts = per_client["count"].astype(jnp.float32)
-        total = jnp.maximum(sums["weight"], jnp.finfo(jnp.float32).tiny)
-        delta = jax.tree.map(lambda x: x / total, sums["weighted_sent"])
-        updates, opt_state = server_optimizer.update(delta, state.opt_state, state.params)
-        # The server applies what it broadcasts, so every mentee replica stays equal.
-        updates, down_bytes = send(updates, threshold)
-        params = optax.apply_updates(state.params, updates)
-
-        weight_bytes = tree_bytes(counts) // k  # one float32 weight per client
+        per_client = step.per_client
+        budget = inputs.get("epochs", jnp.full((k,), epochs, jnp.int32))
         dense_bytes = tree_bytes(state.params)
-        uplink = up_bytes + weight_bytes
-        if "active" in inputs:
-            uplink = jnp.where(inputs["active"], uplink, 0)  # dropped stragglers send nothing
+        weight_bytes = tree_bytes(step.sums["weight"])
         metrics = {
-            "train_loss": aggregate.weighted_mean(client_metrics["train_loss"], counts),
+            "train_loss": train_loss(step.sums),
             "mentor_train_loss": aggregate.weighted_mean(
-                client_metrics["mentor_train_loss"], counts
+                per_client["mentor_train_loss"], per_client["weight"]
             ),
-            "uplink_bytes": uplink.astype(jnp.int32),
-            "downlink_bytes": jnp.full((k,), down_bytes, jnp.int32),
-            "finite": (sums["nonfinite"] == 0) & aggregate.tree_all_finite(updates),
-            "energy_threshold": jnp.asarray(threshold, jnp.float32),
+            "uplink_bytes": step.uplink,
+            "downlink_bytes": step.downlink,
+            "finite": step.finite,
+            "energy_threshold": threshold,
             "uplink_compression": (dense_bytes + weight_bytes)
-            / jnp.mean(uplink.astype(jnp.float32)),
-            "downlink_compression": dense_bytes / jnp.maximum(down_bytes, 1).astype(jnp.float32),
-            "mentor_train_examples": jnp.sum(budget * per_client["count"]).astype(jnp.int32),
+            / jnp.mean(step.uplink.astype(jnp.float32)),
+            "downlink_compression": dense_bytes
+            / jnp.maximum(step.downlink[0], 1).astype(jnp.float32),
+            "mentor_train_examples": jnp.sum(budget * per_client["weight"]).astype(jnp.int32),
         }
         new_state = FedKDState(
-            params=params,
-            opt_state=opt_state,
-            mentors=mentors,
+            params=step.params,
+            opt_state=step.opt_state,
+            mentors=step.store,
             round=state.round + 1,
         )
         return new_state, metrics
@@ -436,20 +414,27 @@ def fed_kd(
         return jax.vmap(mentor.apply, in_axes=(0, None))(mentors, x)  # [M, B, C]
 
     def eval_models(state: FedKDState):
-        return {"mentee": (mentee.apply, state.params), "mentors": (mentors_apply, state.mentors)}
+        return {
+            "mentee": (mentee.apply, state.params),
+            "mentors": (mentors_apply, state.mentors.rows),
+        }
 
     return FederatedAlgorithm(init=init, round=round_fn, eval_models=eval_models)
 
 
+def _schedule_over_the_run(config) -> bool:
+    """The default energy schedule spans the run's ``rounds`` (``fedkd.energy_rounds=0``)."""
+    return config.fedkd.energy_rounds == 0
+
+
 def _build(ctx: BuildContext) -> FederatedAlgorithm:
     hp = ctx.hp
+    horizon = hp["energy_rounds"] or ctx.config.rounds
     return fed_kd(
         ctx.student,
         ctx.teacher,
         num_clients=ctx.dataset.num_clients,
-        rounds=ctx.config.rounds,
-        t_start=hp["energy_start"],
-        t_end=hp["energy_end"],
+        energy=energy_schedule(hp["energy_start"], hp["energy_end"], rounds=horizon),
         compress=hp["compress"],
         stop_gradient_denominator=hp["stop_gradient_denominator"],
         **ctx.stragglers,
@@ -467,7 +452,15 @@ SPEC = AlgorithmSpec(
         "energy_start": Hyper(
             0.95, "SVD energy threshold T_start at the first round", **fraction()
         ),
-        "energy_end": Hyper(0.98, "SVD energy threshold T_end at the last round", **fraction()),
+        "energy_end": Hyper(
+            0.98, "SVD energy threshold T_end from round energy_rounds on", **fraction()
+        ),
+        "energy_rounds": Hyper(
+            0,
+            "rounds over which the threshold rises from T_start to T_end (0: the run's rounds; "
+            "a run with a fixed horizon can be extended)",
+            **at_least(0),
+        ),
         "compress": Hyper(True, "SVD-compress the mentee updates, both ways"),
         "stop_gradient_denominator": Hyper(
             True, "treat the adaptive distillation weight's denominator as a constant"
@@ -475,6 +468,6 @@ SPEC = AlgorithmSpec(
     },
     stragglers=True,
     teacher=True,
-    rounds_dependent=True,
+    rounds_dependent=_schedule_over_the_run,
     per_client_state=True,
 )

@@ -92,6 +92,7 @@ from fedjax_kd.algorithms.personal import (
     upload_mean,
     upload_sums,
 )
+from fedjax_kd.data.federated import check_cohort
 from fedjax_kd.spec import AlgorithmSpec, BuildContext, always
 from fedjax_kd.types import FederatedAlgorithm
 
@@ -144,7 +145,7 @@ def fed_md(
 
     Returns:
       A :class:`~fedjax_kd.types.FederatedAlgorithm` whose ``round`` needs
-      ``server_data["proxy_x"]`` and ``server_data["cohort_ids"]``;
+      ``server_data["proxy_x"]`` (its clients' ids come with the cohort);
       ``eval_models`` gives ``clients`` (mean over all clients' models) and,
       with several groups, one entry per group.
     """
@@ -177,7 +178,8 @@ def fed_md(
         )
 
     def round_fn(state: FedMDState, cohort_data, key: jax.Array, server_data=None):
-        ids = require(server_data, "cohort_ids", "fed_md")
+        check_cohort(cohort_data)
+        ids = cohort_data.ids
         proxy_x = require(server_data, "proxy_x", "fed_md")
         k = ids.shape[0]
         groups = group_rows(ids, num_groups)

@@ -26,9 +26,8 @@ import jax.numpy as jnp
 
 from fedjax_kd import aggregate, cohort, losses
 from fedjax_kd.client import local_train
-from fedjax_kd.cohort import gather, group_sampler, scatter  # noqa: F401 - group_sampler: re-exported
+from fedjax_kd.cohort import ClientStore, group_sampler  # noqa: F401 - group_sampler: re-exported
 from fedjax_kd.compress import tree_bytes
-from fedjax_kd.data.federated import as_cohort
 from fedjax_kd.spec import Hyper, at_least
 from fedjax_kd.types import ApplyFn, Params
 
@@ -37,21 +36,18 @@ SUBSET, PHASE_A, PHASE_B, SERVER = 0, 1, 2, 3
 
 
 def init_personal_stores(models: Sequence, key: jax.Array, num_clients: int) -> tuple:
-    """One personal-model store per group, client ``i`` initialised with ``fold_in(key, i)``.
+    """One :class:`~fedjax_kd.cohort.ClientStore` per group, client ``i`` from ``fold_in(key, i)``.
 
     Client ``i`` is row ``i // G`` of group ``i % G``'s store. Keying the
     initialisation by client id makes a client's initial model independent of
     the number of groups.
     """
     num_groups = len(models)
-    stores = []
     sizes = cohort.group_sizes(num_clients, num_groups)
-    for g, (model, n) in enumerate(zip(models, sizes, strict=True)):
-        ids = g + num_groups * jnp.arange(n)
-        # lax.map, not vmap: the same values, and XLA on CPU compiles the vmapped
-        # threefry of the initialisers several times slower (init runs once).
-        stores.append(jax.lax.map(lambda i, m=model: m.init(jax.random.fold_in(key, i)), ids))
-    return tuple(stores)
+    return tuple(
+        ClientStore.create(model.init, key, g + num_groups * jnp.arange(n))
+        for g, (model, n) in enumerate(zip(models, sizes, strict=True))
+    )
 
 
 def require(server_data: dict | None, name: str, algorithm: str) -> jax.Array:
@@ -59,7 +55,6 @@ def require(server_data: dict | None, name: str, algorithm: str) -> jax.Array:
     if not server_data or name not in server_data:
         hint = {
             "proxy_x": "a public/proxy set (build the dataset with proxy_fraction > 0)",
-            "cohort_ids": "the sampled client ids (simulate.run passes them)",
         }[name]
         raise ValueError(f"{algorithm} needs server_data[{name!r}]: {hint}")
     return server_data[name]
@@ -98,10 +93,11 @@ def personal_eval_models(models: Sequence, stores: tuple) -> dict[str, tuple[App
             [stacked(m)(s, x) for m, s in zip(models, all_stores, strict=True)], axis=0
         )
 
-    entries = {"clients": (apply_all, stores)}
+    rows = tuple(store.rows for store in stores)
+    entries = {"clients": (apply_all, rows)}
     if len(models) > 1:
         for g, m in enumerate(models):
-            entries[f"group{g}_{getattr(m, 'name', g)}"] = (stacked(m), stores[g])
+            entries[f"group{g}_{getattr(m, 'name', g)}"] = (stacked(m), rows[g])
     return entries
 
 
@@ -213,9 +209,9 @@ def cohort_pass(fn: Callable, cohort, groups: list, stores: tuple, inputs: dict 
         go back to the store (None: the store is left as it is),
         ``per_client`` is a dict of ``[c, ...]`` arrays, and ``upload`` (or
         None) ``[c, ...]`` is each client's message to the server.
-      cohort: a :class:`fedjax_kd.data.Cohort` or ClientData, ordered by group.
+      cohort: the round's :class:`fedjax_kd.data.Cohort`, ordered by group.
       groups: :func:`group_rows` of the cohort's ids.
-      stores: one personal-model store per group.
+      stores: one :class:`~fedjax_kd.cohort.ClientStore` per group.
       inputs: dict of per-client arrays ``[K, ...]`` (keys, targets), or None.
 
     Returns:
@@ -227,7 +223,6 @@ def cohort_pass(fn: Callable, cohort, groups: list, stores: tuple, inputs: dict 
       a chunk size the mean comes from a running sum over the chunks; without
       one, from the ``[K, ...]`` uploads stacked in cohort order.
     """
-    cohort = as_cohort(cohort)
     chunked = bool(cohort.chunk_size)
     inputs = {} if inputs is None else inputs
     new_stores, outs, sums = [], [], []
@@ -235,12 +230,12 @@ def cohort_pass(fn: Callable, cohort, groups: list, stores: tuple, inputs: dict 
 
         def chunk_fn(store, clients, inputs_c, valid, g=g):
             params, per_client, upload = fn(
-                g, gather(store, inputs_c["row"]), clients, inputs_c["in"]
+                g, store.gather(inputs_c["row"]), clients, inputs_c["in"]
             )
             per_client = {**per_client, "count": clients.count}
             if params is not None:
                 per_client["finite"] = jax.vmap(aggregate.tree_all_finite)(params)
-                store = scatter(store, inputs_c["row"], params, valid)  # padding rows: nowhere
+                store = store.scatter(inputs_c["row"], params, valid)  # padding rows: nowhere
             chunk_sums = {}
             if upload is not None and chunked:
                 mask = valid.reshape(valid.shape + (1,) * (upload.ndim - 1))

@@ -50,7 +50,7 @@ from fedjax_kd.algorithms.fed_avg import (
 )
 from fedjax_kd.client import batched_apply, make_client_update
 from fedjax_kd.compress import tree_bytes
-from fedjax_kd.data.federated import as_cohort
+from fedjax_kd.data.federated import check_cohort
 from fedjax_kd.spec import (
     AlgorithmSpec,
     BuildContext,
@@ -159,7 +159,8 @@ def teacher_student(
         )
 
     def round_fn(state: TeacherStudentState, cohort, key: jax.Array, server_data=None):
-        num_clients = as_cohort(cohort).size
+        check_cohort(cohort)
+        num_clients = cohort.size
         # As FedAvg: identical client streams.
         inputs = client_inputs(
             key,

@@ -140,16 +140,10 @@ def build_methods(
     # (a) vmap: the algorithm's own round (clients in chunks of --chunk-size, if set).
     def in_chunks(data, chunk):
         """The stacked cohort as a Cohort gathered ``chunk`` clients at a time."""
-        return Cohort(
-            jnp.arange(num_clients, dtype=jnp.int32),
-            lambda rows: jax.tree.map(lambda a: jnp.take(a, rows, axis=0), data),
-            chunk_size=chunk,
-        )
+        return Cohort.from_data(data, chunk_size=chunk)
 
     def vmap_round(state, cohort, key, chunk=config.chunk_size):
-        if chunk is not None:
-            cohort = in_chunks(cohort, chunk)
-        return algo.round(state, cohort, key, None)
+        return algo.round(state, in_chunks(cohort, chunk), key, None)
 
     variants = [(False, config.chunk_size)]
     if config.donate:

@@ -21,10 +21,10 @@ def forward_flops(name: str, in_features: int, num_classes: int, *, flag: str = 
     Only dense models (``linear``, ``mlp-W1-...``) are supported by the benchmark.
     """
     try:
-        family, widths = models.parse_name(name)
+        spec, widths = models.parse_name(name)
     except ValueError as e:
         raise BenchError(f"{flag}: {e}") from None
-    if family not in ("linear", "mlp"):
+    if spec.name not in ("linear", "mlp"):
         raise BenchError(f"{flag}: the benchmark supports linear and mlp-... models, got {name!r}")
     dims = [in_features, *widths, num_classes]
     return sum(2 * a * b for a, b in zip(dims[:-1], dims[1:], strict=True))

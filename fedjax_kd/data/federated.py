@@ -37,10 +37,9 @@ import numpy as np
 __all__ = [
     "ClientData",
     "Cohort",
+    "check_cohort",
     "FederatedDataset",
     "RaggedClientData",
-    "as_client_data",
-    "as_cohort",
     "gather_clients",
     "gather_cohort",
     "pack",
@@ -202,9 +201,9 @@ class Cohort:
     """The sampled clients of a round, gathered all at once or chunk by chunk.
 
     Not a pytree: it is built inside the compiled round and hands out padded
-    :class:`ClientData` for rows of the cohort. Algorithms call
-    :func:`as_cohort` (or :func:`as_client_data`) on their ``cohort``
-    argument so that a plain ``ClientData`` (as tests pass) works too.
+    :class:`ClientData` for rows of the cohort. Every algorithm's ``round``
+    takes one; :meth:`from_data` wraps arrays already gathered (a test's, a
+    notebook's).
 
     Attributes:
       ids: int32 ``[K]`` client ids.
@@ -244,6 +243,27 @@ class Cohort:
         )
 
     @classmethod
+    def from_data(
+        cls, data: ClientData, ids: jax.Array | None = None, *, chunk_size=None, multiple: int = 1
+    ) -> Cohort:
+        """A cohort over an already gathered padded :class:`ClientData` ``[K, N, ...]``.
+
+        Args:
+          data: the cohort's clients, row ``k`` the ``k``-th sampled client.
+          ids: int32 ``[K]`` their client ids (the rows of per-client stores:
+            FedKD's mentors, the personal models); default ``0..K-1``.
+          chunk_size, multiple: as for the constructor.
+        """
+        if ids is None:
+            ids = jnp.arange(data.count.shape[0], dtype=jnp.int32)
+        return cls(
+            jnp.asarray(ids, jnp.int32),
+            lambda rows: jax.tree.map(lambda a: jnp.take(a, rows, axis=0), data),
+            chunk_size=chunk_size,
+            multiple=multiple,
+        )
+
+    @classmethod
     def from_store(
         cls,
         store,
@@ -268,18 +288,18 @@ class Cohort:
         return cls(ids, gather_rows, chunk_size=chunk_size, multiple=multiple)
 
 
-def as_cohort(cohort) -> Cohort:
-    """``cohort`` itself, or a :class:`Cohort` over an already gathered ClientData."""
-    if isinstance(cohort, Cohort):
-        return cohort
-    data = cohort
-    ids = jnp.arange(data.count.shape[0], dtype=jnp.int32)
-    return Cohort(ids, lambda rows: jax.tree.map(lambda a: jnp.take(a, rows, axis=0), data))
+def check_cohort(cohort) -> None:
+    """Raises TypeError, in one line, unless ``cohort`` is a :class:`Cohort`.
 
-
-def as_client_data(cohort) -> ClientData:
-    """The whole cohort as one padded :class:`ClientData` ``[K, N, ...]``."""
-    return cohort.materialize() if isinstance(cohort, Cohort) else cohort
+    Every algorithm's ``round`` takes its clients as a Cohort (their ids, and
+    their data chunk by chunk); gathered arrays are wrapped explicitly with
+    :meth:`Cohort.from_data`.
+    """
+    if not isinstance(cohort, Cohort):
+        raise TypeError(
+            f"a round takes a fedjax_kd.data.Cohort, got {type(cohort).__name__} "
+            "(wrap gathered arrays with Cohort.from_data(client_data, ids))"
+        )
 
 
 def pack(
