@@ -106,7 +106,7 @@ def _host_leaves(tree) -> list[np.ndarray]:
     return leaves
 
 
-def state_digest(leaves: list[np.ndarray]) -> str:
+def _state_digest(leaves: list[np.ndarray]) -> str:
     """sha256 (hex) over the dtypes, shapes and bytes of ``leaves``, in order."""
     h = hashlib.sha256()
     for leaf in leaves:
@@ -136,7 +136,7 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def file_digests(path: Path) -> dict[str, str]:
+def _file_digests(path: Path) -> dict[str, str]:
     """sha256 (hex) of every file under checkpoint ``path`` but the sidecar, by relative path."""
     digests = {}
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
@@ -197,10 +197,10 @@ def save(
         "format": FORMAT,
         "round": round_,
         "num_leaves": len(leaves),
-        "sha256": state_digest(leaves),
+        "sha256": _state_digest(leaves),
         # Checked before orbax reads anything: damaged files are caught without
         # handing them to orbax (whose failed reads leave async noise on stderr).
-        "files": file_digests(final),
+        "files": _file_digests(final),
         "extra": extra or {},
     }
     _write_atomic(final / SIDECAR, json.dumps(sidecar, indent=1) + "\n")
@@ -273,7 +273,7 @@ def restore(path: str | os.PathLike, template) -> Restored:
         )
     files = meta.get("files")
     if isinstance(files, dict):
-        actual = file_digests(path)
+        actual = _file_digests(path)
         damaged = sorted(
             name for name in set(files) | set(actual) if files.get(name) != actual.get(name)
         )
@@ -303,7 +303,7 @@ def restore(path: str | os.PathLike, template) -> Restored:
                 f"array {i} is {leaf.dtype}{list(leaf.shape)}, the state's is {dtype}{list(shape)}"
             )
         leaves.append(leaf)
-    if state_digest(leaves) != meta.get("sha256"):
+    if _state_digest(leaves) != meta.get("sha256"):
         raise CheckpointError("its arrays do not match the sha256 in the sidecar")
     # A key dtype carries its PRNG implementation (also on a ShapeDtypeStruct).
     leaves = [

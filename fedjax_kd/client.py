@@ -70,7 +70,7 @@ def epoch_order(key: jax.Array, count: jax.Array, num_examples: int) -> jax.Arra
     return jnp.argsort(jnp.where(positions < count, u, 2.0), stable=True).astype(jnp.int32)
 
 
-def num_local_steps(num_examples: int, *, epochs: int, batch_size: int) -> int:
+def _num_local_steps(num_examples: int, *, epochs: int, batch_size: int) -> int:
     """Number of scan steps for a padded client of ``num_examples``."""
     return epochs * math.ceil(num_examples / batch_size)
 
@@ -169,7 +169,7 @@ def batched_apply(apply_fn: ApplyFn, params: Params, x: jax.Array, *, batch_size
     return map_batches(lambda b: apply_fn(params, b["x"]), {"x": x}, batch_size=batch_size)
 
 
-def tree_sq_norm(tree: Params) -> jax.Array:
+def _tree_sq_norm(tree: Params) -> jax.Array:
     """Squared L2 norm of a pytree."""
     return sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree.leaves(tree))
 
@@ -322,7 +322,7 @@ def make_client_update(
         loss = losses.masked_mean(per_example, valid)
         if prox_mu > 0:
             diff = jax.tree.map(jnp.subtract, local, global_params)
-            loss = loss + 0.5 * prox_mu * tree_sq_norm(diff)
+            loss = loss + 0.5 * prox_mu * _tree_sq_norm(diff)
         return loss, jnp.sum(jnp.where(valid, task, 0.0))
 
     def client_update(

@@ -26,7 +26,7 @@ from fedjax_kd import losses
 from fedjax_kd.types import ApplyFn, Params
 
 
-def stacked_logits(apply_fn: ApplyFn, stacked_params: Params, x: jax.Array) -> jax.Array:
+def _stacked_logits(apply_fn: ApplyFn, stacked_params: Params, x: jax.Array) -> jax.Array:
     """Logits ``[K, P, C]`` of K models (params with a leading axis) on ``x``."""
     return jax.vmap(apply_fn, in_axes=(0, None))(stacked_params, x)
 
@@ -46,7 +46,7 @@ def ensemble_logits(
     Returns:
       ``sum_k w_k z_k / sum_k w_k``.
     """
-    logits = jnp.concatenate([stacked_logits(a, p, x) for a, p in members], axis=0)
+    logits = jnp.concatenate([_stacked_logits(a, p, x) for a, p in members], axis=0)
     if weights is None:
         return jnp.mean(logits, axis=0)
     w = weights.astype(logits.dtype)

@@ -213,7 +213,7 @@ def resolve(
     schema = _flatten(resolved)
     for key, value in items:
         if key not in schema:
-            raise ConfigError(f"unknown config key '{key}'{did_you_mean(key, schema)}")
+            raise ConfigError(f"unknown config key '{key}'{_did_you_mean(key, schema)}")
         _set(resolved, key, _coerce(key, value, schema[key]))
     validate(resolved)
     return resolved
@@ -247,7 +247,7 @@ RENAMED_KEYS = {
 }
 
 
-def did_you_mean(key: str, known: Iterable[str]) -> str:
+def _did_you_mean(key: str, known: Iterable[str]) -> str:
     """``"; did you mean 'K'?"`` for the closest known key (same last part first), or ""."""
     import difflib
 
@@ -341,7 +341,7 @@ def _format_default(value) -> str:
     return ("true" if value else "false") if isinstance(value, bool) else str(value)
 
 
-def algorithm_spec(config: ml_collections.ConfigDict) -> AlgorithmSpec:
+def _algorithm_spec(config: ml_collections.ConfigDict) -> AlgorithmSpec:
     """The spec of ``config.algorithm.name``: a built-in or a user's import path."""
     name = config.algorithm.name
     if models.is_import_path(name):
@@ -423,14 +423,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for dataset_spec in DATASET_SPECS.values():  # every dataset namespace, whichever runs
         _check_hypers(dataset_spec, flat)
     _choice(c, "client.optimizer", optimizers.CLIENT_OPTIMIZERS)
-    spec = algorithm_spec(c)
+    spec = _algorithm_spec(c)
     specs = {**algorithms.SPECS, spec.name: spec}
     for other in specs.values():  # every namespace in the config, whichever runs
         _check_hypers(other, flat)
     _choice(c, "server.optimizer", optimizers.SERVER_OPTIMIZERS)
     for key in ("model.student", "model.teacher"):
         _check_model_name(flat[key], key)
-    for name in group_names(c):
+    for name in _group_names(c):
         _check_model_name(name, "model.student_groups")
     name = spec.name
     if spec.needs_proxy(c) and c.data.proxy_fraction == 0:
@@ -457,7 +457,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"{c.clients_per_round} clients per round would drop every client "
             "(client.drop_stragglers=true); lower it"
         )
-    groups = len(group_names(c))
+    groups = len(_group_names(c))
     if groups > 1 and not spec.groups:
         with_groups = [s.name for s in algorithms.SPECS.values() if s.groups]
         raise ConfigError(
@@ -492,7 +492,7 @@ def _check_model_name(name: str, key: str) -> None:
         raise ConfigError(f"config key '{key}': {e}") from None
 
 
-def group_names(config: ml_collections.ConfigDict) -> list[str]:
+def _group_names(config: ml_collections.ConfigDict) -> list[str]:
     """Model names of the architecture groups (``[model.student]`` if none are set)."""
     names = [n.strip() for n in config.model.student_groups.split(",") if n.strip()]
     return names or [config.model.student]
@@ -500,7 +500,7 @@ def group_names(config: ml_collections.ConfigDict) -> list[str]:
 
 #: What a user's dataset loader (``data.name=package.module:function``) may return
 #: as a dict: the arrays of :func:`fedjax_kd.data.from_arrays`.
-USER_DATASET_KEYS = ("x_train", "y_train", "x_test", "y_test")
+_USER_DATASET_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 
 def _user_dataset(config: ml_collections.ConfigDict, partition_kwargs: dict) -> FederatedDataset:
@@ -529,15 +529,15 @@ def _user_dataset(config: ml_collections.ConfigDict, partition_kwargs: dict) -> 
         ) from None
     if isinstance(loaded, FederatedDataset):
         return loaded
-    if not isinstance(loaded, dict) or not set(USER_DATASET_KEYS) <= set(loaded):
+    if not isinstance(loaded, dict) or not set(_USER_DATASET_KEYS) <= set(loaded):
         raise ConfigError(
             f"config key 'data.name': {d.name} must return a FederatedDataset or a dict with "
-            f"{', '.join(USER_DATASET_KEYS)}; got {type(loaded).__name__}"
+            f"{', '.join(_USER_DATASET_KEYS)}; got {type(loaded).__name__}"
         )
     given = loaded.get("client_indices")
     try:
         return data_lib.from_arrays(
-            *(loaded[k] for k in USER_DATASET_KEYS),
+            *(loaded[k] for k in _USER_DATASET_KEYS),
             name=d.name,
             num_classes=loaded.get("num_classes"),
             num_clients=None if given is not None else d.num_clients,
@@ -586,7 +586,7 @@ def build_dataset(config: ml_collections.ConfigDict) -> FederatedDataset:
         ) from None
 
 
-def build_model(config: ml_collections.ConfigDict, dataset: FederatedDataset, role: str):
+def _build_model(config: ml_collections.ConfigDict, dataset: FederatedDataset, role: str):
     """Builds ``config.model.<role>`` (``student`` or ``teacher``) for ``dataset``."""
     return _create_model(config.model[role], dataset, f"model.{role}")
 
@@ -615,23 +615,23 @@ def build_algorithm(
     spec's ``build`` picks its arguments. A builder's ValueError becomes a
     ConfigError naming the hyperparameter's key when the message names one.
     """
-    spec = algorithm_spec(config)
+    spec = _algorithm_spec(config)
     if spec.needs_proxy(config) and dataset.proxy_x is None:
         raise ConfigError(
             f"algorithm '{spec.name}' distils on a server proxy set, and the dataset "
             f"{config.data.name!r} has none (its loader returned no proxy_x)"
         )
     c, s = config.client, config.server
-    student = build_model(config, dataset, "student")
+    student = _build_model(config, dataset, "student")
     client_optimizer = optimizers.client_optimizer(c.optimizer, lr=c.lr, momentum=c.momentum)
     ctx = BuildContext(
         hp=dict(config[spec.name]) if spec.hypers else {},
         config=config,
         dataset=dataset,
         student=student,
-        teacher=build_model(config, dataset, "teacher") if spec.teacher else None,
+        teacher=_build_model(config, dataset, "teacher") if spec.teacher else None,
         group_models=(
-            [_create_model(n, dataset, "model.student_groups") for n in group_names(config)]
+            [_create_model(n, dataset, "model.student_groups") for n in _group_names(config)]
             if spec.groups
             else [student]
         ),
@@ -691,7 +691,7 @@ def config_conflicts(workdir: str | os.PathLike, config: ml_collections.ConfigDi
         raise ValueError(str(e.strerror or e)) from None
     if not isinstance(old, dict):
         raise ValueError("not a JSON object")
-    spec = algorithm_spec(config)
+    spec = _algorithm_spec(config)
     before, defaults = flatten(old), _flatten(default_config.get_config())
     defaults.update({f"{spec.name}.{k}": v for k, v in spec.defaults().items()})
     resumable = set(RESUMABLE_KEYS)
@@ -791,7 +791,7 @@ def run(
             f"config key 'clients_per_round' must be <= the dataset's {dataset.num_clients} "
             f"clients, got {config.clients_per_round}"
         )
-    groups = len(group_names(config))
+    groups = len(_group_names(config))
     if groups > 1 and min(cohort.group_sizes(dataset.num_clients, groups)) < (
         config.clients_per_round // groups
     ):

@@ -92,7 +92,7 @@ class Run(NamedTuple):
     Attributes:
       path: the directory.
       config: its ``config.json`` flattened to dotted keys, as written
-        (:func:`group_runs` fills keys other runs have from the schema).
+        (:func:`_group_runs` fills keys other runs have from the schema).
       records: the parsed lines of ``metrics.jsonl`` (one per evaluation).
       finished: whether ``summary.json`` exists.
     """
@@ -103,7 +103,7 @@ class Run(NamedTuple):
     finished: bool
 
 
-def find_runs(dirs: Iterable[str | os.PathLike]) -> list[Path]:
+def _find_runs(dirs: Iterable[str | os.PathLike]) -> list[Path]:
     """Run directories (with ``config.json`` and ``metrics.jsonl``) under ``dirs``, sorted.
 
     Raises:
@@ -128,11 +128,11 @@ def _schema_defaults() -> dict:
     return flatten(default.get_config().to_dict())
 
 
-def load_run(path: str | os.PathLike) -> Run:
+def _load_run(path: str | os.PathLike) -> Run:
     """Reads one run directory; a torn last line of ``metrics.jsonl`` is ignored.
 
     Config keys missing from ``config.json`` (added to the schema since the
-    run) take their defaults when the runs are grouped (:func:`group_runs`),
+    run) take their defaults when the runs are grouped (:func:`_group_runs`),
     so old and new runs of the same config group together.
 
     Raises:
@@ -179,7 +179,7 @@ def _complete(runs: Sequence[Run]) -> list[Run]:
 NOT_GROUPED = ("seed", "checkpoint_every")
 
 
-def group_runs(runs: Sequence[Run]) -> list[tuple[str, dict, list[Run]]]:
+def _group_runs(runs: Sequence[Run]) -> list[tuple[str, dict, list[Run]]]:
     """Groups runs whose configs are equal except ``seed`` (and ``checkpoint_every``).
 
     Returns:
@@ -235,7 +235,7 @@ def rounds_to_target(records: Sequence[dict], metric: str, target: float) -> int
     return None
 
 
-def summarize_group(
+def _summarize_group(
     label: str, differing: dict, runs: Sequence[Run], metric: str, target: float | None = None
 ) -> dict:
     """The numbers of one group (one row of the table, one curve of each plot)."""
@@ -443,13 +443,13 @@ def summarize(
         ``columns``/``baseline``/``panels`` that no run has, or no group with
         the baseline's value.
     """
-    paths = find_runs(dirs)
+    paths = _find_runs(dirs)
     if not paths:
         raise ReportError(
             "no run directories (with config.json and metrics.jsonl) under "
             + ", ".join(str(d) for d in dirs)
         )
-    runs = [load_run(p) for p in paths]
+    runs = [_load_run(p) for p in paths]
     if not any(metric in r for run in runs for r in run.records):
         available = sorted(
             {
@@ -463,7 +463,7 @@ def summarize(
         raise ReportError(
             f"no run records metric '{metric}' (available: {', '.join(available) or 'none'})"
         )
-    grouped = group_runs(runs)
+    grouped = _group_runs(runs)
     configs = [members[0].config for _, _, members in grouped]
     base_key, base_value = parse_baseline(baseline) if baseline else (None, None)
     selected = list(dict.fromkeys([*columns, *panels, *([base_key] if base_key else [])]))
@@ -473,7 +473,7 @@ def summarize(
                 "--columns" if key in columns else "--panels" if key in panels else "--baseline"
             )
             raise ReportError(f"{option}: no run has the config key '{key}'")
-    groups = [summarize_group(*g, metric, target) for g in grouped]
+    groups = [_summarize_group(*g, metric, target) for g in grouped]
     for g, c in zip(groups, configs, strict=True):
         g["selected"] = {k: c.get(k, _MISSING) for k in selected}
     if base_key:
@@ -495,7 +495,7 @@ def summarize(
     }
 
 
-def human_bytes(n: float | None) -> str:
+def _human_bytes(n: float | None) -> str:
     """``12345678`` -> ``"12.3 MB"`` (decimal units); ``None`` -> ``"n/a"``."""
     if n is None:
         return "n/a"
@@ -589,8 +589,8 @@ def format_markdown(summary: dict) -> str:
             _mean_std(g["final"]),
             _mean_std(g["best"]),
             str(g["round"]) if g["round"] is not None else "n/a",
-            human_bytes(g["uplink_bytes"]),
-            human_bytes(g["downlink_bytes"]),
+            _human_bytes(g["uplink_bytes"]),
+            _human_bytes(g["downlink_bytes"]),
             "n/a" if g["wall_s"] is None else f"{g['wall_s']:.1f}",
         ]
         if target is not None:

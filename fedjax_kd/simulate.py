@@ -75,7 +75,7 @@ def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
     return jax.random.fold_in(root, INIT), jax.random.fold_in(root, ROUNDS)
 
 
-def client_mesh(devices=None) -> Mesh | None:
+def _client_mesh(devices=None) -> Mesh | None:
     """A 1-D mesh over ``devices`` (default: all) with axis ``clients``; None for one."""
     devices = jax.devices() if devices is None else list(devices)
     if len(devices) < 2:
@@ -83,7 +83,7 @@ def client_mesh(devices=None) -> Mesh | None:
     return Mesh(np.array(devices), ("clients",), axis_types=(AxisType.Auto,))
 
 
-def replicate(tree, sharding: NamedSharding):
+def _replicate(tree, sharding: NamedSharding):
     """Places every leaf of ``tree`` fully replicated on ``sharding``'s devices.
 
     Built from host copies with ``make_array_from_callback``, so it also works
@@ -93,7 +93,7 @@ def replicate(tree, sharding: NamedSharding):
 
     def place(leaf):
         if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-            data = replicate(jax.random.key_data(leaf), sharding)
+            data = _replicate(jax.random.key_data(leaf), sharding)
             return jax.random.wrap_key_data(data, impl=jax.random.key_impl(leaf))
         host = np.asarray(jax.device_get(leaf))
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
@@ -119,7 +119,7 @@ def jit_round(algorithm: FederatedAlgorithm) -> Callable:
     return jax.jit(round_on_arrays)
 
 
-def make_round_step(
+def _make_round_step(
     algorithm: FederatedAlgorithm,
     *,
     num_clients: int,
@@ -171,7 +171,7 @@ def make_round_step(
     return step
 
 
-def make_evaluate(algorithm: FederatedAlgorithm, *, batch_size: int) -> Callable:
+def _make_evaluate(algorithm: FederatedAlgorithm, *, batch_size: int) -> Callable:
     """Returns ``evaluate(state, x, y, mask) -> {name: (accuracy, loss)}``.
 
     ``x``/``y``/``mask`` hold the test set padded to whole batches of
@@ -258,7 +258,7 @@ def run(
       client_chunk_size: clients vmapped at once; chunks run in sequence so
         memory grows with the chunk, not with ``clients_per_round``.
       mesh: shard the client axis over a device mesh; "auto" = all local
-        devices when there are several (:func:`client_mesh`), None = no sharding.
+        devices when there are several (:func:`_client_mesh`), None = no sharding.
       rounds_per_call: run up to this many rounds inside one compiled loop
         (fewer dispatches and host syncs); blocks never cross an evaluation or
         a checkpoint. One executable runs every block (its trip count is an
@@ -294,7 +294,7 @@ def run(
     largest = dataset.train.max_examples
     cap = largest if max_local_examples is None else min(max_local_examples, largest)
     if mesh == "auto":
-        mesh = client_mesh()
+        mesh = _client_mesh()
     test = tuple(map(jnp.asarray, batch_test_set(dataset.test_x, dataset.test_y, eval_batch_size)))
     server_data = {}
     if dataset.proxy_x is not None:
@@ -314,12 +314,12 @@ def run(
         # round then keeps the same shardings from round to round, and with
         # several processes (hosts) every process holds whole metrics.
         replicated = NamedSharding(mesh, P())
-        state, data, server_data, test, rounds_key = replicate(
+        state, data, server_data, test, rounds_key = _replicate(
             (state, data, server_data, test, rounds_key), replicated
         )
         jit_kwargs = {"out_shardings": replicated}
 
-    step_fn = make_round_step(
+    step_fn = _make_round_step(
         algorithm,
         num_clients=dataset.num_clients,
         clients_per_round=clients_per_round,
@@ -373,7 +373,7 @@ def run(
                 break  # stop at the first non-finite round
         return state, out
 
-    evaluate_fn = make_evaluate(algorithm, batch_size=eval_batch_size)
+    evaluate_fn = _make_evaluate(algorithm, batch_size=eval_batch_size)
     evaluate = jax.jit(evaluate_fn, **jit_kwargs).lower(state, *test).compile()
     # jit returns dicts with sorted keys; the headline is eval_models' FIRST entry.
     names = list(algorithm.eval_models(state))

@@ -369,3 +369,31 @@ def test_fedkd_cannot_be_extended_and_flags_need_a_workdir(tmp_path, capsys):
         assert cli.main(["run", "--no-progress", "--config.rounds=1", flag]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"{flag} needs --workdir" in err[0], err
+
+
+def test_fedkd_with_a_fixed_energy_horizon_extends_bit_for_bit(tmp_path, capsys):
+    """fedkd.energy_rounds > 0: the schedule no longer spans the run, so 2 -> 3 rounds
+    resumed equals 3 rounds at once (every record, and the same thresholds)."""
+    import json
+
+    from fedjax_kd import cli
+
+    base = ["run", "--no-progress", "--config.eval_every=1", "--config.checkpoint_every=1"]
+    base += ["--config.data.num_clients=10", "--config.clients_per_round=2"]
+    base += ["--config.client.epochs=1", "--config.algorithm.name=fedkd"]
+    base += ["--config.model.student=linear", "--config.model.teacher=mlp-8"]
+    base += ["--config.fedkd.energy_rounds=4"]
+    parts, whole = tmp_path / "parts", tmp_path / "whole"
+    assert cli.main([*base, "--config.rounds=2", "--workdir", str(parts)]) == 0
+    assert cli.main([*base, "--config.rounds=3", "--workdir", str(parts)]) == 0
+    assert cli.main([*base, "--config.rounds=3", "--workdir", str(whole)]) == 0
+    capsys.readouterr()
+
+    def records(workdir):
+        lines = (workdir / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(r).items() if "wall" not in k} for r in lines]
+
+    assert records(parts) == records(whole)
+    # T(r) = 0.95 + 0.03 * (r + 1) / 4: the horizon is 4 rounds, not the run's 3.
+    thresholds = [r["energy_threshold"] for r in records(whole)]
+    assert thresholds == pytest.approx([0.9575, 0.965, 0.9725], rel=1e-6)

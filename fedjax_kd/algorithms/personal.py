@@ -110,7 +110,7 @@ def public_subset(key: jax.Array, proxy_x: jax.Array, size: int) -> tuple[jax.Ar
     return idx, proxy_x[idx]
 
 
-def cross_entropy_loss(apply_fn: ApplyFn) -> Callable:
+def _cross_entropy_loss(apply_fn: ApplyFn) -> Callable:
     """``local_train`` loss: mean cross-entropy on ``batch["x"], batch["y"]``."""
 
     def loss_fn(params, batch, valid):
@@ -135,7 +135,7 @@ def make_private_train(apply_fn, optimizer, *, epochs: int, batch_size: int) -> 
 
     def one(params, x, y, count, key):
         return local_train(
-            cross_entropy_loss(apply_fn),
+            _cross_entropy_loss(apply_fn),
             params,
             optimizer,
             {"x": x, "y": y},
