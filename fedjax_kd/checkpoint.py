@@ -28,6 +28,8 @@ Only one process writes (multi-host runs leave checkpointing to the caller).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -40,6 +42,8 @@ from typing import Any, NamedTuple
 
 import jax
 import numpy as np
+
+from fedjax_kd.workdir import write_atomic
 
 #: Checkpoints kept by :func:`save` (older ones are deleted); more than one, so a
 #: corrupt latest checkpoint can fall back to the one before it.
@@ -151,13 +155,53 @@ def _file_digests(path: Path) -> dict[str, str]:
     return digests
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+#: Room a checkpoint needs beyond its arrays' bytes (orbax's metadata and
+#: manifest files: about 40 KiB for the models here), checked before writing.
+SPACE_MARGIN = 1 << 20
+
+
+def _check_space(directory: Path, nbytes: int) -> None:
+    """Raises ENOSPC before writing when ``directory`` lacks room for a checkpoint.
+
+    A save that ran out of space midway would be cleaned up anyway; checking
+    first keeps the previous checkpoints' disk untouched and orbax's threads
+    from failing noisily.
+    """
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return  # cannot tell: let the write itself fail if it must
+    needed = 2 * nbytes + SPACE_MARGIN
+    if free < needed:
+        raise OSError(
+            errno.ENOSPC,
+            f"{os.strerror(errno.ENOSPC)} (a checkpoint needs about {needed} bytes, {free} free)",
+            str(directory),
+        )
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+    """Silences orbax's background-thread error logs (absl) while saving.
+
+    A failed save raises in the caller, which reports it in one line; the
+    same failure logged from orbax's threads would add pages of tracebacks.
+    """
+    import logging
+
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _remove_unfinished(directory: Path, final: Path) -> None:
+    """Removes what a failed save of ``final`` left (its temporary directories)."""
+    for partial in [final, *directory.glob(final.name + ".*")]:
+        _remove(partial)
 
 
 def save(
@@ -189,10 +233,22 @@ def save(
     final = path_for(directory, round_)
     for stale in [final, *directory.glob(final.name + ".*")]:  # an earlier save of this round
         _remove(stale)
-    with _checkpointer() as checkpointer:
-        import orbax.checkpoint as ocp
+    _check_space(directory, sum(leaf.nbytes for leaf in leaves))
+    try:
+        with _quiet_orbax(), _checkpointer() as checkpointer:
+            import orbax.checkpoint as ocp
 
-        checkpointer.save(final, args=ocp.args.StandardSave(_items(leaves, round_)))
+            checkpointer.save(final, args=ocp.args.StandardSave(_items(leaves, round_)))
+    except OSError:
+        _remove_unfinished(directory, final)
+        raise
+    except Exception as e:  # orbax/tensorstore wrap the OS error in their own types
+        _remove_unfinished(directory, final)
+        text = str(e)
+        code = (
+            errno.ENOSPC if "No space left" in text or "RESOURCE_EXHAUSTED" in text else errno.EIO
+        )
+        raise OSError(code, os.strerror(code), str(final)) from None
     sidecar = {
         "format": FORMAT,
         "round": round_,
@@ -203,7 +259,11 @@ def save(
         "files": _file_digests(final),
         "extra": extra or {},
     }
-    _write_atomic(final / SIDECAR, json.dumps(sidecar, indent=1) + "\n")
+    try:
+        write_atomic(final / SIDECAR, json.dumps(sidecar, indent=1) + "\n")
+    except OSError:
+        _remove_unfinished(directory, final)  # arrays without a sidecar are no checkpoint
+        raise
     prune(directory, keep=keep)
     return final
 

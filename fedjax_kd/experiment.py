@@ -26,6 +26,7 @@ import optax
 
 from fedjax_kd import algorithms, checkpoint, cohort, models, optimizers, simulate
 from fedjax_kd import data as data_lib
+from fedjax_kd import workdir as workdir_lib
 from fedjax_kd.configs import default as default_config
 from fedjax_kd.configs import flatten
 from fedjax_kd.data import DATASET_SPECS, PARTITIONERS, FederatedDataset
@@ -719,27 +720,6 @@ def _check_same_config(workdir: Path, config: ml_collections.ConfigDict) -> None
         )
 
 
-def _truncate_metrics(path: Path, round_: int, config: ml_collections.ConfigDict) -> None:
-    """Keeps the records an uninterrupted run would have written up to ``round_``.
-
-    Drops records after the checkpoint's round, lines cut short by a killed
-    process, and the record of ``round_`` itself when it is not an evaluation
-    round of this run (the last round of a shorter run that is now extended).
-    """
-    kept = []
-    lines = path.read_text().splitlines() if path.is_file() else []
-    for line in lines:
-        try:
-            r = json.loads(line)["round"]
-        except (ValueError, KeyError, TypeError):
-            continue
-        if r < round_ or (r == round_ and (r % config.eval_every == 0 or r == config.rounds)):
-            kept.append(line + "\n")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
-
-
 def run(
     config: ml_collections.ConfigDict | None = None,
     *,
@@ -805,67 +785,22 @@ def run(
             f"clients, got {config.clients_per_round}"
         )
     algorithm = build_algorithm(config, dataset)
-    on_eval = on_checkpoint = restored = None
     if workdir is not None and jax.process_index() != 0:
         workdir = None  # multi-host: process 0 writes the files
-    if workdir is not None:
-        workdir = Path(workdir)
-        checkpoints: Path | None = workdir / "checkpoints"
-        metrics_path = workdir / "metrics.jsonl"
-        try:
-            workdir.mkdir(parents=True, exist_ok=True)
-            if jax.process_count() > 1:
-                # Every process would have to restore the same checkpoint; not supported.
-                print(
-                    "warning: no checkpoints in multi-host runs; a rerun starts from scratch",
-                    file=sys.stderr,
-                )
-                checkpoints = None
-            elif not overwrite and checkpoint.rounds(checkpoints):
-                if not resume:
-                    _check_same_config(workdir, config)
-                template = jax.eval_shape(algorithm.init, simulate.seed_keys(config.seed)[0])
-                restored = checkpoint.latest_valid(checkpoints, template)
-                if restored is None:
-                    # Never delete a run's checkpoints on a guess (e.g. --resume with
-                    # another model: none fits); the user decides.
-                    raise ConfigError(
-                        f"--workdir {workdir}: no checkpoint in {checkpoints} can be restored "
-                        "into this config's state (corrupt, or another model/algorithm); "
-                        "pass --overwrite to start from scratch"
-                    )
-                if restored.round > config.rounds:
-                    raise ConfigError(
-                        f"--workdir {workdir} has a checkpoint after round {restored.round}, "
-                        f"past config.rounds={config.rounds}; pass --overwrite to start from "
-                        "scratch"
-                    )
-            elif not overwrite and (metrics_path.is_file() or (workdir / "summary.json").exists()):
-                print(f"note: {workdir} has no checkpoint; starting from scratch", file=sys.stderr)
-            if checkpoints is not None:
-                # Past the one resumed from (or all when starting afresh): corrupt or stale.
-                checkpoint.prune(checkpoints, above=restored.round if restored else -1)
-            (workdir / "summary.json").unlink(missing_ok=True)
-            (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-            if restored is not None:
-                _truncate_metrics(metrics_path, restored.round, config)
-            else:
-                metrics_path.write_text("")
-        except OSError as e:
-            raise ConfigError(f"--workdir {workdir}: cannot write there ({e.strerror})") from None
-        if restored is not None:
-            print(f"resuming from round {restored.round}", file=sys.stderr, flush=True)
+    if workdir is None:
+        return _simulate(config, dataset, algorithm, progress=progress)
+    try:
+        with workdir_lib.hold(workdir):
+            return _run_in_workdir(
+                Path(workdir), config, dataset, algorithm, progress, overwrite, resume
+            )
+    except workdir_lib.WorkdirError as e:
+        raise ConfigError(str(e)) from None
 
-        def on_eval(record: dict) -> None:
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
 
-        if checkpoints is not None:
-
-            def on_checkpoint(round_: int, state, extra: dict) -> None:
-                checkpoint.save(checkpoints, round_, state, extra)
-
-    result = simulate.run(
+def _simulate(config, dataset, algorithm, *, progress, **callbacks) -> simulate.RunResult:
+    """``simulate.run`` with the run settings of ``config``."""
+    return simulate.run(
         algorithm,
         dataset,
         rounds=config.rounds,
@@ -877,11 +812,107 @@ def run(
         client_chunk_size=config.client_chunk_size or None,
         rounds_per_call=config.rounds_per_call,
         progress=progress,
-        on_eval=on_eval,
         checkpoint_every=config.checkpoint_every,
+        **callbacks,
+    )
+
+
+def _run_in_workdir(workdir: Path, config, dataset, algorithm, progress, overwrite, resume):
+    """The run of :func:`run` in a held workdir: restore or start, write as it goes.
+
+    Nothing a finished run wrote is removed before something replaces it:
+    ``summary.json`` stays until the new one is written (atomically), and on
+    resume ``metrics.jsonl`` is checked against the records the checkpoint
+    kept (:func:`fedjax_kd.workdir.reconcile_metrics`). An OS error while
+    writing (a full disk) is a :class:`~fedjax_kd.workdir.WorkdirError`
+    naming the file; the checkpoints and metrics written before stay, so the
+    same command resumes.
+    """
+    checkpoints: Path | None = workdir / "checkpoints"
+    metrics_path = workdir / "metrics.jsonl"
+    restored, repaired = None, ""
+    evaluated = lambda r: r % config.eval_every == 0 or r == config.rounds  # noqa: E731
+    try:
+        if jax.process_count() > 1:
+            # Every process would have to restore the same checkpoint; not supported.
+            print(
+                "warning: no checkpoints in multi-host runs; a rerun starts from scratch",
+                file=sys.stderr,
+            )
+            checkpoints = None
+        elif not overwrite and checkpoint.rounds(checkpoints):
+            if not resume:
+                _check_same_config(workdir, config)
+            template = jax.eval_shape(algorithm.init, simulate.seed_keys(config.seed)[0])
+            restored = checkpoint.latest_valid(checkpoints, template)
+            if restored is None:
+                # Never delete a run's checkpoints on a guess (e.g. --resume with
+                # another model: none fits); the user decides.
+                raise ConfigError(
+                    f"--workdir {workdir}: no checkpoint in {checkpoints} can be restored "
+                    "into this config's state (corrupt, or another model/algorithm); "
+                    "pass --overwrite to start from scratch"
+                )
+            if restored.round > config.rounds:
+                raise ConfigError(
+                    f"--workdir {workdir} has a checkpoint after round {restored.round}, "
+                    f"past config.rounds={config.rounds}; pass --overwrite to start from "
+                    "scratch"
+                )
+        elif not overwrite and (metrics_path.is_file() or (workdir / "summary.json").exists()):
+            print(f"note: {workdir} has no checkpoint; starting from scratch", file=sys.stderr)
+        if checkpoints is not None:
+            # Past the one resumed from (or all when starting afresh): corrupt or stale.
+            checkpoint.prune(checkpoints, above=restored.round if restored else -1)
+        workdir_lib.write_atomic(
+            workdir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n"
+        )
+        if restored is not None:
+            kept = restored.extra.get("records")
+            repaired = workdir_lib.reconcile_metrics(metrics_path, kept, restored.round, evaluated)
+            records = workdir_lib.read_records(metrics_path)[0]
+        else:
+            # Starting afresh: the old summary and metrics describe no run of this config.
+            (workdir / "summary.json").unlink(missing_ok=True)
+            workdir_lib.write_atomic(metrics_path, "")
+            records = []
+    except OSError as e:
+        raise workdir_lib.write_error(e.filename or workdir, e) from None
+    if restored is not None:
+        note = f" ({repaired})" if repaired else ""
+        print(f"resuming from round {restored.round}{note}", file=sys.stderr, flush=True)
+
+    def on_eval(record: dict) -> None:
+        records.append(record)
+        try:
+            workdir_lib.append_line(metrics_path, json.dumps(record))
+        except OSError as e:
+            raise workdir_lib.write_error(metrics_path, e) from None
+
+    on_checkpoint = None
+    if checkpoints is not None:
+
+        def on_checkpoint(round_: int, state, extra: dict) -> None:
+            # The records up to this round travel with the state, so a resume can
+            # repair metrics.jsonl from them.
+            kept = [r for r in records if r["round"] <= round_]
+            try:
+                checkpoint.save(checkpoints, round_, state, {**extra, "records": kept})
+            except OSError as e:
+                raise workdir_lib.write_error(checkpoint.path_for(checkpoints, round_), e) from None
+
+    result = _simulate(
+        config,
+        dataset,
+        algorithm,
+        progress=progress,
+        on_eval=on_eval,
         on_checkpoint=on_checkpoint,
         resume=restored,
     )
-    if workdir is not None:
-        (workdir / "summary.json").write_text(json.dumps(result.summary, indent=2) + "\n")
+    summary_path = workdir / "summary.json"
+    try:
+        workdir_lib.write_atomic(summary_path, json.dumps(result.summary, indent=2) + "\n")
+    except OSError as e:
+        raise workdir_lib.write_error(summary_path, e) from None
     return result

@@ -43,6 +43,7 @@ stderr; ``--no-progress`` turns off each run's progress bar.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import inspect
 import itertools
@@ -54,6 +55,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+from fedjax_kd import workdir as workdir_lib
 from fedjax_kd.cli_util import fail
 
 USAGE = (
@@ -341,7 +343,6 @@ def run(args: argparse.Namespace) -> int:
     flags (applied before each point's grid values).
     """
     from fedjax_kd import experiment
-    from fedjax_kd.simulate import NonFiniteError
 
     base_overrides = list(getattr(args, "overrides", None) or [])
     try:
@@ -362,14 +363,19 @@ def run(args: argparse.Namespace) -> int:
             _check_existing(p, config)
             configs.append(config)
         root = Path(args.workdir)
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise experiment.ConfigError(
-                f"--workdir {root}: cannot write there ({e.strerror})"
-            ) from None
-    except experiment.ConfigError as e:
+        # Held for the whole sweep (each point's run holds its own directory too).
+        held = contextlib.ExitStack()
+        held.enter_context(workdir_lib.hold(root))
+    except (experiment.ConfigError, workdir_lib.WorkdirError) as e:
         return fail(str(e))
+    with held:
+        return _run_points(args, root, points, configs, base_overrides, seeds)
+
+
+def _run_points(args, root: Path, points, configs, base_overrides, seeds) -> int:
+    """The sweep's runs, one after another, in the held ``root``; returns the exit code."""
+    from fedjax_kd import experiment
+    from fedjax_kd.simulate import NonFiniteError
 
     records = [
         {
@@ -423,7 +429,7 @@ def run(args: argparse.Namespace) -> int:
     except experiment.ConfigError as e:  # a dataset/model mistake found only when building
         return fail(str(e))
     except OSError as e:
-        return fail(f"--workdir {root}: {e}")
+        return fail(str(workdir_lib.write_error(e.filename or root, e)))
     except KeyboardInterrupt:
         return fail("interrupted (run the same command again to finish the sweep)", code=130)
     print(f"wrote {sweep_json} ({len(points)} runs)")

@@ -162,7 +162,7 @@ def test_sigkill_mid_run_then_rerun_is_bit_identical(tmp_path, reference):
     )
     assert rerun.returncode == 0, rerun.stderr
     resumed = [line for line in rerun.stderr.splitlines() if line.startswith("resuming from")]
-    assert len(resumed) == 1 and 4 <= int(resumed[0].split()[-1]) < 12, rerun.stderr
+    assert len(resumed) == 1 and 4 <= int(resumed[0].split()[3]) < 12, rerun.stderr
     assert rerun.stdout.startswith("test_accuracy") and len(rerun.stdout.splitlines()) == 3
     assert "absl" not in rerun.stderr  # orbax's logging stays quiet
     assert_bit_identical(work, reference)
@@ -193,7 +193,7 @@ def test_corrupt_checkpoints_fall_back_with_a_warning(tmp_path, reference, capsy
     assert "files changed" in warnings[0]  # caught before orbax reads the damaged files
     assert "sha256" in warnings[1]
     assert not any("Traceback" in line or "Exception ignored" in line for line in err), err
-    assert "resuming from round 2" in err
+    assert any(line.startswith("resuming from round 2") for line in err), err
     assert_bit_identical(work, reference, result.state)
 
 
