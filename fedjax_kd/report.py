@@ -3,7 +3,7 @@
 Command::
 
     fedjax-kd report DIR... --out OUTDIR [--metric test_accuracy] [--target 0.9]
-        [--columns KEY,...] [--baseline KEY=VALUE] [--panels KEY,...]
+        [--columns KEY,...] [--baseline KEY=VALUE] [--panels KEY,...] [--skip-malformed]
 
 Every directory under each ``DIR`` (``DIR`` included) that holds
 ``config.json`` and ``metrics.jsonl`` (what ``fedjax-kd run --workdir`` and
@@ -15,24 +15,32 @@ there is one group, by its ``algorithm.name``.
 
 Writes to ``OUTDIR``:
 
-* ``report.md``: one row per group: label, number of seeds, the final
-  evaluation's metric as mean ± std over seeds, the best evaluation's metric
-  (each seed's best round, then mean ± std), the final round, the mean
-  cumulative uplink and downlink bytes at that round and the mean wall time
-  there (``wall_s`` of the final evaluation: the run's seconds so far,
-  compilation included). ``std`` is the SAMPLE standard deviation
-  (``ddof=1``), shown as ``n/a`` for a single seed. With ``--target T``, also
-  the rounds to reach ``T`` (McMahan et al.'s measure of speed): each seed's
-  first evaluation round with the metric ``>= T`` (``<=`` for a loss), then
-  mean ± std; "not reached" when a seed never gets there.
+* ``report.md``: one row per group: label; ``seeds`` (runs in the group);
+  ``final round`` (the last evaluation round common to its runs); the metric
+  there as mean ± std over seeds; the best value (each seed's best over the
+  common rounds, then mean ± std) with the round(s) each seed reached it in;
+  the mean cumulative uplink and downlink bytes at the final round (decimal
+  units: 1 kB = 1000 B) and the mean wall time there (``wall_s`` of the final
+  evaluation: the run's seconds so far, compilation included). ``std`` is the
+  SAMPLE standard deviation (``ddof=1``), shown as ``n/a`` for a single seed.
+  With ``--target T``, also the rounds to reach ``T`` (McMahan et al.'s
+  measure of speed): each seed's first evaluation round with the metric
+  ``>= T`` (``<=`` for a loss), then mean ± std; "not reached" when a seed
+  never gets there. A value a run did not record is shown as ``–`` and the
+  notes under the table say how many are missing, and where.
 * ``report.json``: the same numbers, plus each group's curve (per round: mean
   and std of the metric, mean cumulative total and uplink bytes) and, per
-  group, ``selected`` (the values of the keys named by the options below) and
-  ``vs_baseline``, machine-readable.
+  group, ``selected`` (the values of the keys named by the options below),
+  ``vs_baseline`` and ``missing``, machine-readable (strict JSON: no NaN).
 * ``accuracy_vs_round.png``: the metric's mean over seeds per evaluation round,
   with a shaded ±std band.
 * ``accuracy_vs_bytes.png`` and ``accuracy_vs_uplink.png``: the same against
   the mean cumulative uplink + downlink bytes, and uplink bytes alone.
+
+Every file is written to a temporary file in ``OUTDIR`` and renamed over the
+old one (``os.replace``), so a failed write (out of space, permission denied)
+leaves the previous report whole; it ends with one ``error:`` line naming the
+path and the cause (exit code 1 when the disk is full or failing, 2 otherwise).
 
 Options for large grids:
 
@@ -49,6 +57,20 @@ Options for large grids:
 * ``--panels data.name,data.alpha``: each plot gets one panel per combination
   of these keys' values.
 
+What the report reads is checked (:func:`load_run`): ``config.json`` and
+``summary.json`` must be JSON objects (``seed`` an integer, config numbers
+finite), each line of ``metrics.jsonl`` a JSON object with an integer
+``round`` (increasing down the file), and the values the report reads
+(``--metric``, ``cumulative_uplink_bytes``, ``cumulative_downlink_bytes``,
+``wall_s``) numbers or ``null``. A malformed file or line is an ``error:``
+naming the file and line (exit code 2); with ``--skip-malformed`` it is
+skipped with one ``warning:`` line per file instead (a malformed
+``config.json`` skips its run; a malformed ``summary.json`` counts the run as
+unfinished), and the report's notes list what was skipped. A ``null``, an
+absent key, ``NaN`` or ``Infinity`` is a missing value: left out of the means
+and counted in the notes. An incomplete last line of an unfinished run (being
+written) is ignored, and noted.
+
 Runs of one group evaluated at different rounds (an unfinished run, another
 ``eval_every``) are aggregated over the rounds they all have; the report says
 so in its notes, and "final" is then the last common round. A run without
@@ -59,48 +81,81 @@ with one ``error:`` line.
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import json
+import math
 import os
-from collections.abc import Iterable, Sequence
+import secrets
+import sys
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
 from fedjax_kd.cli_util import fail
-from fedjax_kd.configs import flatten
 from fedjax_kd.report_plot import BYTES_PLOT, ROUND_PLOT, UPLINK_PLOT
 from fedjax_kd.report_plot import format_value as _format_value
 
 USAGE = (
     "fedjax-kd report DIR [DIR ...] --out OUTDIR [--metric test_accuracy] [--target T] "
-    "[--columns KEY,...] [--baseline KEY=VALUE] [--panels KEY,...]"
+    "[--columns KEY,...] [--baseline KEY=VALUE] [--panels KEY,...] [--skip-malformed]"
 )
 #: Sample standard deviation over seeds (NaN / ``None`` / ``n/a`` for one seed).
 DDOF = 1
 _MISSING = "<missing>"
+#: The table's cell for a value no run recorded (the notes say which and how many).
+MISSING_CELL = "–"
+#: Keys of a ``metrics.jsonl`` row the report reads besides ``--metric``.
+READ_KEYS = ("cumulative_uplink_bytes", "cumulative_downlink_bytes", "wall_s")
+#: Deepest nesting of a JSON value in a run file (a ``config.json`` is 2 or 3 deep).
+MAX_DEPTH = 32
+#: Largest magnitude of a number the report computes with: means, stds and
+#: plots of such numbers cannot overflow.
+MAX_ABS = 1e100
+#: Largest ``round`` (exact as a float64, as the plots need).
+MAX_ROUND = 2**53
+#: Write errors that are the machine's, not the user's (exit code 1, not 2).
+_MACHINE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO})
 
 
 class ReportError(ValueError):
-    """A user mistake: no runs found, an unknown metric, an unwritable ``--out``."""
+    """A user mistake (no runs found, an unknown metric, a malformed run file,
+    an unwritable ``--out``), or a failed write; ``code`` is the exit code."""
+
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.code = code
+
+
+class Malformed(ValueError):
+    """Why a JSON value or line of a run file is not what the report reads."""
 
 
 class Run(NamedTuple):
-    """One run directory.
+    """One run directory, as checked by :func:`load_run`.
 
     Attributes:
       path: the directory.
       config: its ``config.json`` flattened to dotted keys, as written
         (:func:`_group_runs` fills keys other runs have from the schema).
-      records: the parsed lines of ``metrics.jsonl`` (one per evaluation).
-      finished: whether ``summary.json`` exists.
+      records: one dict per evaluation (a valid line of ``metrics.jsonl``):
+        ``round`` (an int) and, for the metric and :data:`READ_KEYS`, a float
+        (possibly NaN or infinite) or ``None`` (null or absent).
+      finished: whether a valid ``summary.json`` exists.
+      numeric: the keys with a number in some line (what ``--metric`` may name).
+      notes: what was ignored or skipped in this run's files.
+      summary_rounds: the ``rounds`` of ``summary.json`` (None: none).
     """
 
     path: Path
     config: dict
     records: list[dict]
     finished: bool
+    numeric: frozenset = frozenset()
+    notes: tuple = ()
+    summary_rounds: int | None = None
 
 
 def _find_runs(dirs: Iterable[str | os.PathLike]) -> list[Path]:
@@ -123,40 +178,271 @@ def _find_runs(dirs: Iterable[str | os.PathLike]) -> list[Path]:
 
 @functools.cache
 def _schema_defaults() -> dict:
-    from fedjax_kd.configs import default
+    from fedjax_kd.configs import default, flatten
 
     return flatten(default.get_config().to_dict())
 
 
-def _load_run(path: str | os.PathLike) -> Run:
-    """Reads one run directory; a torn last line of ``metrics.jsonl`` is ignored.
+def _shorten(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
-    Config keys missing from ``config.json`` (added to the schema since the
-    run) take their defaults when the runs are grouped (:func:`_group_runs`),
-    so old and new runs of the same config group together.
+
+def _kind(value) -> str:
+    """What a JSON value is, for a message: ``"a string"``, ``"an array"``, ..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return f"the number {_shorten(repr(value), 30)}"
+    return {str: "a string", list: "an array", dict: "an object"}[type(value)]
+
+
+def _check_tree(value) -> None:
+    """Raises Malformed when ``value`` nests deeper than :data:`MAX_DEPTH` or holds a
+    string that is no Unicode text (an unpaired ``\\ud800`` escape: it cannot be printed)."""
+    stack = [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, str):
+            if not node.isascii():
+                try:
+                    node.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise Malformed(
+                        "holds an unpaired UTF-16 surrogate (\\ud800-\\udfff)"
+                    ) from None
+            continue
+        if isinstance(node, dict):
+            children = [*node.keys(), *node.values()]
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        if depth >= MAX_DEPTH:
+            raise Malformed(f"nested deeper than {MAX_DEPTH} levels")
+        stack.extend((child, depth + 1) for child in children)
+
+
+def parse_json(raw: bytes):
+    """The JSON value of ``raw`` (UTF-8; ``NaN``/``Infinity`` allowed, as Python writes them).
 
     Raises:
-      ReportError: unreadable ``config.json`` or ``metrics.jsonl``.
+      Malformed: not UTF-8, not JSON, nested deeper than :data:`MAX_DEPTH`, or
+        a string that is not Unicode text.
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise Malformed(f"not UTF-8 text (byte {e.start + 1})") from None
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise Malformed(f"nested deeper than {MAX_DEPTH} levels") from None
+    except ValueError as e:  # JSONDecodeError, and an integer of more than 4300 digits
+        raise Malformed(f"not JSON ({_shorten(str(e))})") from None
+    _check_tree(value)
+    return value
+
+
+def _number(row: dict, key: str) -> float | None:
+    """``row[key]`` as a float (NaN and infinities kept); None: null or absent.
+
+    Raises:
+      Malformed: not a number, or a magnitude over :data:`MAX_ABS`.
+    """
+    value = row.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise Malformed(f"'{key}' is {_kind(value)}, expected a number or null")
+    if (isinstance(value, int) or math.isfinite(value)) and abs(value) > MAX_ABS:
+        raise Malformed(f"'{key}' is {_kind(value)}, out of range (magnitude over {MAX_ABS:g})")
+    return float(value)
+
+
+def _integer(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_ROUND:
+        raise Malformed(f"'{what}' is {_kind(value)}, expected an integer in [0, 2**53]")
+    return value
+
+
+def check_row(value, metric: str, previous: int | None = None) -> dict:
+    """One line of ``metrics.jsonl`` as the report reads it.
+
+    Args:
+      value: the line's JSON value.
+      metric: the reported key.
+      previous: the round of the file's previous valid line (rounds must increase).
+
+    Returns:
+      ``{"round": int, metric: float | None, READ_KEYS...: float | None}``.
+
+    Raises:
+      Malformed: not an object, no integer ``round``, a round not after
+        ``previous``, or a read value that is not a number or null.
+    """
+    if not isinstance(value, dict):
+        raise Malformed(f"expected a JSON object, got {_kind(value)}")
+    if value.get("round") is None:
+        raise Malformed("no 'round'")
+    r = _integer(value["round"], "round")
+    if previous is not None and r <= previous:
+        raise Malformed(f"round {r} after round {previous} (rounds must increase)")
+    row = {"round": r}
+    for key in dict.fromkeys((metric, *READ_KEYS)):
+        row[key] = _number(value, key)
+    return row
+
+
+def check_config(value) -> dict:
+    """A ``config.json`` value flattened to dotted keys.
+
+    Raises:
+      Malformed: not an object, a dotted key given twice (``"a.b"`` and
+        ``{"a": {"b"}}``), a NaN or infinite number, a ``seed`` that is not an
+        integer or an ``algorithm.name`` that is not a string.
+    """
+    if not isinstance(value, dict):
+        raise Malformed(f"expected a JSON object, got {_kind(value)}")
+    flat: dict = {}
+    stack = [("", value)]
+    while stack:
+        prefix, node = stack.pop()
+        for key, v in node.items():
+            if isinstance(v, dict):
+                stack.append((f"{prefix}{key}.", v))
+                continue
+            if f"{prefix}{key}" in flat:
+                name = _shorten(repr(f"{prefix}{key}"))
+                raise Malformed(f"the key {name} is given twice (dotted and nested)")
+            flat[f"{prefix}{key}"] = v
+            leaves = [v]
+            while leaves:
+                leaf = leaves.pop()
+                if isinstance(leaf, list):
+                    leaves.extend(leaf)
+                elif isinstance(leaf, dict):
+                    leaves.extend(leaf.values())
+                elif isinstance(leaf, float) and not math.isfinite(leaf):
+                    name = _shorten(repr(f"{prefix}{key}"))
+                    raise Malformed(f"{name} holds {leaf!r}; config numbers are finite")
+    seed = flat.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise Malformed(f"'seed' is {_kind(seed)}, expected an integer")
+    name = flat.get("algorithm.name")
+    if name is not None and not isinstance(name, str):
+        raise Malformed(f"'algorithm.name' is {_kind(name)}, expected a string")
+    return dict(sorted(flat.items()))
+
+
+def check_summary(value) -> int | None:
+    """The ``rounds`` of a ``summary.json`` value (None: not given).
+
+    Raises:
+      Malformed: not an object, or ``rounds`` not an integer.
+    """
+    if not isinstance(value, dict):
+        raise Malformed(f"expected a JSON object, got {_kind(value)}")
+    rounds = value.get("rounds")
+    return None if rounds is None else _integer(rounds, "rounds")
+
+
+def load_run(
+    path: str | os.PathLike, metric: str = "test_accuracy", skip_malformed: bool = False
+) -> tuple[Run | None, list[str]]:
+    """Reads and checks one run directory (see the module docstring).
+
+    An incomplete last line of ``metrics.jsonl`` (no newline after it, not
+    JSON) in an unfinished run is a line being written: ignored, and noted.
+    Config keys missing from ``config.json`` (added to the schema since the
+    run) take their defaults when the runs are grouped (:func:`_group_runs`).
+
+    Args:
+      path: the run directory.
+      metric: the reported ``metrics.jsonl`` key.
+      skip_malformed: skip what is malformed or unreadable instead of raising.
+
+    Returns:
+      ``(run, warnings)``: ``run`` is None when its ``config.json`` or
+      ``metrics.jsonl`` is skipped; one warning per skipped file or per file
+      with skipped lines.
+
+    Raises:
+      ReportError: (without ``skip_malformed``) a malformed or unreadable
+        file, or line, named with its path and line number.
     """
     path = Path(path)
+    warnings: list[str] = []
+
+    def bad_file(file: Path, reason: str, then: str) -> None:
+        if not skip_malformed:
+            raise ReportError(f"{file}: {reason} (--skip-malformed skips it)")
+        warnings.append(f"{file}: {reason}; {then}")
+
+    def read(file: Path, check, then: str) -> tuple[bool, object]:
+        try:
+            return True, check(parse_json(file.read_bytes()))
+        except OSError as e:
+            bad_file(file, f"cannot read it ({e.strerror or e})", then)
+        except Malformed as e:
+            bad_file(file, str(e), then)
+        return False, None
+
+    ok, config = read(path / "config.json", check_config, "run skipped")
+    if not ok:
+        return None, warnings
+    finished, summary_rounds = False, None
+    if (path / "summary.json").is_file():
+        finished, summary_rounds = read(
+            path / "summary.json", check_summary, "the run counts as unfinished"
+        )
+    file = path / "metrics.jsonl"
     try:
-        config = json.loads((path / "config.json").read_text())
-        lines = (path / "metrics.jsonl").read_text().splitlines()
-    except (OSError, ValueError) as e:
-        raise ReportError(f"{path}: cannot read the run ({e})") from None
-    if not isinstance(config, dict):
-        raise ReportError(f"{path}/config.json: expected a JSON object")
-    records = []
-    for i, line in enumerate(lines):
-        if not line.strip():
+        lines = file.read_bytes().split(b"\n")
+    except OSError as e:
+        bad_file(file, f"cannot read it ({e.strerror or e})", "run skipped")
+        return None, warnings
+    records, numeric, notes, skipped = [], set(), [], []
+    previous = None
+    for i, raw in enumerate(lines, 1):
+        if not raw.strip():
             continue
         try:
-            records.append(json.loads(line))
-        except ValueError:
-            if i == len(lines) - 1:
-                break  # written while we read it
-            raise ReportError(f"{path}/metrics.jsonl: line {i + 1} is not JSON") from None
-    return Run(path, flatten(config), records, (path / "summary.json").is_file())
+            value = parse_json(raw)
+        except Malformed as e:
+            if i == len(lines) and not finished:  # no newline after it: being written
+                notes.append(f"{file} line {i} is incomplete (being written?); ignored")
+                continue
+            reason = str(e)
+        else:
+            try:
+                records.append(check_row(value, metric, previous))
+            except Malformed as e:
+                reason = str(e)
+            else:
+                previous = records[-1]["round"]
+                numeric.update(
+                    k
+                    for k, v in value.items()
+                    if k != "round" and isinstance(v, int | float) and not isinstance(v, bool)
+                )
+                continue
+        if not skip_malformed:
+            raise ReportError(f"{file} line {i}: {reason} (--skip-malformed skips such lines)")
+        skipped.append(f"line {i}: {reason}")
+    if skipped:
+        shown = "; ".join(skipped[:3]) + ("; …" if len(skipped) > 3 else "")
+        s = "s" if len(skipped) > 1 else ""
+        warnings.append(f"{file}: skipped {len(skipped)} malformed line{s} ({shown})")
+    if finished and summary_rounds is not None and records:
+        if records[-1]["round"] != summary_rounds:
+            notes.append(
+                f"{path}: summary.json says {summary_rounds} rounds, metrics.jsonl ends at "
+                f"round {records[-1]['round']}"
+            )
+    run = Run(path, config, records, finished, frozenset(numeric), tuple(notes), summary_rounds)
+    return run, warnings
 
 
 def _complete(runs: Sequence[Run]) -> list[Run]:
@@ -214,9 +500,11 @@ def _stats(values: Sequence[float]) -> dict:
     return {"mean": float(np.mean(a)), "std": std, "values": [float(v) for v in a]}
 
 
-def _number_at(record: dict, key: str) -> float | None:
-    value = record.get(key)
-    return float(value) if isinstance(value, int | float) else None
+def _finite(value) -> float | None:
+    """A finite number as a float; None for null, absent, NaN, infinite or not a number."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
 
 
 def _mean_or_none(values: Sequence[float | None]) -> float | None:
@@ -226,13 +514,21 @@ def _mean_or_none(values: Sequence[float | None]) -> float | None:
 def rounds_to_target(records: Sequence[dict], metric: str, target: float) -> int | None:
     """First evaluation round whose ``metric`` reaches ``target`` (None: never).
 
-    "Reaches" is ``>=`` for accuracies and ``<=`` for anything else (losses).
+    "Reaches" is ``>=`` for accuracies and ``<=`` for anything else (losses);
+    evaluations without a finite value are passed over.
     """
     higher_is_better = "accuracy" in metric
-    for r in sorted((r for r in records if metric in r and "round" in r), key=lambda r: r["round"]):
+    valued = [r for r in records if "round" in r and _finite(r.get(metric)) is not None]
+    for r in sorted(valued, key=lambda r: r["round"]):
         if (r[metric] >= target) if higher_is_better else (r[metric] <= target):
             return int(r["round"])
     return None
+
+
+def _best(rounds: dict, common: Sequence[int], metric: str, higher_is_better: bool) -> int:
+    """The first of the ``common`` rounds with the best value of ``metric``."""
+    pick = max if higher_is_better else min
+    return pick(common, key=lambda t: rounds[t][metric])  # the first of equals
 
 
 def _summarize_group(
@@ -240,21 +536,46 @@ def _summarize_group(
 ) -> dict:
     """The numbers of one group (one row of the table, one curve of each plot)."""
     higher_is_better = "accuracy" in metric
-    notes = []
-    recorded = [run for run in runs if any(metric in r and "round" in r for r in run.records)]
+    notes = [note for run in runs for note in run.notes]
+    missing: dict[str, dict] = {}
+    has_value = [any(_finite(r.get(metric)) is not None for r in run.records) for run in runs]
+    recorded = [run for run, ok in zip(runs, has_value, strict=True) if ok]
     if recorded and len(recorded) < len(runs):
+        empty = sum(not run.records for run in runs)
+        if empty:
+            notes.append(
+                f"{empty} of {len(runs)} runs have no '{metric}' record yet "
+                "(just started); left out"
+            )
+        if len(runs) - len(recorded) - empty:
+            notes.append(
+                f"{len(runs) - len(recorded) - empty} of {len(runs)} runs have no value of "
+                f"'{metric}' in any evaluation (null, absent, NaN or infinite); left out"
+            )
+    rows = [r for run in recorded for r in run.records]
+    absent = sum(r.get(metric) is None for r in rows)
+    non_finite = sum(r.get(metric) is not None and _finite(r[metric]) is None for r in rows)
+    if absent or non_finite:
+        missing[metric] = {
+            "evaluations": absent + non_finite,
+            "of": len(rows),
+            "null_or_absent": absent,
+            "nan_or_infinite": non_finite,
+        }
+        parts = [f"{absent} null or absent"] if absent else []
+        parts += [f"{non_finite} NaN or infinite"] if non_finite else []
         notes.append(
-            f"{len(runs) - len(recorded)} of {len(runs)} runs have no '{metric}' record yet "
-            "(just started); left out"
+            f"'{metric}' has no value in {absent + non_finite} of {len(rows)} evaluations "
+            f"({', '.join(parts)}); those evaluations are left out"
         )
     all_runs, runs = runs, recorded
     by_round = [
-        {r["round"]: r for r in run.records if metric in r and "round" in r} for run in runs
+        {r["round"]: r for r in run.records if _finite(r.get(metric)) is not None} for run in runs
     ]
     round_sets = [set(rounds) for rounds in by_round]
     common = sorted(set.intersection(*round_sets)) if round_sets else []
     if any(s != round_sets[0] for s in round_sets):
-        ranges = sorted({f"{min(s)}..{max(s)}" if s else "none" for s in round_sets})
+        ranges = sorted({f"{min(s)}..{max(s)}" for s in round_sets})
         notes.append(
             f"runs have different eval rounds ({', '.join(ranges)}); aggregated over the "
             f"{len(common)} common rounds" + (f", final = round {common[-1]}" if common else "")
@@ -275,6 +596,7 @@ def _summarize_group(
         "unfinished": unfinished,
         "common_rounds": common,
         "notes": notes,
+        "missing": missing,
         "final": None,
         "best": None,
         "round": None,
@@ -301,35 +623,37 @@ def _summarize_group(
         notes.append(f"no evaluation round with '{metric}' common to all runs")
         return group
     final = [rounds[common[-1]] for rounds in by_round]
-    best_fn = max if higher_is_better else min
+    best_rounds = [_best(rounds, common, metric, higher_is_better) for rounds in by_round]
     group.update(
         final=_stats([r[metric] for r in final]),
-        best=_stats([best_fn(rounds[t][metric] for t in common) for rounds in by_round]),
+        best={
+            **_stats([rounds[t][metric] for rounds, t in zip(by_round, best_rounds, strict=True)]),
+            "rounds": best_rounds,
+        },
         round=common[-1],
-        uplink_bytes=_mean_or_none([_number_at(r, "cumulative_uplink_bytes") for r in final]),
-        downlink_bytes=_mean_or_none([_number_at(r, "cumulative_downlink_bytes") for r in final]),
-        wall_s=_mean_or_none([_number_at(r, "wall_s") for r in final]),
     )
+    for key, name in zip(READ_KEYS, ("uplink_bytes", "downlink_bytes", "wall_s"), strict=True):
+        values = [_finite(r.get(key)) for r in final]
+        group[name] = _mean_or_none(values)
+        lacking = sum(v is None for v in values)
+        if lacking:
+            missing[key] = {"final_round_runs": lacking, "of": len(values)}
+            notes.append(
+                f"'{key}' has no value at the final round in {lacking} of {len(values)} runs; "
+                f"shown as {MISSING_CELL}"
+            )
     for t in common:
         stats = _stats([rounds[t][metric] for rounds in by_round])
-        total = [
-            None if up is None or down is None else up + down
-            for up, down in (
-                (
-                    _number_at(rounds[t], "cumulative_uplink_bytes"),
-                    _number_at(rounds[t], "cumulative_downlink_bytes"),
-                )
-                for rounds in by_round
-            )
-        ]
-        uplink = [_number_at(rounds[t], "cumulative_uplink_bytes") for rounds in by_round]
+        up = [_finite(rounds[t].get("cumulative_uplink_bytes")) for rounds in by_round]
+        down = [_finite(rounds[t].get("cumulative_downlink_bytes")) for rounds in by_round]
+        total = [None if u is None or d is None else u + d for u, d in zip(up, down, strict=True)]
         group["curve"].append(
             {
                 "round": t,
                 "mean": stats["mean"],
                 "std": stats["std"],
                 "bytes": _mean_or_none(total),
-                "uplink": _mean_or_none(uplink),
+                "uplink": _mean_or_none(up),
             }
         )
     return group
@@ -410,11 +734,11 @@ def _add_baseline(groups: list[dict], configs: list[dict], key: str, value: str,
 
 
 def _sort_key(values: Sequence) -> tuple:
-    """Numbers before strings, numbers numerically."""
+    """Numbers before strings, numbers numerically (ints exactly, however large)."""
     return tuple(
-        (0, float(v), "")
+        (0, v, "")
         if isinstance(v, int | float) and not isinstance(v, bool)
-        else (1, 0.0, _format_value(v))
+        else (1, 0, _format_value(v))
         for v in values
     )
 
@@ -427,6 +751,8 @@ def summarize(
     columns: Sequence[str] = (),
     baseline: str | None = None,
     panels: Sequence[str] = (),
+    skip_malformed: bool = False,
+    warn: Callable[[str], None] | None = None,
 ) -> dict:
     """Finds, loads and groups the runs under ``dirs``; the content of ``report.json``.
 
@@ -437,29 +763,49 @@ def summarize(
       columns: config keys shown as the table's first columns; they order the groups.
       baseline: ``"KEY=VALUE"``: compare each group with its baseline group.
       panels: config keys splitting each plot into panels.
+      skip_malformed: skip malformed or unreadable files and lines (each
+        named in ``skipped`` of the result, and passed to ``warn``) instead of
+        raising.
+      warn: called with each warning as it happens (one per skipped file or
+        per file with skipped lines).
 
     Raises:
-      ReportError: no run directories, no run records ``metric``, a key of
+      ReportError: no run directories, a malformed run file (without
+        ``skip_malformed``), no run records ``metric``, a key of
         ``columns``/``baseline``/``panels`` that no run has, or no group with
         the baseline's value.
     """
+    if metric == "round":
+        raise ReportError("--metric round: 'round' is the evaluation's round, not a metric")
     paths = _find_runs(dirs)
     if not paths:
         raise ReportError(
             "no run directories (with config.json and metrics.jsonl) under "
             + ", ".join(str(d) for d in dirs)
         )
-    runs = [_load_run(p) for p in paths]
-    if not any(metric in r for run in runs for r in run.records):
-        available = sorted(
-            {
-                k
-                for run in runs
-                for r in run.records
-                for k, v in r.items()
-                if k != "round" and isinstance(v, int | float) and not isinstance(v, bool)
-            }
+    runs, skipped = [], []
+    for path in paths:
+        run, warnings = load_run(path, metric, skip_malformed)
+        for message in warnings:
+            skipped.append(message)
+            if warn is not None:
+                warn(message)
+        if run is not None:
+            runs.append(run)
+    if not runs:
+        raise ReportError(
+            f"all {len(paths)} run directories under {', '.join(str(d) for d in dirs)} "
+            "are malformed (skipped)"
         )
+    if not any(_finite(r[metric]) is not None for run in runs for r in run.records):
+        if any(metric in run.numeric for run in runs):
+            raise ReportError(f"no run records a finite value of metric '{metric}' (only NaN/Inf)")
+        available = [
+            k if k.isprintable() else _shorten(repr(k))
+            for k in sorted(set().union(*(run.numeric for run in runs)))
+        ]
+        if len(available) > 20:
+            available = [*available[:20], f"… {len(available) - 20} more"]
         raise ReportError(
             f"no run records metric '{metric}' (available: {', '.join(available) or 'none'})"
         )
@@ -488,18 +834,20 @@ def summarize(
         "panels": list(panels),
         "std": f"sample standard deviation over seeds (ddof={DDOF}); null for one seed",
         "best": ("max" if "accuracy" in metric else "min") + " over the common eval rounds, "
-        "per seed, then mean and std",
+        "per seed, then mean and std; rounds: the (first) round of each seed's best",
+        "missing": "null, absent, NaN and infinite values are left out and counted per group",
         "dirs": [str(d) for d in dirs],
         "num_runs": len(runs),
+        "skipped": skipped,
         "groups": groups,
     }
 
 
 def _human_bytes(n: float | None) -> str:
-    """``12345678`` -> ``"12.3 MB"`` (decimal units); ``None`` -> ``"n/a"``."""
+    """``12345678`` -> ``"12.3 MB"`` (decimal units); ``None`` -> :data:`MISSING_CELL`."""
     if n is None:
-        return "n/a"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
+        return MISSING_CELL
+    for unit in ("B", "kB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":
             return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
@@ -508,14 +856,28 @@ def _human_bytes(n: float | None) -> str:
 
 def _mean_std(stats: dict | None) -> str:
     if stats is None:
-        return "n/a"
+        return MISSING_CELL
     std = "n/a" if stats["std"] is None else f"{stats['std']:.4f}"
     return f"{stats['mean']:.4f} ± {std}"
 
 
+def _best_cell(stats: dict | None) -> str:
+    """``0.8233 ± 0.0321 (rounds 2, 3, 3)``: mean ± std, then each seed's best round."""
+    if stats is None:
+        return MISSING_CELL
+    rounds = stats["rounds"]
+    if len(set(rounds)) == 1:
+        where = f"round {rounds[0]}"
+    elif len(rounds) <= 5:
+        where = "rounds " + ", ".join(str(t) for t in rounds)
+    else:
+        where = f"rounds {min(rounds)}–{max(rounds)}"
+    return f"{_mean_std(stats)} ({where})"
+
+
 def _rounds_to_target(entry: dict | None) -> str:
     if entry is None:
-        return "n/a"
+        return MISSING_CELL
     if entry["stats"] is None:
         return f"not reached ({entry['reached']} of {len(entry['per_seed'])} seeds)"
     stats = entry["stats"]
@@ -534,6 +896,11 @@ def _vs_baseline(entry: dict | None) -> str:
     return f"{entry['verdict']} ({diff})"
 
 
+def _cell(text: str) -> str:
+    """Text that stays inside one cell of a Markdown table."""
+    return " ".join(text.replace("|", "\\|").splitlines())
+
+
 def format_markdown(summary: dict) -> str:
     """``report.md`` for the output of :func:`summarize`."""
     m = summary["metric"]
@@ -547,24 +914,28 @@ def format_markdown(summary: dict) -> str:
     with_label = len(keyed) < len(groups)
     numbers = [
         "seeds",
-        f"final {m} (mean ± sample std, ddof={DDOF})",
-        f"best-round {m} ({best} per seed, mean ± std)",
-        "rounds",
-        "uplink (mean)",
-        "downlink (mean)",
-        "wall s (mean)",
+        "final round",
+        f"final {m} (mean ± sample std)",
+        f"best {m}, {best} per seed (mean ± std; round)",
+        "uplink bytes, cumulative (mean)",
+        "downlink bytes, cumulative (mean)",
+        "wall time, s (mean)",
     ]
     if target is not None:
-        numbers.append(f"rounds to {m} {target:g} (mean ± std)")
+        reach = "≥" if "accuracy" in m else "≤"
+        numbers.append(f"rounds to {m} {reach} {target:g} (mean ± std)")
     head = [*columns, *(["group"] if with_label else []), *numbers]
     if baseline:
         head.append(f"vs {baseline}")  # words: left-aligned
     text = (
         f"{summary['num_runs']} runs in {len(groups)} groups from "
         + ", ".join(f"`{d}`" for d in summary["dirs"])
-        + f". ± is the sample standard deviation over seeds (ddof={DDOF}); "
-        "bytes are cumulative at the final round and wall s is the run's time there "
-        "(compilation included), mean over seeds."
+        + f". Every value is at the final round (the last evaluation common to a group's "
+        f"runs) unless named otherwise; ± is the sample standard deviation over seeds "
+        f"(ddof={DDOF}), n/a for one seed. The best value is each seed's {best} over the common "
+        "rounds, with the round it was reached in (per seed). Bytes are cumulative from round 1 "
+        "in decimal units (1 kB = 1000 B); wall time is the run's seconds until the final "
+        f"evaluation (compilation included). {MISSING_CELL}: no value recorded (see the notes)."
     )
     if baseline:
         text += (
@@ -577,7 +948,7 @@ def format_markdown(summary: dict) -> str:
         "",
         text,
         "",
-        "| " + " | ".join(head) + " |",
+        "| " + " | ".join(_cell(h) for h in head) + " |",
         "|" + "".join("---:|" if h in numbers else "---|" for h in head),
     ]
     for g in groups:
@@ -586,25 +957,26 @@ def format_markdown(summary: dict) -> str:
             cells.append(g["label"])
         cells += [
             str(g["num_runs"]),
+            MISSING_CELL if g["round"] is None else str(g["round"]),
             _mean_std(g["final"]),
-            _mean_std(g["best"]),
-            str(g["round"]) if g["round"] is not None else "n/a",
+            _best_cell(g["best"]),
             _human_bytes(g["uplink_bytes"]),
             _human_bytes(g["downlink_bytes"]),
-            "n/a" if g["wall_s"] is None else f"{g['wall_s']:.1f}",
+            MISSING_CELL if g["wall_s"] is None else f"{g['wall_s']:.1f}",
         ]
         if target is not None:
             cells.append(_rounds_to_target(g["rounds_to_target"]))
         if baseline:
             cells.append(_vs_baseline(g["vs_baseline"]))
-        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     notes = [f"* {g['label']}: {note}" for g in groups for note in g["notes"]]
+    notes += [f"* skipped: {message}" for message in summary.get("skipped", [])]
     if baseline:
         alone = [g["label"] for g in groups if g["vs_baseline"] is None]
         if alone:
             notes.append(f"* no {baseline} group to compare with: {'; '.join(alone)}")
     if notes:
-        lines += ["", "Notes:", "", *notes]
+        lines += ["", "Notes:", "", *(" ".join(n.splitlines()) for n in notes)]
     lines += [
         "",
         f"![{m} vs round]({ROUND_PLOT})",
@@ -617,8 +989,8 @@ def format_markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(summary: dict, out: str | os.PathLike) -> list[Path]:
-    """Writes the three PNGs into ``out`` (:func:`fedjax_kd.report_plot.plot`).
+def _render_plots(summary: dict) -> dict[str, bytes]:
+    """The three PNGs (:func:`fedjax_kd.report_plot.render`), by file name.
 
     Raises:
       ReportError: matplotlib missing.
@@ -629,7 +1001,67 @@ def plot(summary: dict, out: str | os.PathLike) -> list[Path]:
         raise ReportError("report needs matplotlib (pip install matplotlib)") from None
     from fedjax_kd import report_plot
 
-    return report_plot.plot(summary, out)
+    return report_plot.render(summary)
+
+
+def write_files(out: str | os.PathLike, files: dict[str, bytes]) -> list[Path]:
+    """Writes each ``files[name]`` to ``out/name`` atomically; returns the paths.
+
+    All go to temporary files in ``out`` first (flushed to disk), then each is
+    renamed over its old version (``os.replace``): a write that fails (disk
+    full, permission denied) leaves every old file whole and no temporary
+    file behind.
+
+    Raises:
+      ReportError: naming the path and the cause; ``code`` 1 when the disk is
+        full or failing (:data:`_MACHINE_ERRNOS`), else 2.
+    """
+    out = Path(out)
+
+    def failed(path: Path, e: OSError, what: str = "cannot write") -> ReportError:
+        code = 1 if e.errno in _MACHINE_ERRNOS else 2
+        return ReportError(f"{what} {path} ({e.strerror or e})", code=code)
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ReportError(f"--out {out} exists and is not a directory") from None
+    except OSError as e:
+        raise failed(out, e, "--out: cannot create") from None
+    temps: list[tuple[Path, Path]] = []
+    target = out
+    try:
+        for name, data in files.items():
+            target = out / name
+            tmp = out / f".{name}.{secrets.token_hex(4)}.tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            temps.append((tmp, target))
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        for tmp, target in temps:  # noqa: B007 - `target` names the file in the error
+            os.replace(tmp, target)
+    except OSError as e:
+        for tmp, _ in temps:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+        raise failed(target, e) from None
+    return [target for _, target in temps]
+
+
+def plot(summary: dict, out: str | os.PathLike) -> list[Path]:
+    """Writes the three PNGs into ``out`` atomically (:func:`write_files`).
+
+    Raises:
+      ReportError: matplotlib missing; a failed write.
+    """
+    return write_files(out, _render_plots(summary))
 
 
 def make_report(
@@ -641,20 +1073,21 @@ def make_report(
 ) -> dict:
     """Writes ``report.md``, ``report.json`` and the three PNGs into ``out``; returns the summary.
 
-    ``options``: ``columns``, ``baseline``, ``panels`` of :func:`summarize`.
+    ``options``: ``columns``, ``baseline``, ``panels``, ``skip_malformed``,
+    ``warn`` of :func:`summarize`. Everything is rendered before the first
+    byte is written, and written atomically (:func:`write_files`).
 
     Raises:
-      ReportError: see :func:`summarize`; ``out`` not writable; matplotlib missing.
+      ReportError: see :func:`summarize` and :func:`write_files`; matplotlib missing.
     """
     summary = summarize(dirs, metric, target, **options)
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "report.json").write_text(json.dumps(summary, indent=1) + "\n")
-        (out / "report.md").write_text(format_markdown(summary))
-        plot(summary, out)
-    except OSError as e:
-        raise ReportError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+    files = {
+        # Strict JSON: every number in a summary is finite (NaN would be a bug here).
+        "report.json": (json.dumps(summary, indent=1, allow_nan=False) + "\n").encode(),
+        "report.md": format_markdown(summary).encode(),
+        **_render_plots(summary),
+    }
+    write_files(out, files)
     return summary
 
 
@@ -701,6 +1134,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY,...",
         help="one plot panel per combination of these config keys' values",
     )
+    parser.add_argument(
+        "--skip-malformed",
+        action="store_true",
+        help="skip malformed or unreadable run files and metrics.jsonl lines, with one "
+        "warning per file, instead of stopping with an error",
+    )
+
+
+def _one_line(message: str) -> str:
+    """A message as one line (a config value from a run file may hold a newline)."""
+    return " ".join(message.splitlines())
 
 
 def run(args: argparse.Namespace) -> int:
@@ -716,9 +1160,11 @@ def run(args: argparse.Namespace) -> int:
             columns=args.columns,
             baseline=args.baseline,
             panels=args.panels,
+            skip_malformed=args.skip_malformed,
+            warn=lambda message: print(f"warning: {_one_line(message)}", file=sys.stderr),
         )
     except ReportError as e:
-        return fail(str(e))
+        return fail(_one_line(str(e)), code=e.code)
     print(format_markdown(summary).split("\n\n![")[0])
     print(f"wrote {args.out}/report.md, report.json, {ROUND_PLOT}, {BYTES_PLOT}, {UPLINK_PLOT}")
     return 0

@@ -6,15 +6,17 @@ the mean cumulative uplink + downlink bytes and the mean cumulative uplink
 bytes). With ``panels`` (config keys, the report's ``--panels``), each figure
 has one panel per combination of those keys' values, and a panel's legend
 names groups by the keys that differ inside it. matplotlib is imported only
-here, and only when a figure is drawn (Agg backend, no pyplot state).
+here, and only when a figure is drawn (Agg backend, no pyplot state); the
+figures are rendered to bytes, which :func:`fedjax_kd.report.write_files`
+writes atomically.
 """
 
 from __future__ import annotations
 
+import io
 import math
-import os
+import warnings
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
@@ -75,12 +77,18 @@ def split_panels(groups: Sequence[dict], panels: Sequence[str]) -> list[tuple[st
     return out
 
 
-def plot(summary: dict, out: str | os.PathLike) -> list[Path]:
-    """Writes the three PNGs into ``out``; returns their paths.
+def _text(text: str) -> str:
+    """``text`` drawn as written: a ``$`` would start matplotlib's math mode."""
+    return text.replace("$", r"\$")
+
+
+def render(summary: dict) -> dict[str, bytes]:
+    """The three PNGs, by file name (:data:`FIGURES`).
 
     The legend sits below the axes (one line per group), so long labels never
     cover the curves. ``summary["panels"]`` (optional) splits every figure
-    into panels (:func:`split_panels`), sharing the y axis.
+    into panels (:func:`split_panels`), sharing the y axis. matplotlib's
+    warnings (a glyph the font lacks, in a label) are not printed.
 
     Raises:
       ImportError: no matplotlib.
@@ -97,7 +105,7 @@ def plot(summary: dict, out: str | os.PathLike) -> list[Path]:
         size = (8, 4.5 + 0.22 * most)
     else:
         size = (4.6 * ncols, (3.4 + 0.2 * most) * nrows)
-    paths = []
+    images = {}
     for filename, x_key, x_label in FIGURES:
         fig = Figure(figsize=size, layout="constrained")
         FigureCanvasAgg(fig)
@@ -109,14 +117,17 @@ def plot(summary: dict, out: str | os.PathLike) -> list[Path]:
             _draw_panel(ax, members, x_key, x_label, small=small)
             if i % ncols == 0:
                 ax.set_ylabel(
-                    f"{metric} (mean ± sample std over seeds)", fontsize="small" if small else None
+                    _text(f"{metric} (mean ± sample std over seeds)"),
+                    fontsize="small" if small else None,
                 )
             if title:
-                ax.set_title(title, fontsize="medium")
-        path = Path(out) / filename
-        fig.savefig(path, dpi=110)
-        paths.append(path)
-    return paths
+                ax.set_title(_text(title), fontsize="medium")
+        buffer = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fig.savefig(buffer, format="png", dpi=110)
+        images[filename] = buffer.getvalue()
+    return images
 
 
 def _draw_panel(ax, groups: Sequence[dict], x_key: str, x_label: str, small: bool) -> None:
@@ -127,12 +138,13 @@ def _draw_panel(ax, groups: Sequence[dict], x_key: str, x_label: str, small: boo
             continue
         x = np.array([p[x_key] for p in points], dtype=np.float64)
         y = np.array([p["mean"] for p in points])
-        (line,) = ax.plot(x, y, marker="o", markersize=3, label=f"{name} (n={g['num_runs']})")
+        label = _text(f"{name} (n={g['num_runs']})")
+        (line,) = ax.plot(x, y, marker="o", markersize=3, label=label)
         if all(p["std"] is not None for p in points):
             s = np.array([p["std"] for p in points])
             ax.fill_between(x, y - s, y + s, color=line.get_color(), alpha=0.2, linewidth=0)
         all_x.extend(x)
-    if x_key != "round" and all_x and min(all_x) > 0 and max(all_x) / min(all_x) > 100:
+    if x_key != "round" and all_x and min(all_x) > 0 and max(all_x) > 100 * min(all_x):
         ax.set_xscale("log")
         x_label += ", log scale"
     ax.set_xlabel(x_label, fontsize="small" if small else None)
