@@ -30,7 +30,8 @@ import json
 import os
 import sys
 
-from fedjax_kd.cli_util import ErrorParser, fail
+from fedjax_kd import __version__  # light: the package imports its names lazily
+from fedjax_kd.cli_util import ErrorParser, empty_path_flag, fail
 
 USAGE = (
     "fedjax-kd run [--config PATH[:VARIANT]] [--config.KEY=VALUE ...] [--workdir DIR] "
@@ -107,6 +108,9 @@ def _main(argv: list[str] | None = None) -> int:
         description="Federated learning + distillation in JAX.",
         default_usage=USAGE,
     )
+    parser.add_argument(
+        "--version", action="version", version=f"fedjax-kd {__version__}", help="print the version"
+    )
     sub = parser.add_subparsers(
         dest="command", parser_class=functools.partial(ErrorParser, default_usage=USAGE)
     )
@@ -175,6 +179,11 @@ def _main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     if args.command is None:
         return fail(f"missing command (usage: {USAGE} | fedjax-kd list|bench|sweep|report ...)")
+    empty = empty_path_flag(args, ("config", "workdir", "out", "json"))
+    if empty:
+        return fail(f"{empty}: the path is empty; give a path")
+    if args.command == "report" and not all(d.strip() for d in args.dirs):
+        return fail("report: a DIR is empty; give the run directories")
     if args.command == "list":
         if overrides:
             return fail("list takes no --config.KEY overrides")
@@ -233,7 +242,12 @@ def _main(argv: list[str] | None = None) -> int:
     )
     print(json.dumps(s))
     if args.workdir:
-        print(f"wrote {args.workdir}/config.json, metrics.jsonl, summary.json")
+        saved = "config.json, metrics.jsonl, summary.json"
+        if jax.process_count() == 1:  # multi-host runs keep no checkpoints
+            saved += ", checkpoints/"
+        print(f"results in {args.workdir} ({saved})")
+    else:
+        print("nothing saved (no --workdir); pass --workdir DIR to keep metrics and checkpoints")
     return 0
 
 

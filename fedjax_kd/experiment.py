@@ -12,6 +12,7 @@ schema: a config may only use its keys, with values of the same type.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -42,6 +43,35 @@ class ConfigError(ValueError):
     """A user mistake in a config, an override or a config file (one-line message)."""
 
 
+@contextlib.contextmanager
+def user_code(file: str | os.PathLike, what: str):
+    """Runs a config file's code in a guard: whatever it raises becomes one ConfigError.
+
+    ``SystemExit`` (a ``sys.exit(3)`` in the file), ``KeyboardInterrupt`` and
+    any exception become a one-line ConfigError naming ``file`` and ``what``
+    (``"get_config()"``, ``"get_sweep()"``, ...); a ConfigError passes through.
+
+    Example::
+
+      with experiment.user_code(path, "get_sweep()"):
+          sweep = module.get_sweep()
+    """
+    try:
+        yield
+    except ConfigError:
+        raise
+    except SystemExit as e:
+        code = "" if e.code is None else repr(e.code)
+        raise ConfigError(f"config file {file}: {what} called sys.exit({code})") from None
+    except KeyboardInterrupt:
+        raise ConfigError(f"config file {file}: interrupted in {what}") from None
+    except BaseException as e:  # a user's file can fail in any way; report it in one line
+        message = " ".join(str(e).split())  # one line, whatever the exception's text
+        raise ConfigError(
+            f"config file {file}: {what} failed: {type(e).__name__}: {message}"
+        ) from None
+
+
 def load_config_module(path: str | os.PathLike):
     """Executes the config file ``PATH`` or ``PATH:VARIANT``; returns ``(module, file, variant)``.
 
@@ -49,10 +79,13 @@ def load_config_module(path: str | os.PathLike):
     the part before the ``:`` is one (``variant`` is None otherwise).
 
     Raises:
-      ConfigError: missing file, an empty variant, or any exception raised
-        while executing the file (as one line).
+      ConfigError: an empty path, a missing file, an empty variant, or
+        anything raised while executing the file, ``SystemExit`` and
+        ``KeyboardInterrupt`` included (as one line, :func:`user_code`).
     """
     text = os.fspath(path)
+    if not text.strip():
+        raise ConfigError("--config: the path is empty; give a config file (PATH[:VARIANT])")
     file, variant = Path(text), None
     if not file.is_file() and ":" in text:
         head, tail = text.rsplit(":", 1)
@@ -66,10 +99,8 @@ def load_config_module(path: str | os.PathLike):
     if spec is None or spec.loader is None:
         raise ConfigError(f"cannot load config file {file}: not a Python file")
     module = importlib.util.module_from_spec(spec)
-    try:
+    with user_code(file, "its import"):
         spec.loader.exec_module(module)
-    except Exception as e:  # a user's file can fail in any way; report it in one line
-        raise ConfigError(f"config file {file} failed: {type(e).__name__}: {e}") from e
     return module, file, variant
 
 
@@ -90,7 +121,7 @@ def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
     import inspect
 
     module, path, variant = load_config_module(path)
-    try:
+    with user_code(path, "get_config()" if variant is None else f"get_config({variant!r})"):
         if not hasattr(module, "get_config"):
             raise ConfigError(f"config file {path} defines no get_config()")
         try:
@@ -118,10 +149,6 @@ def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
                     f"config file {path}: get_config() needs a variant (use {path}:VARIANT)"
                 )
             config = module.get_config()
-    except ConfigError:
-        raise
-    except Exception as e:  # a user's file can fail in any way; report it in one line
-        raise ConfigError(f"config file {path} failed: {type(e).__name__}: {e}") from e
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"get_config() in {path} must return an ml_collections.ConfigDict")
     return config
@@ -249,16 +276,55 @@ RENAMED_KEYS = {
 
 
 def _did_you_mean(key: str, known: Iterable[str]) -> str:
-    """``"; did you mean 'K'?"`` for the closest known key (same last part first), or ""."""
+    """A hint for the unknown ``key`` (``"; did you mean 'K'?"``), or "".
+
+    Tried in order: a key of the old flat schema (:data:`RENAMED_KEYS`); the
+    same key in another case; a section given as a key (``client``); a key
+    below a leaf (``client.lr.x``); the same last part in another section
+    (``clinet.epochs``, ``epochs``); a close last part in the same section
+    (``client.epoch``); a close key anywhere, also with ``_`` left out
+    (``fedkd.energystart``).
+    """
     import difflib
 
     if key in RENAMED_KEYS:
         return f"; it is now '{RENAMED_KEYS[key]}' (each algorithm and dataset has its own keys)"
     known = list(known)
-    last = key.split(".")[-1]
-    close = [k for k in known if k.split(".")[-1] == last]
-    close = close or difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    return f"; did you mean '{close[0]}'?" if close else ""
+
+    def hint(names: list[str]) -> str:
+        if len(names) == 1:
+            return f"; did you mean '{names[0]}'?"
+        return "; did you mean one of " + ", ".join(f"'{n}'" for n in names[:3]) + "?"
+
+    folded = {k.lower(): k for k in known}
+    if key.lower() in folded:
+        return hint([folded[key.lower()]])
+    below = [k for k in known if k.lower().startswith(key.lower() + ".")]
+    if below:
+        shown = ", ".join(below[:3]) + (", ..." if len(below) > 3 else "")
+        keys = f"one of its {len(below)} keys" if len(below) > 1 else "its key"
+        return f"; '{key}' is a section: set {keys} ({shown})"
+    above = [k for k in known if key.lower().startswith(k.lower() + ".")]
+    if above:
+        return hint(above[:1])
+    *head, last = key.lower().split(".")
+    same_last = [k for k in known if k.lower().split(".")[-1] == last]
+    if same_last:
+        same_last.sort(key=lambda k: -difflib.SequenceMatcher(None, key.lower(), k.lower()).ratio())
+        return hint(same_last)
+    section = ".".join(head)
+    siblings = [k for k in known if (k.lower().rsplit(".", 1)[0] if "." in k else "") == section]
+    started = [k for k in siblings if k.lower().split(".")[-1].startswith(last)]
+    if last and started:
+        return hint(started)
+    for pool in (siblings, known):
+        by_key = {k.lower(): k for k in pool}
+        close = difflib.get_close_matches(key.lower(), list(by_key), n=1, cutoff=0.6)
+        if close:
+            return hint([by_key[close[0]]])
+    squeezed = {k.lower().replace("_", ""): k for k in known}
+    close = difflib.get_close_matches(key.lower().replace("_", ""), list(squeezed), n=1, cutoff=0.8)
+    return hint([squeezed[close[0]]]) if close else ""
 
 
 def user_algorithm_spec(path: str) -> AlgorithmSpec:
@@ -764,6 +830,8 @@ def run(
     if (overwrite or resume) and workdir is None:
         flag = "--overwrite" if overwrite else "--resume"
         raise ConfigError(f"{flag} needs --workdir (the run to overwrite or resume)")
+    if workdir is not None and not os.fspath(workdir).strip():
+        raise ConfigError("--workdir: the path is empty; give a directory (or leave it out)")
     config = resolve(config)
     dataset = build_dataset(config)
     if config.clients_per_round > dataset.num_clients:
@@ -778,11 +846,6 @@ def run(
         raise ConfigError(
             f"config key 'clients_per_round': each of the {groups} model groups needs "
             f"{config.clients_per_round // groups} clients of the {dataset.num_clients}"
-        )
-    if config.clients_per_round > dataset.num_clients:
-        raise ConfigError(
-            f"config key 'clients_per_round' must be <= the dataset's {dataset.num_clients} "
-            f"clients, got {config.clients_per_round}"
         )
     algorithm = build_algorithm(config, dataset)
     if workdir is not None and jax.process_index() != 0:

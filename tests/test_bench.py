@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import statistics
 import time
 
@@ -204,7 +205,11 @@ BAD_ARGS = [
     (["--chunk-size", "0"], "argument --chunk-size"),
     (["--compare-chunk", "0"], "argument --compare-chunk"),
     (["--burst", "0"], "argument --burst"),
-    (["--json", "/nonexistent/dir/rows.json"], "does not exist"),
+    # --json is checked before the benchmark runs (Linux paths no one may write, root included).
+    (["--json", "/proc/version/dir/rows.json"], "cannot create its directory /proc/version/dir"),
+    (["--json", "/proc/version"], "--json /proc/version: cannot write there"),
+    (["--json", "/"], "--json /: is a directory"),
+    (["--json", ""], "--json: the path is empty"),
     (["--bogus"], "unrecognized arguments"),
 ]
 
@@ -311,3 +316,43 @@ def test_kd_rows_take_the_teacher_forward_of_their_own_chunks(tiny_rows):
             assert r["teacher_forward_chunk"] == (3 if r["method"] == "vmap" else None)
     table = bench.format_table(tiny_rows)
     assert "in the row's chunks" in table
+
+
+def test_json_parent_is_created_and_the_probe_leaves_no_file(monkeypatch, tmp_path, capsys):
+    from fedjax_kd.bench import cli as bench_cli
+
+    target = tmp_path / "new" / "sub" / "rows.json"
+    ran = []
+
+    def fake(config, **kwargs):
+        ran.append(target.exists())  # the probe removed its empty file before the run
+        return []
+
+    monkeypatch.setattr(bench_cli, "run_benchmark", fake)
+    monkeypatch.setattr(bench_cli, "format_table", lambda rows: "table")
+    assert bench.main(["--clients", "3", "--json", str(target)]) == 0
+    assert ran == [False]
+    assert json.loads(target.read_text()) == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_json_without_permission_is_refused_before_the_run(monkeypatch, tmp_path, capsys):
+    from fedjax_kd.bench import cli as bench_cli
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    monkeypatch.setattr(bench_cli, "run_benchmark", lambda *a, **k: pytest.fail("ran"))
+    try:
+        assert bench.main(["--json", str(locked / "rows.json")]) == 2
+    finally:
+        locked.chmod(0o700)
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --json {locked / 'rows.json'}: cannot write there"), err
+
+
+def test_cli_refuses_an_empty_json_path_in_one_line(capsys):
+    from fedjax_kd import cli
+
+    assert cli.main(["bench", "--json", ""]) == 2
+    assert capsys.readouterr().err.strip() == "error: --json: the path is empty; give a path"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from fedjax_kd.bench.options import (
@@ -15,7 +14,7 @@ from fedjax_kd.bench.options import (
 )
 from fedjax_kd.bench.table import format_table
 from fedjax_kd.bench.timing import run_benchmark
-from fedjax_kd.cli_util import ErrorParser, fail
+from fedjax_kd.cli_util import ErrorParser, fail, output_file_error
 
 # --------------------------------------------------------------------------- CLI
 
@@ -44,10 +43,10 @@ def run(args: argparse.Namespace) -> int:
         config.validate()
     except BenchError as e:
         return fail(str(e))
-    if args.json:
-        parent = os.path.dirname(os.path.abspath(args.json))
-        if not os.path.isdir(parent):
-            return fail(f"--json: directory {parent} does not exist")
+    if args.json is not None:
+        problem = output_file_error(args.json, "--json")
+        if problem:
+            return fail(problem)
     try:
         rows = run_benchmark(config)
     except KeyboardInterrupt:
@@ -55,9 +54,12 @@ def run(args: argparse.Namespace) -> int:
         return 130
     print(format_table(rows))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
-            f.write("\n")
+        try:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+                f.write("\n")
+        except OSError as e:  # checked at the start; the disk can still fill up
+            return fail(f"--json {args.json}: cannot write there ({e.strerror or e})", code=1)
         print(f"wrote {len(rows)} rows to {args.json}")
     return 0
 
