@@ -876,6 +876,7 @@ def _simulate(config, dataset, algorithm, *, progress, **callbacks) -> simulate.
         rounds_per_call=config.rounds_per_call,
         progress=progress,
         checkpoint_every=config.checkpoint_every,
+        name=_algorithm_spec(config).name,  # in the "compiling NAME round ..." line
         **callbacks,
     )
 

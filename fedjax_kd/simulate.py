@@ -44,6 +44,11 @@ from fedjax_kd.types import FederatedAlgorithm
 # Round metrics with a fixed meaning; every other scalar metric is recorded as is.
 RESERVED_METRICS = ("train_loss", "uplink_bytes", "downlink_bytes", "finite")
 
+#: The most rounds one compiled loop runs between host syncs (``rounds_per_call``
+#: is clipped to it: its metrics buffer has one row per round). Grouping rounds
+#: into blocks changes no bit, so the clip changes only the number of dispatches.
+MAX_ROUNDS_PER_CALL = 10_000
+
 # Named random streams (fold_in constants).
 INIT, ROUNDS = 0, 1
 SAMPLE, CLIENTS, DATA = 0, 1, 2
@@ -233,6 +238,7 @@ def run(
     checkpoint_every: int = 0,
     on_checkpoint: Callable[[int, Any, dict], None] | None = None,
     resume: Restored | None = None,
+    name: str | None = None,
 ) -> RunResult:
     """Runs ``rounds`` rounds of ``algorithm`` on ``dataset``.
 
@@ -263,7 +269,11 @@ def run(
         (fewer dispatches and host syncs); blocks never cross an evaluation or
         a checkpoint. One executable runs every block (its trip count is an
         argument), so how rounds are grouped into blocks changes no bit; the
-        results equal one round per call up to float rounding.
+        results equal one round per call up to float rounding. The loop's
+        metrics buffer holds the longest block the run can have (at most
+        ``eval_every``, the checkpoint cadence, the rounds left and
+        :data:`MAX_ROUNDS_PER_CALL`), so a value past that is clipped to it
+        with the same bits.
       progress: show a progress bar on stderr.
       on_eval: called with each evaluation record as it is made.
       checkpoint_every: checkpoint cadence in rounds (0 = at every evaluation);
@@ -275,6 +285,9 @@ def run(
       resume: start after round ``resume.round`` from ``resume.state`` (host
         arrays with the structure of ``algorithm.init``'s output) and the
         counters in ``resume.extra`` instead of from scratch.
+      name: the algorithm's name in the line ``compiling NAME round (K
+        clients x C chunks) ...`` printed on stderr (with ``progress``)
+        before compiling starts; the progress bar follows it.
 
     Returns:
       A :class:`RunResult`.
@@ -299,11 +312,22 @@ def run(
     server_data = {}
     if dataset.proxy_x is not None:
         server_data["proxy_x"] = jnp.asarray(dataset.proxy_x)
-    first = 0
+    first = 0 if resume is None else resume.round
+    # The longest block the loop below can run: a larger buffer would only hold zeros.
+    longest = min(rounds_per_call, eval_every, max(rounds - first, 1), MAX_ROUNDS_PER_CALL)
+    if on_checkpoint is not None and checkpoint_every > 0:
+        longest = min(longest, checkpoint_every)
+    if progress and jax.process_index() == 0:
+        chunk = min(client_chunk_size or clients_per_round, clients_per_round)
+        chunks = math.ceil(clients_per_round / chunk)
+        what = f"{chunk} clients x {chunks} chunk{'s' if chunks > 1 else ''}"
+        if rounds_per_call > 1:
+            what += f", {longest} round{'s' if longest > 1 else ''} per call"
+        label = f"{name} round" if name else "the round"
+        print(f"compiling {label} ({what}) ...", file=sys.stderr, flush=True)
     if resume is None:
         state = jax.jit(algorithm.init)(init_key)
     else:  # the restored state replaces init's: only init's structure is needed
-        first = resume.round
         fresh = jax.tree.structure(jax.eval_shape(algorithm.init, init_key))
         state = jax.tree.map(jnp.asarray, resume.state)
         if jax.tree.structure(state) != fresh:
@@ -338,7 +362,7 @@ def run(
         metrics_shape = jax.eval_shape(step_fn, state, data, server_data, rounds_key, 0)[1]
 
         def block_fn(state, data, server_data, rounds_key, r0, n):
-            """Rounds r0..r0+n-1 (n <= rounds_per_call) in one loop; metrics stacked."""
+            """Rounds r0..r0+n-1 (n <= longest) in one loop; metrics stacked."""
 
             def body(i, carry):
                 s, stacked = carry
@@ -346,9 +370,7 @@ def run(
                 stacked = jax.tree.map(lambda b, m: b.at[i].set(m), stacked, metrics)
                 return s, stacked
 
-            stacked = jax.tree.map(
-                lambda m: jnp.zeros((rounds_per_call, *m.shape), m.dtype), metrics_shape
-            )
+            stacked = jax.tree.map(lambda m: jnp.zeros((longest, *m.shape), m.dtype), metrics_shape)
             # A traced trip count: the same executable (and loop body) runs every
             # block, whatever its length, so the grouping of rounds changes no bit.
             return jax.lax.fori_loop(0, n, body, (state, stacked))
@@ -404,7 +426,7 @@ def run(
             stop = next_eval
             if on_checkpoint is not None and checkpoint_every > 0:
                 stop = min(stop, (r // checkpoint_every + 1) * checkpoint_every)
-            state, per_round = advance(state, r, min(rounds_per_call, stop - r))
+            state, per_round = advance(state, r, min(longest, stop - r))
             for i, metrics in enumerate(per_round):
                 if not bool(metrics["finite"]):
                     raise NonFiniteError(
