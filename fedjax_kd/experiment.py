@@ -25,7 +25,7 @@ import jax
 import ml_collections
 import optax
 
-from fedjax_kd import algorithms, checkpoint, cohort, models, optimizers, simulate
+from fedjax_kd import algorithms, checkpoint, cohort, models, optimizers, resources, simulate
 from fedjax_kd import data as data_lib
 from fedjax_kd import workdir as workdir_lib
 from fedjax_kd.configs import default as default_config
@@ -241,7 +241,7 @@ def resolve(
     schema = _flatten(resolved)
     for key, value in items:
         if key not in schema:
-            raise ConfigError(f"unknown config key '{key}'{_did_you_mean(key, schema)}")
+            raise ConfigError(f"unknown config key {key!r}{_did_you_mean(key, schema)}")
         _set(resolved, key, _coerce(key, value, schema[key]))
     validate(resolved)
     return resolved
@@ -341,9 +341,10 @@ def user_algorithm_spec(path: str) -> AlgorithmSpec:
             found = found()
     except ValueError as e:
         raise ConfigError(f"config key 'algorithm.name': {e}") from None
-    except Exception as e:  # a user's function failed: one line
+    except (Exception, SystemExit) as e:  # a user's module or function failed: one line
+        message = " ".join(str(e).split())
         raise ConfigError(
-            f"config key 'algorithm.name': {path} raised {type(e).__name__}: {e}"
+            f"config key 'algorithm.name': {path} raised {type(e).__name__}: {message}"
         ) from None
     if not isinstance(found, AlgorithmSpec):
         raise ConfigError(
@@ -476,14 +477,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
         ("server.eps", c.server.eps > 0, "> 0"),
     ]
     flat = _flatten(c)
+    for key, value in flat.items():  # integers size int32 arrays and loops
+        if isinstance(value, int) and not isinstance(value, bool) and key != "seed":
+            _check(-(2**31) <= value < 2**31, key, "an int32, below 2**31 in magnitude", value)
     for key, ok, allowed in rules:
         _check(ok, key, allowed, flat[key])
     if models.is_import_path(c.data.name):
-        try:
-            if not callable(models.resolve_import_path(c.data.name)):
-                raise ValueError(f"{c.data.name!r} is not a function")
-        except ValueError as e:
-            raise ConfigError(f"config key 'data.name': {e}") from None
+        _import_function(c.data.name, "data.name")
     else:
         _choice(c, "data.name", DATASET_SPECS)
     _choice(c, "data.partition", PARTITIONERS)
@@ -549,14 +549,33 @@ def _check_hypers(spec, flat: dict) -> None:
 
 def _check_model_name(name: str, key: str) -> None:
     """A built-in model name, or a user's ``package.module:function`` that resolves."""
+    if models.is_import_path(name):
+        _import_function(name, key)
+        return
     try:
-        if models.is_import_path(name):
-            if not callable(models.resolve_import_path(name)):
-                raise ValueError(f"{name!r} is not a function")
-        else:
-            models.parse_name(name)
+        models.parse_name(name)
     except ValueError as e:
         raise ConfigError(f"config key '{key}': {e}") from None
+
+
+def _import_function(path: str, key: str):
+    """The function a user's ``package.module:function`` (config key ``key``) names.
+
+    Importing runs the user's module: whatever it raises (a relative name such
+    as ``.:f``, an exception, ``sys.exit``) becomes one ConfigError line.
+    """
+    try:
+        found = models.resolve_import_path(path)
+    except ValueError as e:
+        raise ConfigError(f"config key '{key}': {e}") from None
+    except (Exception, SystemExit) as e:
+        message = " ".join(str(e).split())
+        raise ConfigError(
+            f"config key '{key}': cannot import {path!r} ({type(e).__name__}: {message})"
+        ) from None
+    if not callable(found):
+        raise ConfigError(f"config key '{key}': {path!r} is not a function")
+    return found
 
 
 def _group_names(config: ml_collections.ConfigDict) -> list[str]:
@@ -732,6 +751,48 @@ def build_algorithm(
         raise ConfigError(f"{where}: {e}") from None
 
 
+def _check_memory(
+    config: ml_collections.ConfigDict, dataset: FederatedDataset, algorithm: FederatedAlgorithm
+) -> resources.Estimate:
+    """Refuses a run whose memory would not fit the machine, before anything compiles.
+
+    The estimate comes from shapes alone (:func:`fedjax_kd.resources.estimate`:
+    ``jax.eval_shape``, nothing allocated): the algorithm's state, the data,
+    one chunk of the padded cohort and its clients' parameters and gradients,
+    a lower bound. It is compared with :func:`fedjax_kd.resources.available_memory`.
+
+    Returns:
+      The estimate, when the run fits (or when the free memory cannot be read).
+
+    Raises:
+      ConfigError: one line with the estimated and the available bytes.
+    """
+    c = config
+    client_models = [_create_model(n, dataset, "model.student") for n in _group_names(c)]
+    need = resources.estimate(
+        algorithm,
+        dataset,
+        client_models=client_models,
+        clients_per_round=c.clients_per_round,
+        client_chunk_size=c.client_chunk_size or None,
+        max_local_examples=c.client.max_examples or None,
+        init_key=simulate.seed_keys(c.seed)[0],
+    )
+    free, where = resources.available_memory()
+    if free is not None and need.total > free:
+        b = resources.format_bytes
+        chunk = min(c.client_chunk_size or c.clients_per_round, c.clients_per_round)
+        model = c.model.student_groups or c.model.student
+        raise ConfigError(
+            f"the run needs at least {b(need.total)} of memory, more than the {b(free)} "
+            f"{where} (model {model}: {need.params:,} params; algorithm state "
+            f"{b(need.state)}, data {b(need.data)}, cohort chunk {b(need.cohort)}, "
+            f"{chunk} clients training {b(need.clients)}); use a smaller model or fewer "
+            "clients at once (clients_per_round, client_chunk_size, client.max_examples)"
+        )
+    return need
+
+
 #: Config keys a checkpointed run may change when it resumes: its length (a larger
 #: ``rounds`` extends a finished run) and its checkpoint cadence.
 RESUMABLE_KEYS = ("rounds", "checkpoint_every")
@@ -848,6 +909,7 @@ def run(
             f"{config.clients_per_round // groups} clients of the {dataset.num_clients}"
         )
     algorithm = build_algorithm(config, dataset)
+    _check_memory(config, dataset, algorithm)  # before a workdir is touched or anything compiles
     if workdir is not None and jax.process_index() != 0:
         workdir = None  # multi-host: process 0 writes the files
     if workdir is None:
