@@ -3,12 +3,14 @@
 Usage::
 
     fedjax-kd run [--config PATH[:VARIANT]] [--config.KEY=VALUE ...] [--workdir DIR]
-                  [--overwrite | --resume] [--no-progress]
+                  [--overwrite | --resume] [--no-progress] [--no-compile-cache]
     fedjax-kd bench --clients 10,100,1000,10000 --json PATH   (see fedjax_kd/bench/)
     fedjax-kd sweep --config PATH[:VARIANT] --workdir DIR [--grid KEY=V1,V2]... [--seeds 0,1,2]
-                    [--config.KEY=VALUE ...] [--no-progress]   (see fedjax_kd/sweep.py)
+                    [--config.KEY=VALUE ...] [--no-progress] [--no-compile-cache]
+                    (see fedjax_kd/sweep.py)
     fedjax-kd report DIR... --out OUTDIR [--metric test_accuracy] [--target T]
                      [--columns KEY,...] [--baseline KEY=VALUE] [--panels KEY,...]
+                     [--skip-malformed]
                      (see fedjax_kd/report.py)
     fedjax-kd list   the algorithms with their config keys, the models, the datasets
 
@@ -35,7 +37,7 @@ from fedjax_kd.cli_util import ErrorParser, empty_path_flag, fail
 
 USAGE = (
     "fedjax-kd run [--config PATH[:VARIANT]] [--config.KEY=VALUE ...] [--workdir DIR] "
-    "[--overwrite | --resume] [--no-progress] "
+    "[--overwrite | --resume] [--no-progress] [--no-compile-cache] "
     "[--coordinator HOST:PORT --num-processes N --process-id I]"
 )
 
@@ -101,6 +103,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
+def _compile_cache(args) -> None:
+    """Turns on JAX's persistent compilation cache unless ``--no-compile-cache``."""
+    if not args.no_compile_cache:
+        from fedjax_kd import cache
+
+        cache.enable()
+
+
 def _main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = ErrorParser(
@@ -133,6 +143,12 @@ def _main(argv: list[str] | None = None) -> int:
         help="resume the --workdir's checkpoint even though its config.json differs",
     )
     run_p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run_p.add_argument(
+        "--no-compile-cache",
+        action="store_true",
+        help="do not use JAX's persistent compilation cache (default: on, in "
+        "~/.cache/fedjax_kd/jax or $FEDJAX_KD_CACHE_DIR; see fedjax_kd/cache.py)",
+    )
     hosts = run_p.add_argument_group(
         "multi-host", "one process per host; every process runs the same command"
     )
@@ -193,6 +209,7 @@ def _main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "sweep":
         args.overrides = overrides
+        _compile_cache(args)
         return sweep.run(args)
     if args.command in ("report", "bench"):
         if overrides:
@@ -210,6 +227,7 @@ def _main(argv: list[str] | None = None) -> int:
             return fail(f"--process-id must be in [0, {args.num_processes}), got {args.process_id}")
         _initialize_hosts(args.coordinator, args.num_processes, args.process_id)
 
+    _compile_cache(args)
     # Imported late so `fedjax-kd --help` and argument errors need no JAX start-up.
     from fedjax_kd import experiment
     from fedjax_kd.simulate import NonFiniteError

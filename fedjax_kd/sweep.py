@@ -3,7 +3,7 @@
 Command::
 
     fedjax-kd sweep --config PATH[:VARIANT] --workdir DIR [--grid KEY=V1,V2,...]...
-        [--seeds 0,1,2] [--config.KEY=VALUE ...] [--no-progress]
+        [--seeds 0,1,2] [--config.KEY=VALUE ...] [--no-progress] [--no-compile-cache]
 
 The grid comes from the ``--grid`` flags (their cross product, in the order the
 flags are given; the last key varies fastest) or, when there are none, from the
@@ -60,7 +60,7 @@ from fedjax_kd.cli_util import fail
 
 USAGE = (
     "fedjax-kd sweep --workdir DIR [--config PATH[:VARIANT]] [--grid KEY=V1,V2,...]... "
-    "[--seeds 0,1,2] [--config.KEY=VALUE ...] [--no-progress]"
+    "[--seeds 0,1,2] [--config.KEY=VALUE ...] [--no-progress] [--no-compile-cache]"
 )
 #: Name of the point without grid values (a sweep over seeds only).
 BASE_NAME = "base"
@@ -228,22 +228,19 @@ def load_sweep_file(path: str | os.PathLike) -> dict | None:
     Raises:
       ConfigError: missing file, a failing ``get_sweep``, or a malformed result.
     """
-    from fedjax_kd.experiment import ConfigError, load_config_module
+    from fedjax_kd.experiment import load_config_module, user_code
 
     module, file, variant = load_config_module(path)
+    get_sweep = getattr(module, "get_sweep", None)
+    if get_sweep is None:
+        return None
     try:
-        get_sweep = getattr(module, "get_sweep", None)
-        if get_sweep is None:
-            return None
-        try:
-            takes_argument = bool(inspect.signature(get_sweep).parameters)
-        except (TypeError, ValueError):
-            takes_argument = True
+        takes_argument = bool(inspect.signature(get_sweep).parameters)
+    except (TypeError, ValueError):
+        takes_argument = True
+    # sys.exit, Ctrl-C and any exception in the user's code: one error line.
+    with user_code(file, "get_sweep()"):
         sweep = get_sweep(variant) if takes_argument else get_sweep()
-    except ConfigError:
-        raise
-    except Exception as e:  # a user's file can fail in any way; report it in one line
-        raise _config_error(f"get_sweep() in {file} failed: {type(e).__name__}: {e}") from e
     if not isinstance(sweep, Mapping) or set(sweep) - {"grid", "seeds"}:
         raise _config_error(
             f"get_sweep() in {file} must return a dict with keys 'grid' and/or 'seeds', "
@@ -306,6 +303,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seeds of every point (default: get_sweep()['seeds'], else the config's seed)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar per run")
+    parser.add_argument(
+        "--no-compile-cache",
+        action="store_true",
+        help="do not use JAX's persistent compilation cache (fedjax_kd/cache.py)",
+    )
 
 
 def _check_existing(point: Point, config) -> None:

@@ -11,6 +11,14 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
 ).strip()
 
+# The commands turn on JAX's persistent compilation cache (fedjax_kd/cache.py);
+# in the tests it lives in a fresh directory of this session, never in the
+# user's ~/.cache (subprocess runs inherit it, so they share its executables).
+if "FEDJAX_KD_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["FEDJAX_KD_CACHE_DIR"] = tempfile.mkdtemp(prefix="fedjax_kd_test_cache_")
+
 import pytest  # noqa: E402
 
 from fedjax_kd import data  # noqa: E402
