@@ -42,3 +42,14 @@ def linear():
     from fedjax_kd import models
 
     return models.create("linear", feature_shape=(64,), num_classes=10)
+
+
+@pytest.fixture
+def no_run(monkeypatch):
+    """Fails the test if a simulation would start (errors must come before compiling)."""
+    from fedjax_kd import simulate
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("simulate.run was reached")
+
+    monkeypatch.setattr(simulate, "run", forbidden)

@@ -4,6 +4,14 @@ import jax
 import jax.numpy as jnp
 
 
+def one_error_line(err: str) -> str:
+    """The one ``error: ...`` line of a command's stderr (asserts there is exactly one)."""
+    lines = [line for line in err.strip().splitlines() if line]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
 def cohort_of(dataset, ids):
     """The padded ClientData of clients ``ids`` of ``dataset``."""
     return jax.tree.map(lambda a: jnp.asarray(a)[jnp.asarray(ids)], dataset.train)

@@ -8,18 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fedjax_kd import cli, simulate
-
-
-@pytest.fixture
-def no_run(monkeypatch):
-    """Fails the test if a simulation would start (errors must come before compiling)."""
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("simulate.run was reached")
-
-    monkeypatch.setattr(simulate, "run", forbidden)
-
+from fedjax_kd import cli
 
 BAD_OVERRIDES = [
     (["--config.foo=1"], "unknown config key 'foo'"),

@@ -11,21 +11,9 @@ import sys
 import textwrap
 
 import pytest
+from helpers import one_error_line
 
 from fedjax_kd import cli, experiment, simulate
-
-
-@pytest.fixture
-def no_run(monkeypatch):
-    """Fails the test if a simulation would start (errors must come before compiling)."""
-    monkeypatch.setattr(simulate, "run", lambda *a, **k: pytest.fail("simulate.run was reached"))
-
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
-
 
 GUARDED = [
     # (file text, variant, what the line says)
@@ -52,7 +40,7 @@ def test_config_file_exits_and_exceptions_are_one_line(
     f = tmp_path / "cfg.py"
     f.write_text(text)
     assert cli.main(["run", "--config", f"{f}{variant}"]) == 2
-    line = one_error_line(capsys)
+    line = one_error_line(capsys.readouterr().err)
     assert line.startswith(f"error: config file {f}: ") and message in line, line
 
 
@@ -60,7 +48,7 @@ def test_sweep_config_file_that_exits_is_one_line(tmp_path, capsys, no_run):
     f = tmp_path / "cfg.py"
     f.write_text("import sys\nsys.exit(3)\n")
     assert cli.main(["sweep", "--config", str(f), "--workdir", str(tmp_path / "w")]) == 2
-    assert "its import called sys.exit(3)" in one_error_line(capsys)
+    assert "its import called sys.exit(3)" in one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "w").exists()
 
 
@@ -104,7 +92,7 @@ EMPTY = [
 def test_empty_paths_are_refused_in_one_line(argv, message, capsys, no_run, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # an empty path must not mean the current directory
     assert cli.main(argv) == 2
-    assert message in one_error_line(capsys)
+    assert message in one_error_line(capsys.readouterr().err)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -227,7 +215,7 @@ def test_version_flag_in_help_text():
 )
 def test_did_you_mean_at_any_depth(key, hint, capsys, no_run):
     assert cli.main(["run", f"--config.{key}=3"]) == 2
-    line = one_error_line(capsys)
+    line = one_error_line(capsys.readouterr().err)
     assert line.startswith(f"error: unknown config key '{key}'") and hint in line, line
 
 
@@ -246,4 +234,4 @@ def test_did_you_mean_in_a_config_file(tmp_path, capsys, no_run):
         )
     )
     assert cli.main(["run", "--config", str(f)]) == 2
-    assert "did you mean 'client.epochs'?" in one_error_line(capsys)
+    assert "did you mean 'client.epochs'?" in one_error_line(capsys.readouterr().err)

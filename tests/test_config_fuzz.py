@@ -90,6 +90,16 @@ def assert_valid_or_one_line(run) -> None:
         experiment.validate(config)  # what resolve returned is valid as it is
 
 
+def _set_any(config, key: str, value) -> None:
+    """Sets ``config[key]`` (a dotted key) to ``value`` of any type, as a config file could."""
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+        node = node[p]
+    with node.ignore_type():
+        node[leaf] = value
+
+
 @FUZZ
 @given(st.lists(st.tuples(KEYS, VALUES), min_size=1, max_size=3))
 def test_overrides_are_valid_or_one_config_error(pairs):
@@ -103,12 +113,7 @@ def test_config_file_values_are_valid_or_one_config_error(pairs):
     """A config file may set a key to a value of any type (a typo'd type, a None, ...)."""
     config = default.get_config()
     for key, value in pairs:
-        *parents, leaf = key.split(".")
-        node = config
-        for p in parents:
-            node = node[p]
-        with node.ignore_type():
-            node[leaf] = value
+        _set_any(config, key, value)
     assert_valid_or_one_line(lambda: experiment.resolve(config))
 
 
@@ -116,12 +121,7 @@ def test_config_file_values_are_valid_or_one_config_error(pairs):
 @given(st.sampled_from(SCHEMA), st.one_of(st.none(), st.lists(INTS, max_size=2), st.just({})))
 def test_values_of_other_types_are_one_config_error(key, value):
     config = default.get_config()
-    *parents, leaf = key.split(".")
-    node = config
-    for p in parents:
-        node = node[p]
-    with node.ignore_type():
-        node[leaf] = value
+    _set_any(config, key, value)
     assert_valid_or_one_line(lambda: experiment.resolve(config))
 
 

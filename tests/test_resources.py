@@ -7,20 +7,9 @@ import time
 import jax
 import numpy as np
 import pytest
+from helpers import one_error_line
 
 from fedjax_kd import cli, experiment, resources, simulate
-
-
-@pytest.fixture
-def no_run(monkeypatch):
-    """Fails the test if a simulation would start (refusals come before compiling)."""
-    monkeypatch.setattr(simulate, "run", lambda *a, **k: pytest.fail("simulate.run was reached"))
-
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
 
 
 def test_huge_model_is_refused_fast_without_allocating(tmp_path, capsys, no_run):
@@ -31,7 +20,7 @@ def test_huge_model_is_refused_fast_without_allocating(tmp_path, capsys, no_run)
     argv = ["run", "--config.model.student=mlp-100000-100000", "--workdir", str(work)]
     assert cli.main(argv) == 2
     elapsed = time.perf_counter() - start
-    line = one_error_line(capsys)
+    line = one_error_line(capsys.readouterr().err)
     assert elapsed < 5, elapsed
     # 64*1e5 + 1e5 + 1e5*1e5 + 1e5 + 1e5*10 + 10 float32 params: 40 GB of server state alone.
     params = 64 * 100_000 + 100_000 + 100_000**2 + 100_000 + 100_000 * 10 + 10
@@ -93,7 +82,7 @@ def test_per_client_stores_count_in_the_state():
 def test_refusal_gives_estimated_and_available(monkeypatch, capsys, no_run):
     monkeypatch.setattr(resources, "available_memory", lambda: (1000, "RAM available"))
     assert cli.main(["run", "--config.model.student=linear"]) == 2
-    line = one_error_line(capsys)
+    line = one_error_line(capsys.readouterr().err)
     assert "more than the 1.0 kB RAM available" in line and "650 params" in line, line
 
 
@@ -129,7 +118,7 @@ def test_format_bytes():
 )
 def test_integers_past_int32_are_refused(key, capsys, no_run):
     assert cli.main(["run", f"--config.{key}={2**31}"]) == 2
-    assert f"'{key}' must be an int32" in one_error_line(capsys)
+    assert f"'{key}' must be an int32" in one_error_line(capsys.readouterr().err)
 
 
 TINY = [

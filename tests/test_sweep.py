@@ -16,16 +16,6 @@ TINY = [
 ]
 
 
-@pytest.fixture
-def no_run(monkeypatch):
-    """Fails the test if a simulation would start (errors must come before compiling)."""
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("simulate.run was reached")
-
-    monkeypatch.setattr(simulate, "run", forbidden)
-
-
 def test_point_name():
     name = sweep.point_name([("algorithm.name", "fedprox"), ("fedprox.mu", "1.0")])
     assert name == "algorithm.name-fedprox__fedprox.mu-1.0"

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import one_error_line
 
 from fedjax_kd import cli, experiment, workdir
 
@@ -20,13 +21,6 @@ def records(path: Path) -> list[dict]:
     """metrics.jsonl without its wall times (the only numbers that may differ)."""
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     return [{k: v for k, v in r.items() if "wall" not in k} for r in rows]
-
-
-def one_error_line(err: str) -> str:
-    lines = [line for line in err.strip().splitlines() if line]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
