@@ -54,12 +54,12 @@ class FederatedAlgorithm(NamedTuple):
       init: ``init(key) -> state``; builds the initial server state.
       round: ``round(state, cohort, key, server_data=None) -> (state,
         metrics)``; one communication round over the round's
-        :class:`fedjax_kd.data.Cohort` (the sampled ids and a gather function
-        that fetches them chunk by chunk; an already gathered padded
-        :class:`fedjax_kd.data.ClientData` ``[K, N, ...]`` is accepted too);
-        ``server_data`` is a dict with the server-side arrays (``proxy_x``)
-        and ``cohort_ids`` (int32 ``[K]`` sampled client ids). Must be
-        a pure function of its arguments so it can be ``jax.jit``-compiled.
+        :class:`fedjax_kd.data.Cohort` only (the sampled ids ``Cohort.ids``
+        and a gather function that fetches their data chunk by chunk; wrap
+        arrays gathered by hand with ``Cohort.from_data``); ``server_data``
+        is a dict with the server-side arrays (``proxy_x`` when the dataset
+        has a proxy set). Must be a pure function of its arguments so it can
+        be ``jax.jit``-compiled.
         ``metrics`` is a dict of scalars including ``train_loss``,
         ``uplink_bytes``, ``downlink_bytes`` and ``finite`` (whether the
         aggregate update was finite).
