@@ -31,9 +31,7 @@ Names are imported on first use (PEP 562), so ``import fedjax_kd`` and the
 ``fedjax-kd --help`` / ``report`` commands start without importing JAX.
 """
 
-from __future__ import annotations
-
-import importlib
+import importlib as _importlib
 
 __version__ = "0.1.0"
 
@@ -102,9 +100,9 @@ __all__ = sorted([*_EXPORTS, *_MODULES])
 def __getattr__(name: str):
     """Imports a public name or submodule on first access (PEP 562)."""
     if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        value = getattr(_importlib.import_module(_EXPORTS[name]), name)
     elif name in _MODULES:
-        value = importlib.import_module(f"fedjax_kd.{name}")
+        value = _importlib.import_module(f"fedjax_kd.{name}")
     else:
         raise AttributeError(f"module 'fedjax_kd' has no attribute {name!r}")
     globals()[name] = value  # later accesses skip this function

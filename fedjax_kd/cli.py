@@ -246,6 +246,8 @@ def _main(argv: list[str] | None = None) -> int:
         return fail(str(e))
     except NonFiniteError as e:
         return fail(str(e), code=1)
+    except OverflowError as e:  # a step count past int32 (e.g. epochs x steps), met in tracing
+        return fail(f"a config value is too large to compile: {e}; use smaller counts")
     except KeyboardInterrupt:
         return fail("interrupted", code=130)
     import jax

@@ -776,6 +776,7 @@ def _check_memory(
         clients_per_round=c.clients_per_round,
         client_chunk_size=c.client_chunk_size or None,
         max_local_examples=c.client.max_examples or None,
+        epochs=c.client.epochs,
         init_key=simulate.seed_keys(c.seed)[0],
     )
     free, where = resources.available_memory()
@@ -787,8 +788,10 @@ def _check_memory(
             f"the run needs at least {b(need.total)} of memory, more than the {b(free)} "
             f"{where} (model {model}: {need.params:,} params; algorithm state "
             f"{b(need.state)}, data {b(need.data)}, cohort chunk {b(need.cohort)}, "
-            f"{chunk} clients training {b(need.clients)}); use a smaller model or fewer "
-            "clients at once (clients_per_round, client_chunk_size, client.max_examples)"
+            f"{chunk} clients training {b(need.clients)}, their schedule of "
+            f"{c.client.epochs} epochs {b(need.schedule)}); use a smaller model, fewer "
+            "epochs or fewer clients at once (clients_per_round, client_chunk_size, "
+            "client.max_examples)"
         )
     return need
 

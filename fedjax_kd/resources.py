@@ -41,6 +41,9 @@ class Estimate(NamedTuple):
       data: bytes of the clients', test and proxy arrays.
       cohort: bytes of one chunk of gathered client data.
       clients: bytes of the chunk's clients' parameters and gradients.
+      schedule: bytes of the chunk's local-training schedule: every epoch's
+        order of every client's examples (an int32 position and the float32
+        draw that sorts it, per example and epoch).
     """
 
     params: int
@@ -48,11 +51,12 @@ class Estimate(NamedTuple):
     data: int
     cohort: int
     clients: int
+    schedule: int = 0
 
     @property
     def total(self) -> int:
         """All parts together."""
-        return self.state + self.data + self.cohort + self.clients
+        return self.state + self.data + self.cohort + self.clients + self.schedule
 
 
 def tree_bytes(tree) -> int:
@@ -78,6 +82,7 @@ def estimate(
     clients_per_round: int,
     client_chunk_size: int | None = None,
     max_local_examples: int | None = None,
+    epochs: int = 1,
     init_key: jax.Array | None = None,
 ) -> Estimate:
     """The memory a run of ``algorithm`` on ``dataset`` needs at least, from shapes.
@@ -91,6 +96,7 @@ def estimate(
       clients_per_round: cohort size K.
       client_chunk_size: clients trained together (None: all K).
       max_local_examples: per-round cap on a client's examples (None: the largest client).
+      epochs: local epochs (each client's schedule holds every epoch's order).
       init_key: the key ``init`` is traced with (default ``jax.random.key(0)``).
     """
     key = jax.random.key(0) if init_key is None else init_key
@@ -107,7 +113,10 @@ def estimate(
     features = math.prod(dataset.feature_shape)
     cohort = chunk * max(cap, 1) * (features * 4 + 4 + 1)  # x float32, y int32, mask
     clients = chunk * 2 * 4 * params  # each client's float32 params and their gradient
-    return Estimate(params=params, state=state, data=data, cohort=cohort, clients=clients)
+    schedule = chunk * max(epochs, 1) * max(cap, 1) * 8  # int32 order + float32 draw
+    return Estimate(
+        params=params, state=state, data=data, cohort=cohort, clients=clients, schedule=schedule
+    )
 
 
 def available_memory(device=None) -> tuple[int | None, str]:

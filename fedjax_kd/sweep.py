@@ -430,6 +430,8 @@ def _run_points(args, root: Path, points, configs, base_overrides, seeds) -> int
             _write_json(sweep_json, manifest)
     except experiment.ConfigError as e:  # a dataset/model mistake found only when building
         return fail(str(e))
+    except OverflowError as e:  # a step count past int32, met in tracing
+        return fail(f"a config value is too large to compile: {e}; use smaller counts")
     except OSError as e:
         return fail(str(workdir_lib.write_error(e.filename or root, e)))
     except KeyboardInterrupt:

@@ -39,6 +39,7 @@ def test_every_public_name_resolves_to_its_defining_module():
     assert set(algorithms.__all__) - {"SPECS"} <= set(fedjax_kd.__all__)  # every builder
     assert fedjax_kd.AlgorithmSpec is fedjax_kd.spec.AlgorithmSpec
     assert set(fedjax_kd.__all__) <= set(dir(fedjax_kd))
+    assert not {"importlib", "annotations"} & set(dir(fedjax_kd))  # no stray helpers
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         fedjax_kd.nope  # noqa: B018
 

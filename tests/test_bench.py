@@ -10,6 +10,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import pytest
+from helpers import one_error_line
 
 from fedjax_kd import bench
 
@@ -333,6 +334,28 @@ def test_json_parent_is_created_and_the_probe_leaves_no_file(monkeypatch, tmp_pa
     assert bench.main(["--clients", "3", "--json", str(target)]) == 0
     assert ran == [False]
     assert json.loads(target.read_text()) == []
+
+
+def test_a_failed_json_write_keeps_the_earlier_file(monkeypatch, tmp_path, capsys):
+    """--json is replaced atomically: a full disk at the end leaves the old rows intact."""
+    import errno
+
+    from fedjax_kd import workdir
+    from fedjax_kd.bench import cli as bench_cli
+
+    target = tmp_path / "rows.json"
+    target.write_text('[{"old": 1}]\n')
+    monkeypatch.setattr(bench_cli, "run_benchmark", lambda config, **kwargs: [{"new": 2}])
+    monkeypatch.setattr(bench_cli, "format_table", lambda rows: "table")
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(workdir.os, "replace", full)
+    assert bench.main(["--clients", "3", "--json", str(target)]) == 1
+    assert "No space left on device" in one_error_line(capsys.readouterr().err)
+    assert target.read_text() == '[{"old": 1}]\n'
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")

@@ -58,7 +58,25 @@ def test_estimate_matches_the_allocated_state_and_hand_counts():
     assert est.clients == 4 * 2 * 4 * params  # chunk x (params + gradient) x float32
     train = dataset.train
     assert est.data == sum(a.nbytes for a in (train.x, train.y, dataset.test_x, dataset.test_y))
-    assert est.total == est.state + est.data + est.cohort + est.clients
+    assert est.schedule == 4 * config.client.epochs * cap * 8  # chunk x epochs x examples
+    assert est.total == est.state + est.data + est.cohort + est.clients + est.schedule
+
+
+def test_huge_epochs_are_refused_by_their_schedule(capsys, no_run):
+    """100M local epochs: every epoch's order of every client's examples cannot fit."""
+    argv = ["run", "--config.client.epochs=100000000", "--config.rounds=1", "--no-progress"]
+    assert cli.main(argv) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "schedule of 100000000 epochs" in line and "more than the" in line, line
+
+
+def test_a_step_count_past_int32_is_one_line(capsys):
+    """FedMD's digest: 10^9 epochs x 128/32 batches overflows int32 while tracing."""
+    argv = ["run", "--config.algorithm.name=fedmd", "--config.data.proxy_fraction=0.1"]
+    argv += ["--config.fedmd.public_epochs=1000000000", "--config.rounds=1", "--no-progress"]
+    assert cli.main(argv) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "too large to compile" in line and "int32" in line, line
 
 
 def test_per_client_stores_count_in_the_state():

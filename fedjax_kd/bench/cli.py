@@ -15,6 +15,7 @@ from fedjax_kd.bench.options import (
 from fedjax_kd.bench.table import format_table
 from fedjax_kd.bench.timing import run_benchmark
 from fedjax_kd.cli_util import ErrorParser, fail, output_file_error
+from fedjax_kd.workdir import write_atomic
 
 # --------------------------------------------------------------------------- CLI
 
@@ -54,10 +55,8 @@ def run(args: argparse.Namespace) -> int:
         return 130
     print(format_table(rows))
     if args.json:
-        try:
-            with open(args.json, "w") as f:
-                json.dump(rows, f, indent=1)
-                f.write("\n")
+        try:  # atomically: a failed write leaves an earlier file as it was
+            write_atomic(args.json, json.dumps(rows, indent=1) + "\n")
         except OSError as e:  # checked at the start; the disk can still fill up
             return fail(f"--json {args.json}: cannot write there ({e.strerror or e})", code=1)
         print(f"wrote {len(rows)} rows to {args.json}")
