@@ -247,32 +247,18 @@ def resolve(
     return resolved
 
 
-#: Keys of the flat schema before each algorithm and dataset had its namespace.
-RENAMED_KEYS = {
-    "algorithm.mu": "fedprox.mu",
-    "algorithm.kd_weight": "teacher_student.kd_weight",
-    "algorithm.temperature": "teacher_student.temperature",
-    "algorithm.kd_start_round": "teacher_student.kd_start_round",
-    "algorithm.ntd_beta": "fedntd.beta",
-    "algorithm.ntd_tau": "fedntd.temperature",
-    "algorithm.fedkd_t_start": "fedkd.energy_start",
-    "algorithm.fedkd_t_end": "fedkd.energy_end",
-    "algorithm.fedkd_compress": "fedkd.compress",
-    "algorithm.fedkd_stop_gradient_denominator": "fedkd.stop_gradient_denominator",
-    "algorithm.public_size": "fedmd.public_size or dsfl.public_size",
-    "algorithm.public_epochs": "fedmd.public_epochs or dsfl.public_epochs",
-    "algorithm.public_batch_size": "fedmd.public_batch_size or dsfl.public_batch_size",
-    "algorithm.era_temperature": "dsfl.temperature",
-    "algorithm.dsfl_aggregation": "dsfl.aggregation",
-    "algorithm.fd_gamma": "fd.gamma",
-    "data.test_fraction": "digits.test_fraction",
-    "data.synthetic_alpha": "synthetic.alpha",
-    "data.synthetic_beta": "synthetic.beta",
-    "data.synthetic_iid": "synthetic.iid",
-    "data.synthetic_test_fraction": "synthetic.test_fraction",
-    "data.synthetic_max_examples": "synthetic.max_examples",
-    "data.synthetic_partition": "synthetic.partition",
-}
+def _renamed_keys() -> dict[str, str]:
+    """Old flat keys -> their namespaced names, from the specs' ``renamed``."""
+    renamed: dict[str, list[str]] = {}
+    for spec in [*algorithms.SPECS.values(), *DATASET_SPECS.values()]:
+        for old, hyper in spec.renamed.items():
+            renamed.setdefault(old, []).append(f"{spec.name}.{hyper}")
+    return {old: " or ".join(new) for old, new in renamed.items()}
+
+
+#: Keys of the flat schema before each algorithm and dataset had its namespace,
+#: gathered from the specs (``AlgorithmSpec.renamed``, ``DatasetSpec.renamed``).
+RENAMED_KEYS = _renamed_keys()
 
 
 def _did_you_mean(key: str, known: Iterable[str]) -> str:

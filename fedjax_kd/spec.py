@@ -132,6 +132,9 @@ class AlgorithmSpec:
         run's schedule spans ``rounds`` (then a finished run cannot be
         extended: FedKD's default energy schedule).
       per_client_state: keeps state on every client (mentors, personal models).
+      renamed: ``{old key: hyper}``: keys of the flat schema before each
+        component had its namespace (``algorithm.mu`` -> ``mu``), so an old
+        config is told the new name.
     """
 
     name: str
@@ -144,6 +147,7 @@ class AlgorithmSpec:
     teacher: bool = False
     rounds_dependent: Callable[[Any], bool] = _never
     per_client_state: bool = False
+    renamed: Mapping[str, str] = field(default_factory=dict)
 
     def defaults(self) -> dict:
         """``{hyper: default}``."""
@@ -196,6 +200,7 @@ class DatasetSpec:
       partition_option: the name of an option in ``hypers`` that chooses the
         partition instead of ``data.partition`` (Synthetic's ``partition``:
         ``natural`` or a partitioner); None = ``data.partition``.
+      renamed: ``{old key: option}``, as for :class:`AlgorithmSpec`.
     """
 
     name: str
@@ -203,6 +208,7 @@ class DatasetSpec:
     build: Callable[[DataContext], Any]
     hypers: Mapping[str, Hyper] = field(default_factory=dict)
     partition_option: str | None = None
+    renamed: Mapping[str, str] = field(default_factory=dict)
 
     def defaults(self) -> dict:
         """``{option: default}``."""

@@ -49,3 +49,19 @@ def test_heterogeneous_groups_from_config():
             + [("algorithm.name", "fd"), ("model.student_groups", "mlp-8,linear"),
                ("clients_per_round", "3")]
         )  # fmt: skip
+
+
+def test_renamed_keys_come_from_the_specs_and_name_real_keys():
+    """Each spec lists its old flat keys; the hint table is built from them."""
+    from fedjax_kd.configs import default
+
+    schema = experiment._flatten(default.get_config())
+    assert experiment.RENAMED_KEYS, "no renamed keys gathered"
+    for old, new in experiment.RENAMED_KEYS.items():
+        assert old not in schema, old
+        for key in new.split(" or "):
+            assert key in schema, (old, key)
+    # Two specs renamed the same old key: both are named.
+    public = experiment.RENAMED_KEYS["algorithm.public_size"]
+    assert public == "fedmd.public_size or dsfl.public_size"
+    assert experiment.RENAMED_KEYS["algorithm.mu"] == "fedprox.mu"

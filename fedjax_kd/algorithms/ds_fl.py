@@ -347,6 +347,13 @@ def _build(ctx: BuildContext) -> FederatedAlgorithm:
 #: How the experiment layer builds DS-FL (``algorithm.name=dsfl``, keys ``dsfl.*``).
 SPEC = AlgorithmSpec(
     name="dsfl",
+    renamed={
+        "algorithm.public_size": "public_size",
+        "algorithm.public_epochs": "public_epochs",
+        "algorithm.public_batch_size": "public_batch_size",
+        "algorithm.era_temperature": "temperature",
+        "algorithm.dsfl_aggregation": "aggregation",
+    },
     help="DS-FL (Itahara et al. 2020): soft labels on a public subset, entropy-reduction "
     "aggregation",
     build=_build,

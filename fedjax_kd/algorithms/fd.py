@@ -363,6 +363,7 @@ def _build(ctx: BuildContext) -> FederatedAlgorithm:
 #: How the experiment layer builds FD (``algorithm.name=fd``, keys ``fd.*``).
 SPEC = AlgorithmSpec(
     name="fd",
+    renamed={"algorithm.fd_gamma": "gamma"},
     help="FD (Jeong et al. 2018): distillation to the other clients' per-label mean softmax",
     build=_build,
     hypers={"gamma": Hyper(1.0, "weight gamma of the distillation term", **at_least(0))},

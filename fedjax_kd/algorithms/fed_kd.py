@@ -445,6 +445,12 @@ def _build(ctx: BuildContext) -> FederatedAlgorithm:
 #: How the experiment layer builds FedKD (``algorithm.name=fedkd``, keys ``fedkd.*``).
 SPEC = AlgorithmSpec(
     name="fedkd",
+    renamed={
+        "algorithm.fedkd_t_start": "energy_start",
+        "algorithm.fedkd_t_end": "energy_end",
+        "algorithm.fedkd_compress": "compress",
+        "algorithm.fedkd_stop_gradient_denominator": "stop_gradient_denominator",
+    },
     help="FedKD (Wu et al. 2022): private mentors (model.teacher), adaptive mutual "
     "distillation, SVD-compressed updates",
     build=_build,

@@ -238,6 +238,11 @@ def _build(ctx: BuildContext) -> FederatedAlgorithm:
 #: How the experiment layer builds FedMD (``algorithm.name=fedmd``, keys ``fedmd.*``).
 SPEC = AlgorithmSpec(
     name="fedmd",
+    renamed={
+        "algorithm.public_size": "public_size",
+        "algorithm.public_epochs": "public_epochs",
+        "algorithm.public_batch_size": "public_batch_size",
+    },
     help="FedMD (Li & Wang 2019): personal models exchange logits on a public subset",
     build=_build,
     hypers=public_hypers("digest"),

@@ -104,6 +104,7 @@ def _build(ctx: BuildContext) -> FederatedAlgorithm:
 #: How the experiment layer builds FedNTD (``algorithm.name=fedntd``, keys ``fedntd.*``).
 SPEC = AlgorithmSpec(
     name="fedntd",
+    renamed={"algorithm.ntd_beta": "beta", "algorithm.ntd_tau": "temperature"},
     help="FedNTD (Lee et al. 2022): not-true distillation from the downloaded global model",
     build=_build,
     hypers={

@@ -59,6 +59,7 @@ def _build(ctx: BuildContext) -> FederatedAlgorithm:
 #: How the experiment layer builds FedProx (``algorithm.name=fedprox``, keys ``fedprox.*``).
 SPEC = AlgorithmSpec(
     name="fedprox",
+    renamed={"algorithm.mu": "mu"},
     help="FedProx (Li et al. 2020): FedAvg plus a proximal term; stragglers' partial work",
     build=_build,
     hypers={"mu": Hyper(0.01, "proximal weight mu of (mu/2) ||w - w_global||^2", **at_least(0))},

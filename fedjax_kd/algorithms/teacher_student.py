@@ -248,6 +248,11 @@ def _build(ctx: BuildContext) -> FederatedAlgorithm:
 #: How the experiment layer builds the founding loop (keys ``teacher_student.*``).
 SPEC = AlgorithmSpec(
     name="teacher_student",
+    renamed={
+        "algorithm.kd_weight": "kd_weight",
+        "algorithm.temperature": "temperature",
+        "algorithm.kd_start_round": "kd_start_round",
+    },
     help="the founding loop: clients distil a global teacher (model.teacher) into the "
     "student; the server distils the students' ensemble into the teacher",
     build=_build,

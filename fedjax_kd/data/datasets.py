@@ -408,6 +408,7 @@ _between_0_and_1 = {"check": lambda v: 0 < v < 1, "allowed": "in (0, 1)"}
 #: How the experiment layer builds digits (``data.name=digits``, keys ``digits.*``).
 DIGITS_SPEC = DatasetSpec(
     name="digits",
+    renamed={"data.test_fraction": "test_fraction"},
     help="scikit-learn's 1797 8x8 digits, a fixed stratified test split; data.partition",
     build=_build_digits,
     hypers={"test_fraction": Hyper(0.2, "fixed stratified test split", **_between_0_and_1)},
@@ -416,6 +417,14 @@ DIGITS_SPEC = DatasetSpec(
 #: How the experiment layer builds Synthetic(alpha, beta) (keys ``synthetic.*``).
 SYNTHETIC_SPEC = DatasetSpec(
     name="synthetic",
+    renamed={
+        "data.synthetic_alpha": "alpha",
+        "data.synthetic_beta": "beta",
+        "data.synthetic_iid": "iid",
+        "data.synthetic_test_fraction": "test_fraction",
+        "data.synthetic_max_examples": "max_examples",
+        "data.synthetic_partition": "partition",
+    },
     help="FedProx's Synthetic(alpha, beta) (Li et al. 2020), user k = client k",
     build=_build_synthetic,
     hypers={
