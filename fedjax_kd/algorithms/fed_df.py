@@ -134,8 +134,7 @@ def fed_df(
 
     def round_fn(state: FedDFState, cohort_data, key: jax.Array, server_data=None):
         check_cohort(cohort_data)
-        full = cohort_data
-        num_clients = full.size
+        num_clients = cohort_data.size
         per_group = num_clients // num_groups
         inputs = client_inputs(
             key,
@@ -163,7 +162,7 @@ def fed_df(
             step = fedavg_step(
                 params_g,
                 state.opt_state[g],
-                full.slice(rows.start, rows.stop),
+                cohort_data.slice(rows.start, rows.stop),
                 jax.tree.map(lambda a, rows=rows: a[rows], inputs),
                 client_update=updates[g],
                 server_optimizer=server_optimizer,
