@@ -984,8 +984,9 @@ def _run_in_workdir(workdir: Path, config, dataset, algorithm, progress, overwri
         )
         if restored is not None:
             kept = restored.extra.get("records")
-            repaired = workdir_lib.reconcile_metrics(metrics_path, kept, restored.round, evaluated)
-            records = workdir_lib.read_records(metrics_path)[0]
+            records, repaired = workdir_lib.reconcile_metrics(
+                metrics_path, kept, restored.round, evaluated
+            )
         else:
             # Starting afresh: the old summary and metrics describe no run of this config.
             (workdir / "summary.json").unlink(missing_ok=True)

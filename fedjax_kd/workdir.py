@@ -175,7 +175,7 @@ def reconcile_metrics(
     kept: Sequence[dict] | None,
     round_: int,
     keep: Callable[[int], bool],
-) -> str:
+) -> tuple[list[dict], str]:
     """Makes ``metrics.jsonl`` hold exactly the records up to a restored checkpoint.
 
     Args:
@@ -188,8 +188,9 @@ def reconcile_metrics(
         ``round_`` belongs to this run (an evaluation round of its config).
 
     Returns:
-      What was done, for the ``resuming`` line ("" when the file already
-      held exactly the checkpoint's records and nothing after them).
+      ``(records, note)``: the records the file now holds, and what was done,
+      for the ``resuming`` line ("" when the file already held exactly the
+      checkpoint's records and nothing after them).
 
     Raises:
       OSError: the file could not be rewritten (it is then unchanged).
@@ -219,4 +220,4 @@ def reconcile_metrics(
         notes.append(f"{malformed} malformed line(s) of metrics.jsonl dropped (cut short?)")
     if malformed or [json.dumps(r, sort_keys=True) for r in rows] != expected_text:
         write_atomic(path, "".join(json.dumps(r) + "\n" for r in expected))
-    return "; ".join(notes)
+    return expected, "; ".join(notes)

@@ -135,20 +135,21 @@ def test_reconcile_metrics_hand_computed(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     every = lambda r: True  # noqa: E731
     # The checkpoint of round 2 kept rows 1-2: rows 3-4 are dropped (recomputed).
-    note = workdir.reconcile_metrics(path, rows[:2], 2, every)
+    kept, note = workdir.reconcile_metrics(path, rows[:2], 2, every)
     assert note == "2 row(s) after round 2 dropped, to be recomputed"
-    assert workdir.read_records(path) == (rows[:2], 0)
+    assert workdir.read_records(path) == (rows[:2], 0) and kept == rows[:2]
     # Nothing to do: no note and the same file.
-    assert workdir.reconcile_metrics(path, rows[:2], 2, every) == ""
+    assert workdir.reconcile_metrics(path, rows[:2], 2, every) == (rows[:2], "")
     # A row that differs from the checkpoint's is replaced by the checkpoint's.
     path.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"round": 2, "acc": 9}) + "\n{")
-    note = workdir.reconcile_metrics(path, rows[:2], 2, every)
+    _, note = workdir.reconcile_metrics(path, rows[:2], 2, every)
     assert "1 missing, 1 differing" in note and "1 malformed" in note, note
     assert workdir.read_records(path) == (rows[:2], 0)
     # An older checkpoint without records: the file's own rows up to it are kept.
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert workdir.reconcile_metrics(path, None, 3, lambda r: r != 2).startswith("1 row(s)")
-    assert workdir.read_records(path) == ([rows[0], rows[2]], 0)
+    kept, note = workdir.reconcile_metrics(path, None, 3, lambda r: r != 2)
+    assert note.startswith("1 row(s)")
+    assert workdir.read_records(path) == ([rows[0], rows[2]], 0) and kept == [rows[0], rows[2]]
 
 
 def test_a_rerun_keeps_the_finished_summary_until_it_has_a_new_one(tmp_path, monkeypatch):
