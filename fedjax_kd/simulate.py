@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -176,17 +176,19 @@ def _make_round_step(
     return step
 
 
-def _make_evaluate(algorithm: FederatedAlgorithm, *, batch_size: int) -> Callable:
-    """Returns ``evaluate(state, x, y, mask) -> {name: (accuracy, loss)}``.
+def _make_evaluate(build: Callable, *, batch_size: int) -> Callable:
+    """Returns ``evaluate(hp, state, x, y, mask) -> {name: (accuracy, loss)}``.
+
+    ``build(hp)`` makes the algorithm whose ``eval_models`` are evaluated.
 
     ``x``/``y``/``mask`` hold the test set padded to whole batches of
     ``batch_size`` (see :func:`batch_test_set`); batches are scanned so memory
     stays bounded by one batch of activations.
     """
 
-    def evaluate(state, x, y, mask):
+    def evaluate(hp, state, x, y, mask):
         results = {}
-        for name, (apply_fn, params) in algorithm.eval_models(state).items():
+        for name, (apply_fn, params) in build(hp).eval_models(state).items():
 
             def body(carry, batch, apply_fn=apply_fn, params=params):
                 xb, yb, mb = batch
@@ -218,6 +220,94 @@ def batch_test_set(x: np.ndarray, y: np.ndarray, batch_size: int):
     mask = np.arange(nb * batch_size) < n
     shape = (nb, batch_size)
     return xp.reshape(*shape, *x.shape[1:]), yp.reshape(shape), mask.reshape(shape)
+
+
+class Point(NamedTuple):
+    """One run of a parallel group (:func:`run_parallel`).
+
+    Attributes:
+      seed: the run's seed (its keys are :func:`seed_keys`, as when it runs alone).
+      dataset: its data; the group's datasets must agree in every shape but
+        the clients' padded length (:func:`stack_datasets`).
+      hparams: its values of the hyperparameters that reach the compiled round
+        as arguments, ``{name: float}`` (the same names for every point of a
+        group); ``build`` receives them as float32 scalars.
+      on_eval, on_checkpoint, resume: as for :func:`run`, for this point.
+    """
+
+    seed: int
+    dataset: FederatedDataset
+    hparams: Mapping[str, float] = {}
+    on_eval: Callable[[dict], None] | None = None
+    on_checkpoint: Callable[[int, Any, dict], None] | None = None
+    resume: Restored | None = None
+
+
+def _pad_examples(train, length: int):
+    """``train`` with its example axis zero-padded to ``length`` (exact: padding is masked).
+
+    A :class:`~fedjax_kd.data.ClientData`'s per-client axis ``N``; a
+    :class:`~fedjax_kd.data.RaggedClientData`'s row axis (offsets and counts
+    stay).
+    """
+    axis = 1 if isinstance(train, ClientData) else 0
+    pad = length - train.x.shape[axis]
+
+    def padded(a):
+        widths = [(0, 0)] * np.ndim(a)
+        widths[axis] = (0, pad)
+        return np.pad(np.asarray(a), widths)
+
+    return train._replace(x=padded(train.x), y=padded(train.y))
+
+
+def stack_datasets(datasets, eval_batch_size: int):
+    """The arrays of several points' datasets with a leading point axis.
+
+    Each client's data is zero-padded to the longest of the group (padding
+    changes no number: examples past a client's count are masked everywhere),
+    then stacked. When every point has the very same dataset it is held once
+    and not stacked (its vmap axis is None).
+
+    Returns:
+      ``(train, test, server_data, axis)``: device arrays, and 0 or None.
+
+    Raises:
+      ValueError: the datasets differ in another shape (number of clients,
+        features, test or proxy set), so they cannot share one program.
+    """
+    first = datasets[0]
+
+    def shapes(d):
+        proxy = None if d.proxy_x is None else d.proxy_x.shape
+        return (type(d.train).__name__, d.num_clients, d.feature_shape, d.num_classes,
+                d.test_x.shape, proxy)  # fmt: skip
+
+    for d in datasets[1:]:
+        if shapes(d) != shapes(first):
+            raise ValueError(
+                f"the points' datasets differ in shape ({shapes(first)} vs {shapes(d)}); "
+                "they cannot run as one program"
+            )
+
+    def arrays(d, length):
+        train = _pad_examples(d.train, length)
+        test = batch_test_set(d.test_x, d.test_y, eval_batch_size)
+        server = {} if d.proxy_x is None else {"proxy_x": d.proxy_x}
+        return train, test, server
+
+    if all(d is first for d in datasets):
+        host, axis = (
+            arrays(first, first.train.x.shape[1 if isinstance(first.train, ClientData) else 0]),
+            None,
+        )
+    else:
+        axis_of = 1 if isinstance(first.train, ClientData) else 0
+        length = max(d.train.x.shape[axis_of] for d in datasets)
+        host = jax.tree.map(lambda *a: np.stack(a), *[arrays(d, length) for d in datasets])
+        axis = 0
+    train, test, server = jax.tree.map(jnp.asarray, host)
+    return train, tuple(test), server, axis
 
 
 def run(
@@ -295,27 +385,122 @@ def run(
     Raises:
       NonFiniteError: a round produced a non-finite aggregate update.
     """
+    point = Point(seed, dataset, {}, on_eval, on_checkpoint, resume)
+    (result,) = _run_group(
+        lambda hparams: algorithm,
+        [point],
+        batched=False,
+        rounds=rounds,
+        clients_per_round=clients_per_round,
+        eval_every=eval_every,
+        eval_batch_size=eval_batch_size,
+        max_local_examples=max_local_examples,
+        client_chunk_size=client_chunk_size,
+        mesh=mesh,
+        rounds_per_call=rounds_per_call,
+        progress=progress,
+        checkpoint_every=checkpoint_every,
+        name=name,
+    )
+    if isinstance(result, NonFiniteError):
+        raise result
+    return result
+
+
+def run_parallel(
+    build: Callable[[Mapping[str, jax.Array]], FederatedAlgorithm],
+    points: Sequence[Point],
+    **settings,
+) -> list[RunResult | NonFiniteError]:
+    """Runs several points as one compiled program: a leading ``vmap`` axis.
+
+    The points share every setting of :func:`run` (``settings``: its keyword
+    arguments but ``on_eval``/``on_checkpoint``/``resume``, which are per
+    point, and ``mesh``: the point axis replaces client sharding) and may
+    differ in their seed, their dataset's values (:func:`stack_datasets`)
+    and the values of ``hparams``, which reach the program as float32
+    arguments: ``build(hparams)`` is called inside the trace with traced
+    scalars and returns the algorithm (it must not branch in Python on them).
+    Each point keeps its own state, keys, evaluation records, byte counters
+    and checkpoints, exactly as if it ran alone; its numbers equal its run
+    alone up to float rounding (the vmapped matrix products and sums may
+    round differently; ``tests/test_parallel.py`` states the tolerance), and
+    a group of the same points gives the same bits every time. A point whose
+    round is not finite stops (its entry is the :class:`NonFiniteError`); the
+    others go on. Points that resume must all resume after the same round.
+
+    Returns:
+      One entry per point: its :class:`RunResult`, or the NonFiniteError that
+      stopped it.
+    """
+    for key in ("on_eval", "on_checkpoint", "resume", "seed", "mesh"):
+        if key in settings:
+            raise TypeError(f"run_parallel: {key!r} is per point (Point) or not supported")
+    if not points:
+        return []
+    return _run_group(build, list(points), batched=len(points) > 1, mesh=None, **settings)
+
+
+def _run_group(
+    build,
+    points: list[Point],
+    *,
+    batched: bool,
+    rounds: int,
+    clients_per_round: int,
+    eval_every: int,
+    eval_batch_size: int = 1024,
+    max_local_examples: int | None = None,
+    client_chunk_size: int | None = None,
+    mesh: Mesh | None | str = "auto",
+    rounds_per_call: int = 1,
+    progress: bool = True,
+    checkpoint_every: int = 0,
+    name: str | None = None,
+) -> list[RunResult | NonFiniteError]:
+    """The run loop of :func:`run` (one point) and :func:`run_parallel` (``batched``)."""
     if rounds < 1 or eval_every < 1:
         raise ValueError(f"rounds and eval_every must be >= 1, got {rounds}, {eval_every}")
     if checkpoint_every < 0:
         raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every}")
-    if resume is not None and not 0 <= resume.round <= rounds:
-        raise ValueError(f"cannot resume after round {resume.round} of a {rounds}-round run")
+    starts = {0 if p.resume is None else p.resume.round for p in points}
+    if len(starts) > 1:
+        raise ValueError(f"the points resume after different rounds {sorted(starts)}")
+    first = starts.pop()
+    if not 0 <= first <= rounds:
+        raise ValueError(f"cannot resume after round {first} of a {rounds}-round run")
+    num_points = len(points)
+    names_hp = sorted(points[0].hparams)
+    if any(sorted(p.hparams) != names_hp for p in points):
+        raise ValueError("the points of a group must set the same hparams")
     start = time.perf_counter()
-    init_key, rounds_key = seed_keys(seed)
-    data = jax.tree.map(jnp.asarray, dataset.train)
-    largest = dataset.train.max_examples
+    keys = [seed_keys(p.seed) for p in points]
+    datasets = [p.dataset for p in points]
+    if batched:
+        data, test, server_data, data_axis = stack_datasets(datasets, eval_batch_size)
+        hp = {k: jnp.asarray([p.hparams[k] for p in points], jnp.float32) for k in names_hp}
+        init_key = jnp.stack([k[0] for k in keys])
+        rounds_key = jnp.stack([k[1] for k in keys])
+    else:
+        (dataset,) = datasets
+        data = jax.tree.map(jnp.asarray, dataset.train)
+        test = tuple(
+            map(jnp.asarray, batch_test_set(dataset.test_x, dataset.test_y, eval_batch_size))
+        )
+        server_data = {}
+        if dataset.proxy_x is not None:
+            server_data["proxy_x"] = jnp.asarray(dataset.proxy_x)
+        hp = {k: jnp.float32(points[0].hparams[k]) for k in names_hp}
+        (init_key, rounds_key), data_axis = keys[0], None
+    num_clients = datasets[0].num_clients
+    largest = max(d.train.max_examples for d in datasets)
     cap = largest if max_local_examples is None else min(max_local_examples, largest)
     if mesh == "auto":
         mesh = _client_mesh()
-    test = tuple(map(jnp.asarray, batch_test_set(dataset.test_x, dataset.test_y, eval_batch_size)))
-    server_data = {}
-    if dataset.proxy_x is not None:
-        server_data["proxy_x"] = jnp.asarray(dataset.proxy_x)
-    first = 0 if resume is None else resume.round
     # The longest block the loop below can run: a larger buffer would only hold zeros.
     longest = min(rounds_per_call, eval_every, max(rounds - first, 1), MAX_ROUNDS_PER_CALL)
-    if on_checkpoint is not None and checkpoint_every > 0:
+    checkpointing = any(p.on_checkpoint is not None for p in points)
+    if checkpointing and checkpoint_every > 0:
         longest = min(longest, checkpoint_every)
     if progress and jax.process_index() == 0:
         chunk = min(client_chunk_size or clients_per_round, clients_per_round)
@@ -323,50 +508,68 @@ def run(
         what = f"{chunk} clients x {chunks} chunk{'s' if chunks > 1 else ''}"
         if rounds_per_call > 1:
             what += f", {longest} round{'s' if longest > 1 else ''} per call"
+        if batched:
+            what += f", {num_points} runs in parallel"
         label = f"{name} round" if name else "the round"
         print(f"compiling {label} ({what}) ...", file=sys.stderr, flush=True)
-    if resume is None:
-        state = jax.jit(algorithm.init)(init_key)
+
+    # One point's functions; ``build(hp)`` inside each trace makes the algorithm
+    # of the (traced) hyperparameters.
+    def init_fn(hp, key):
+        return build(hp).init(key)
+
+    def step_fn(hp, state, data, server_data, rounds_key, r):
+        step = _make_round_step(
+            build(hp),
+            num_clients=num_clients,
+            clients_per_round=clients_per_round,
+            max_local_examples=max(cap, 1),
+            client_chunk_size=client_chunk_size,
+            mesh=mesh,
+        )
+        return step(state, data, server_data, rounds_key, r)
+
+    evaluate_fn = _make_evaluate(build, batch_size=eval_batch_size)
+    if batched:
+        init_fn = jax.vmap(init_fn)
+        step_fn = jax.vmap(step_fn, in_axes=(0, 0, data_axis, data_axis, 0, None))
+        evaluate_fn = jax.vmap(evaluate_fn, in_axes=(0, 0, data_axis, data_axis, data_axis))
+
+    if first == 0:
+        state = jax.jit(init_fn)(hp, init_key)
     else:  # the restored state replaces init's: only init's structure is needed
-        fresh = jax.tree.structure(jax.eval_shape(algorithm.init, init_key))
-        state = jax.tree.map(jnp.asarray, resume.state)
-        if jax.tree.structure(state) != fresh:
+        fresh = jax.tree.structure(jax.eval_shape(init_fn, hp, init_key))
+        restored = [jax.tree.map(np.asarray, p.resume.state) for p in points]
+        if any(jax.tree.structure(s) != fresh for s in restored):
             raise ValueError("resume.state does not have the structure of algorithm.init's state")
+        if batched:
+            state = jax.tree.map(lambda *a: jnp.asarray(np.stack(a)), *restored)
+        else:
+            state = jax.tree.map(jnp.asarray, restored[0])
     jit_kwargs = {}
     if mesh is not None:
         # Everything but the cohort is replicated (also the outputs); the compiled
         # round then keeps the same shardings from round to round, and with
         # several processes (hosts) every process holds whole metrics.
         replicated = NamedSharding(mesh, P())
-        state, data, server_data, test, rounds_key = _replicate(
-            (state, data, server_data, test, rounds_key), replicated
+        hp, state, data, server_data, test, rounds_key = _replicate(
+            (hp, state, data, server_data, test, rounds_key), replicated
         )
         jit_kwargs = {"out_shardings": replicated}
 
-    step_fn = _make_round_step(
-        algorithm,
-        num_clients=dataset.num_clients,
-        clients_per_round=clients_per_round,
-        max_local_examples=max(cap, 1),
-        client_chunk_size=client_chunk_size,
-        mesh=mesh,
-    )
+    args = (data, server_data, rounds_key)
     step = block = None
     if rounds_per_call == 1:
-        step = (
-            jax.jit(step_fn, **jit_kwargs)
-            .lower(state, data, server_data, rounds_key, jnp.int32(0))
-            .compile()
-        )
+        step = jax.jit(step_fn, **jit_kwargs).lower(hp, state, *args, jnp.int32(0)).compile()
     else:
-        metrics_shape = jax.eval_shape(step_fn, state, data, server_data, rounds_key, 0)[1]
+        metrics_shape = jax.eval_shape(step_fn, hp, state, *args, 0)[1]
 
-        def block_fn(state, data, server_data, rounds_key, r0, n):
+        def block_fn(hp, state, data, server_data, rounds_key, r0, n):
             """Rounds r0..r0+n-1 (n <= longest) in one loop; metrics stacked."""
 
             def body(i, carry):
                 s, stacked = carry
-                s, metrics = step_fn(s, data, server_data, rounds_key, r0 + i)
+                s, metrics = step_fn(hp, s, data, server_data, rounds_key, r0 + i)
                 stacked = jax.tree.map(lambda b, m: b.at[i].set(m), stacked, metrics)
                 return s, stacked
 
@@ -377,40 +580,56 @@ def run(
 
         block = (
             jax.jit(block_fn, **jit_kwargs)
-            .lower(state, data, server_data, rounds_key, jnp.int32(0), jnp.int32(1))
+            .lower(hp, state, *args, jnp.int32(0), jnp.int32(1))
             .compile()
         )
 
     def advance(state, r: int, n: int):
-        """Runs rounds r..r+n-1; returns the state and each round's metrics."""
+        """Runs rounds r..r+n-1; returns the state and each round's metrics.
+
+        Every metric has a leading point axis (of 1 without ``batched``).
+        """
         if block is not None:
-            state, stacked = block(state, data, server_data, rounds_key, jnp.int32(r), jnp.int32(n))
+            state, stacked = block(hp, state, *args, jnp.int32(r), jnp.int32(n))
             stacked = jax.device_get(stacked)
-            return state, [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n)]
-        out = []
-        for i in range(n):
-            state, metrics = step(state, data, server_data, rounds_key, jnp.int32(r + i))
-            out.append(jax.device_get(metrics))
-            if not bool(out[-1]["finite"]):
-                break  # stop at the first non-finite round
+            out = [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n)]
+        else:
+            out = []
+            for i in range(n):
+                state, metrics = step(hp, state, *args, jnp.int32(r + i))
+                out.append(jax.device_get(metrics))
+                if not np.any(out[-1]["finite"]):
+                    break  # stop at the first round in which no point is finite
+        if not batched:
+            out = [jax.tree.map(lambda a: np.asarray(a)[None], m) for m in out]
         return state, out
 
-    evaluate_fn = _make_evaluate(algorithm, batch_size=eval_batch_size)
-    evaluate = jax.jit(evaluate_fn, **jit_kwargs).lower(state, *test).compile()
-    # jit returns dicts with sorted keys; the headline is eval_models' FIRST entry.
-    names = list(algorithm.eval_models(state))
-    compile_s = time.perf_counter() - start
-    if resume is not None:
-        # wall_s continues from the checkpoint: the run's time, summed over processes.
-        start -= float(resume.extra.get("wall_s", 0.0))
+    def point_state(state, i: int):
+        return state if not batched else jax.tree.map(lambda a: a[i], state)
 
-    history: list[dict] = []
-    cum_up = cum_down = 0
-    record: dict = {}
-    if resume is not None:
-        cum_up = int(resume.extra.get("uplink_bytes", 0))
-        cum_down = int(resume.extra.get("downlink_bytes", 0))
-        record = dict(resume.extra.get("last_record") or {})
+    evaluate = jax.jit(evaluate_fn, **jit_kwargs).lower(hp, state, *test).compile()
+    # jit returns dicts with sorted keys; the headline is eval_models' FIRST entry.
+    names = list(
+        build(hp if not batched else jax.tree.map(lambda a: a[0], hp)).eval_models(
+            point_state(state, 0)
+        )
+    )
+    compile_s = time.perf_counter() - start
+    # wall_s continues from the checkpoint: the run's time, summed over processes.
+    starts_at = [
+        start - float(p.resume.extra.get("wall_s", 0.0)) if p.resume else start for p in points
+    ]
+
+    histories: list[list[dict]] = [[] for _ in points]
+    cum_up, cum_down = [0] * num_points, [0] * num_points
+    records: list[dict] = [{} for _ in points]
+    for i, p in enumerate(points):
+        if p.resume is not None:
+            cum_up[i] = int(p.resume.extra.get("uplink_bytes", 0))
+            cum_down[i] = int(p.resume.extra.get("downlink_bytes", 0))
+            records[i] = dict(p.resume.extra.get("last_record") or {})
+    errors: list[NonFiniteError | None] = [None] * num_points
+    up, down = [0] * num_points, [0] * num_points
     bar = tqdm(
         total=rounds,
         initial=first,
@@ -421,71 +640,94 @@ def run(
     )
     try:
         r = first
-        while r < rounds:
+        while r < rounds and not all(errors):
             next_eval = min(rounds, (r // eval_every + 1) * eval_every)
             stop = next_eval
-            if on_checkpoint is not None and checkpoint_every > 0:
+            if checkpointing and checkpoint_every > 0:
                 stop = min(stop, (r // checkpoint_every + 1) * checkpoint_every)
             state, per_round = advance(state, r, min(longest, stop - r))
             for i, metrics in enumerate(per_round):
-                if not bool(metrics["finite"]):
-                    raise NonFiniteError(
-                        f"round {r + i + 1}: the aggregate update is not finite (NaN or Inf); "
-                        "lower the client or server learning rate"
-                    )
-                up = int(np.sum(np.asarray(metrics["uplink_bytes"], np.int64)))
-                down = int(np.sum(np.asarray(metrics["downlink_bytes"], np.int64)))
-                cum_up += up
-                cum_down += down
+                for k in range(num_points):
+                    if errors[k] is not None:
+                        continue
+                    if not bool(metrics["finite"][k]):
+                        errors[k] = NonFiniteError(
+                            f"round {r + i + 1}: the aggregate update is not finite (NaN or "
+                            "Inf); lower the client or server learning rate"
+                        )
+                        continue
+                    up[k] = int(np.sum(np.asarray(metrics["uplink_bytes"][k], np.int64)))
+                    down[k] = int(np.sum(np.asarray(metrics["downlink_bytes"][k], np.int64)))
+                    cum_up[k] += up[k]
+                    cum_down[k] += down[k]
             bar.update(len(per_round))
             r += len(per_round)
-            if r == next_eval:
-                results = evaluate(state, *test)
-                record = {
-                    "round": r,
-                    "test_accuracy": float(results[names[0]][0]),
-                    "test_loss": float(results[names[0]][1]),
-                    "train_loss": float(metrics["train_loss"]),
-                    "uplink_bytes": up,
-                    "downlink_bytes": down,
-                    "cumulative_uplink_bytes": cum_up,
-                    "cumulative_downlink_bytes": cum_down,
-                    "wall_s": round(time.perf_counter() - start, 3),
-                }
-                for name, value in metrics.items():
-                    # Algorithm-specific scalars (compute counters, distillation loss).
-                    if name not in RESERVED_METRICS and np.ndim(value) == 0:
-                        record[name] = np.asarray(value).item()
-                if len(names) > 1:
-                    for name in names:
-                        acc, loss = results[name]
-                        record[f"{name}_test_accuracy"] = float(acc)
-                        record[f"{name}_test_loss"] = float(loss)
-                history.append(record)
-                if on_eval is not None:
-                    on_eval(record)
-                bar.set_postfix(test_acc=f"{record['test_accuracy']:.4f}")
-            if on_checkpoint is not None and (
-                r == rounds
-                or (r % checkpoint_every == 0 if checkpoint_every > 0 else r == next_eval)
+            live = [k for k in range(num_points) if errors[k] is None]
+            if r == next_eval and live:
+                results = jax.device_get(evaluate(hp, state, *test))
+                if not batched:
+                    results = jax.tree.map(lambda a: np.asarray(a)[None], results)
+                for k in live:
+                    record = {
+                        "round": r,
+                        "test_accuracy": float(results[names[0]][0][k]),
+                        "test_loss": float(results[names[0]][1][k]),
+                        "train_loss": float(metrics["train_loss"][k]),
+                        "uplink_bytes": up[k],
+                        "downlink_bytes": down[k],
+                        "cumulative_uplink_bytes": cum_up[k],
+                        "cumulative_downlink_bytes": cum_down[k],
+                        "wall_s": round(time.perf_counter() - starts_at[k], 3),
+                    }
+                    for metric, value in metrics.items():
+                        # Algorithm-specific scalars (compute counters, distillation loss).
+                        if metric not in RESERVED_METRICS and np.ndim(value) == 1:
+                            record[metric] = np.asarray(value[k]).item()
+                    if len(names) > 1:
+                        for model in names:
+                            acc, loss = results[model]
+                            record[f"{model}_test_accuracy"] = float(acc[k])
+                            record[f"{model}_test_loss"] = float(loss[k])
+                    records[k] = record
+                    histories[k].append(record)
+                    if points[k].on_eval is not None:
+                        points[k].on_eval(record)
+                shown = records[live[0]]["test_accuracy"]
+                bar.set_postfix(test_acc=f"{shown:.4f}" + ("" if num_points == 1 else ", ..."))
+            if r == rounds or (
+                r % checkpoint_every == 0 if checkpoint_every > 0 else r == next_eval
             ):
-                extra = {
-                    "uplink_bytes": cum_up,
-                    "downlink_bytes": cum_down,
-                    "wall_s": round(time.perf_counter() - start, 3),
-                }
-                on_checkpoint(r, state, {**extra, "last_record": record or None})
+                for k in live:
+                    if points[k].on_checkpoint is None:
+                        continue
+                    extra = {
+                        "uplink_bytes": cum_up[k],
+                        "downlink_bytes": cum_down[k],
+                        "wall_s": round(time.perf_counter() - starts_at[k], 3),
+                    }
+                    points[k].on_checkpoint(
+                        r, point_state(state, k), {**extra, "last_record": records[k] or None}
+                    )
     finally:
         bar.close()
-    summary = {
-        k: v for k, v in record.items() if k.endswith("test_accuracy") or k.endswith("test_loss")
-    }
-    summary.update(
-        rounds=rounds,
-        train_loss=record["train_loss"],
-        wall_s=round(time.perf_counter() - start, 3),
-        compile_s=round(compile_s, 3),
-        uplink_bytes=cum_up,
-        downlink_bytes=cum_down,
-    )
-    return RunResult(state=state, history=history, summary=summary)
+    out: list[RunResult | NonFiniteError] = []
+    for k in range(num_points):
+        if errors[k] is not None:
+            out.append(errors[k])
+            continue
+        record = records[k]
+        summary = {
+            key: v
+            for key, v in record.items()
+            if key.endswith("test_accuracy") or key.endswith("test_loss")
+        }
+        summary.update(
+            rounds=rounds,
+            train_loss=record["train_loss"],
+            wall_s=round(time.perf_counter() - starts_at[k], 3),
+            compile_s=round(compile_s, 3),
+            uplink_bytes=cum_up[k],
+            downlink_bytes=cum_down[k],
+        )
+        out.append(RunResult(state=point_state(state, k), history=histories[k], summary=summary))
+    return out
