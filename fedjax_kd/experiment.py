@@ -20,6 +20,7 @@ import os
 import sys
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
@@ -738,17 +739,21 @@ def build_algorithm(
 
 
 def _check_memory(
-    config: ml_collections.ConfigDict, dataset: FederatedDataset, algorithm: FederatedAlgorithm
+    config: ml_collections.ConfigDict,
+    dataset: FederatedDataset,
+    algorithm: FederatedAlgorithm,
+    parallel: int = 1,
 ) -> resources.Estimate:
     """Refuses a run whose memory would not fit the machine, before anything compiles.
 
     The estimate comes from shapes alone (:func:`fedjax_kd.resources.estimate`:
     ``jax.eval_shape``, nothing allocated): the algorithm's state, the data,
     one chunk of the padded cohort and its clients' parameters and gradients,
-    a lower bound. It is compared with :func:`fedjax_kd.resources.available_memory`.
+    a lower bound. It is compared with :func:`fedjax_kd.resources.available_memory`;
+    a parallel group of ``parallel`` runs holds ``parallel`` copies of all of it.
 
     Returns:
-      The estimate, when the run fits (or when the free memory cannot be read).
+      The estimate (of one run), when the run fits (or when the free memory cannot be read).
 
     Raises:
       ConfigError: one line with the estimated and the available bytes.
@@ -766,6 +771,13 @@ def _check_memory(
         init_key=simulate.seed_keys(c.seed)[0],
     )
     free, where = resources.available_memory()
+    if free is not None and parallel > 1 and need.total * parallel > free:
+        b = resources.format_bytes
+        raise ConfigError(
+            f"--parallel: {parallel} runs in one program need at least "
+            f"{b(need.total * parallel)} of memory ({b(need.total)} each), more than the "
+            f"{b(free)} {where}; use --parallel {max(1, free // max(need.total, 1))} or less"
+        )
     if free is not None and need.total > free:
         b = resources.format_bytes
         chunk = min(c.client_chunk_size or c.clients_per_round, c.clients_per_round)
@@ -883,6 +895,31 @@ def run(
     if workdir is not None and not os.fspath(workdir).strip():
         raise ConfigError("--workdir: the path is empty; give a directory (or leave it out)")
     config = resolve(config)
+    dataset, algorithm = build_run(config)
+    if workdir is not None and jax.process_index() != 0:
+        workdir = None  # multi-host: process 0 writes the files
+    if workdir is None:
+        return _simulate(config, dataset, algorithm, progress=progress)
+    try:
+        with workdir_lib.hold(workdir):
+            return _run_in_workdir(
+                Path(workdir), config, dataset, algorithm, progress, overwrite, resume
+            )
+    except workdir_lib.WorkdirError as e:
+        raise ConfigError(str(e)) from None
+
+
+def build_run(config: ml_collections.ConfigDict, parallel: int = 1):
+    """The dataset and algorithm of the resolved ``config``, checked to fit.
+
+    Refuses (ConfigError) a cohort larger than the dataset or its model
+    groups, and a run whose memory estimate exceeds the machine's
+    (``parallel`` copies of it for a parallel group, :mod:`fedjax_kd.parallel`),
+    before anything compiles or a workdir is touched.
+
+    Returns:
+      ``(dataset, algorithm)``.
+    """
     dataset = build_dataset(config)
     if config.clients_per_round > dataset.num_clients:
         raise ConfigError(
@@ -898,42 +935,69 @@ def run(
             f"{config.clients_per_round // groups} clients of the {dataset.num_clients}"
         )
     algorithm = build_algorithm(config, dataset)
-    _check_memory(config, dataset, algorithm)  # before a workdir is touched or anything compiles
-    if workdir is not None and jax.process_index() != 0:
-        workdir = None  # multi-host: process 0 writes the files
-    if workdir is None:
-        return _simulate(config, dataset, algorithm, progress=progress)
-    try:
-        with workdir_lib.hold(workdir):
-            return _run_in_workdir(
-                Path(workdir), config, dataset, algorithm, progress, overwrite, resume
-            )
-    except workdir_lib.WorkdirError as e:
-        raise ConfigError(str(e)) from None
+    _check_memory(config, dataset, algorithm, parallel)
+    return dataset, algorithm
+
+
+def run_settings(config: ml_collections.ConfigDict) -> dict:
+    """The keyword arguments of ``simulate.run`` that ``config`` sets (all but the seed)."""
+    return dict(
+        rounds=config.rounds,
+        clients_per_round=config.clients_per_round,
+        eval_every=config.eval_every,
+        eval_batch_size=config.eval_batch_size,
+        max_local_examples=config.client.max_examples or None,
+        client_chunk_size=config.client_chunk_size or None,
+        rounds_per_call=config.rounds_per_call,
+        checkpoint_every=config.checkpoint_every,
+        name=_algorithm_spec(config).name,  # in the "compiling NAME round ..." line
+    )
 
 
 def _simulate(config, dataset, algorithm, *, progress, **callbacks) -> simulate.RunResult:
     """``simulate.run`` with the run settings of ``config``."""
     return simulate.run(
-        algorithm,
-        dataset,
-        rounds=config.rounds,
-        clients_per_round=config.clients_per_round,
-        eval_every=config.eval_every,
-        seed=config.seed,
-        eval_batch_size=config.eval_batch_size,
-        max_local_examples=config.client.max_examples or None,
-        client_chunk_size=config.client_chunk_size or None,
-        rounds_per_call=config.rounds_per_call,
-        progress=progress,
-        checkpoint_every=config.checkpoint_every,
-        name=_algorithm_spec(config).name,  # in the "compiling NAME round ..." line
-        **callbacks,
+        algorithm, dataset, seed=config.seed, progress=progress, **run_settings(config), **callbacks
     )
 
 
 def _run_in_workdir(workdir: Path, config, dataset, algorithm, progress, overwrite, resume):
-    """The run of :func:`run` in a held workdir: restore or start, write as it goes.
+    """The run of :func:`run` in a held workdir: restore or start, write as it goes."""
+    opened = open_workdir(workdir, config, algorithm, overwrite=overwrite, resume=resume)
+    result = _simulate(
+        config,
+        dataset,
+        algorithm,
+        progress=progress,
+        on_eval=opened.on_eval,
+        on_checkpoint=opened.on_checkpoint,
+        resume=opened.restored,
+    )
+    opened.finish(result)
+    return result
+
+
+class OpenWorkdir(NamedTuple):
+    """A run's workdir, made ready by :func:`open_workdir` (a held workdir).
+
+    Attributes:
+      restored: the checkpoint to resume from, or None to start afresh.
+      on_eval: appends an evaluation record to ``metrics.jsonl``.
+      on_checkpoint: saves a checkpoint with the records so far (None when
+        the run keeps none: multi-host).
+      finish: ``finish(result)`` writes ``summary.json``.
+    """
+
+    restored: Any
+    on_eval: Any
+    on_checkpoint: Any
+    finish: Any
+
+
+def open_workdir(
+    workdir: Path, config, algorithm, *, overwrite: bool = False, resume: bool = False
+) -> OpenWorkdir:
+    """Restores or starts the run of ``config`` in the held ``workdir`` (:func:`run`'s files).
 
     Nothing a finished run wrote is removed before something replaces it:
     ``summary.json`` stays until the new one is written (atomically), and on
@@ -1017,18 +1081,11 @@ def _run_in_workdir(workdir: Path, config, dataset, algorithm, progress, overwri
             except OSError as e:
                 raise workdir_lib.write_error(checkpoint.path_for(checkpoints, round_), e) from None
 
-    result = _simulate(
-        config,
-        dataset,
-        algorithm,
-        progress=progress,
-        on_eval=on_eval,
-        on_checkpoint=on_checkpoint,
-        resume=restored,
-    )
-    summary_path = workdir / "summary.json"
-    try:
-        workdir_lib.write_atomic(summary_path, json.dumps(result.summary, indent=2) + "\n")
-    except OSError as e:
-        raise workdir_lib.write_error(summary_path, e) from None
-    return result
+    def finish(result) -> None:
+        summary_path = workdir / "summary.json"
+        try:
+            workdir_lib.write_atomic(summary_path, json.dumps(result.summary, indent=2) + "\n")
+        except OSError as e:
+            raise workdir_lib.write_error(summary_path, e) from None
+
+    return OpenWorkdir(restored, on_eval, on_checkpoint, finish)

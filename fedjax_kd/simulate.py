@@ -410,6 +410,8 @@ def run(
 def run_parallel(
     build: Callable[[Mapping[str, jax.Array]], FederatedAlgorithm],
     points: Sequence[Point],
+    *,
+    width: int | None = None,
     **settings,
 ) -> list[RunResult | NonFiniteError]:
     """Runs several points as one compiled program: a leading ``vmap`` axis.
@@ -425,7 +427,10 @@ def run_parallel(
     and checkpoints, exactly as if it ran alone; its numbers equal its run
     alone up to float rounding (the vmapped matrix products and sums may
     round differently; ``tests/test_parallel.py`` states the tolerance), and
-    a group of the same points gives the same bits every time. A point whose
+    a group of the same points gives the same bits every time. ``width``
+    points run vmapped side by side and the program loops over such slices
+    (:func:`over_points`; default :func:`vmap_width`: all on an accelerator,
+    one at a time on CPU); the width changes the rounding, not the meaning. A point whose
     round is not finite stops (its entry is the :class:`NonFiniteError`); the
     others go on. Points that resume must all resume after the same round.
 
@@ -438,7 +443,52 @@ def run_parallel(
             raise TypeError(f"run_parallel: {key!r} is per point (Point) or not supported")
     if not points:
         return []
-    return _run_group(build, list(points), batched=len(points) > 1, mesh=None, **settings)
+    return _run_group(
+        build, list(points), batched=len(points) > 1, width=width, mesh=None, **settings
+    )
+
+
+def vmap_width(num_points: int) -> int:
+    """How many of a group's points run side by side (vmapped) by default.
+
+    All of them on an accelerator, where one wide program is what fills the
+    device. One at a time on CPU: there the vmapped round costs as much as
+    the points' rounds one after another (XLA's CPU kernels for the small
+    batched matrix products do not get faster per product) and compiles
+    about twice as long, so the points loop inside the program instead
+    (``experiments/parallel_sweep.py`` measures both).
+    """
+    return num_points if jax.default_backend() != "cpu" else 1
+
+
+def over_points(fn: Callable, in_axes: tuple, width: int) -> Callable:
+    """``fn`` mapped over a leading point axis: vmapped ``width`` points at a time.
+
+    ``in_axes`` says for each argument whether it has the point axis (0) or
+    is shared (None). ``width`` equal to the number of points is one
+    ``jax.vmap``; smaller widths loop (``jax.lax.map``) over vmapped slices
+    of ``width`` points, and width 1 runs one point per loop step.
+    """
+
+    def mapped(*args):
+        num_points = next(
+            leaves[0].shape[0]
+            for a, axis in zip(args, in_axes, strict=True)
+            if axis == 0 and (leaves := jax.tree.leaves(a))
+        )
+        if width >= num_points:
+            return jax.vmap(fn, in_axes=in_axes)(*args)
+        per_point = tuple(a for a, axis in zip(args, in_axes, strict=True) if axis == 0)
+
+        def one(xs):
+            it = iter(xs)
+            return fn(
+                *(next(it) if axis == 0 else a for a, axis in zip(args, in_axes, strict=True))
+            )
+
+        return jax.lax.map(one, per_point, batch_size=width if width > 1 else None)
+
+    return mapped
 
 
 def _run_group(
@@ -446,6 +496,7 @@ def _run_group(
     points: list[Point],
     *,
     batched: bool,
+    width: int | None = None,
     rounds: int,
     clients_per_round: int,
     eval_every: int,
@@ -531,14 +582,24 @@ def _run_group(
 
     evaluate_fn = _make_evaluate(build, batch_size=eval_batch_size)
     if batched:
-        init_fn = jax.vmap(init_fn)
-        step_fn = jax.vmap(step_fn, in_axes=(0, 0, data_axis, data_axis, 0, None))
-        evaluate_fn = jax.vmap(evaluate_fn, in_axes=(0, 0, data_axis, data_axis, data_axis))
+        width = vmap_width(num_points) if width is None else max(1, min(width, num_points))
+        step_fn = over_points(step_fn, (0, 0, data_axis, data_axis, 0, None), width)
+        evaluate_fn = over_points(evaluate_fn, (0, 0, data_axis, data_axis, data_axis), width)
 
-    if first == 0:
+    if first == 0 and batched:
+        # Each point's initial state from one compiled init (cheaper to compile than
+        # a vmapped one), stacked.
+        init = jax.jit(init_fn)
+        per_point = [
+            init(jax.tree.map(lambda a, k=k: a[k], hp), init_key[k]) for k in range(num_points)
+        ]
+        state = jax.tree.map(lambda *a: jnp.stack(a), *per_point)
+    elif first == 0:
         state = jax.jit(init_fn)(hp, init_key)
     else:  # the restored state replaces init's: only init's structure is needed
-        fresh = jax.tree.structure(jax.eval_shape(init_fn, hp, init_key))
+        one_hp = jax.tree.map(lambda a: a[0], hp) if batched else hp
+        one_key = init_key[0] if batched else init_key
+        fresh = jax.tree.structure(jax.eval_shape(init_fn, one_hp, one_key))
         restored = [jax.tree.map(np.asarray, p.resume.state) for p in points]
         if any(jax.tree.structure(s) != fresh for s in restored):
             raise ValueError("resume.state does not have the structure of algorithm.init's state")

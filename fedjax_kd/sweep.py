@@ -1,9 +1,10 @@
-"""``fedjax-kd sweep``: a grid of configs x seeds, run one after another in this process.
+"""``fedjax-kd sweep``: a grid of configs x seeds, run in this process.
 
 Command::
 
     fedjax-kd sweep --config PATH[:VARIANT] --workdir DIR [--grid KEY=V1,V2,...]...
-        [--seeds 0,1,2] [--config.KEY=VALUE ...] [--no-progress] [--no-compile-cache]
+        [--seeds 0,1,2] [--parallel N] [--config.KEY=VALUE ...] [--no-progress]
+        [--no-compile-cache]
 
 The grid comes from the ``--grid`` flags (their cross product, in the order the
 flags are given; the last key varies fastest) or, when there are none, from the
@@ -36,6 +37,11 @@ final ``test_accuracy``); it is written before the first run and after each.
 A run that diverges is recorded as ``diverged`` and the sweep goes on; the exit
 code is then 1. Per-run lines go to stdout, ``[i/n] point seed k`` lines to
 stderr; ``--no-progress`` turns off each run's progress bar.
+
+Points run one after another, unless ``--parallel N``: then up to N points
+whose configs differ only in the seed and continuous hyperparameters run as
+one compiled program, a leading vmap axis (:mod:`fedjax_kd.parallel`); each
+still gets its own sub-workdir, written as if it had run alone.
 
 ``fedjax-kd report DIR`` (``fedjax_kd/report.py``) tabulates and plots the result.
 """
@@ -270,6 +276,16 @@ def _parse_seeds(text: str) -> list[int]:
     return list(dict.fromkeys(seeds))
 
 
+def _parse_parallel(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the ``fedjax-kd sweep`` options to ``parser`` (see :func:`run`).
 
@@ -301,6 +317,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_parse_seeds,
         metavar="0,1,2",
         help="seeds of every point (default: get_sweep()['seeds'], else the config's seed)",
+    )
+    parser.add_argument(
+        "--parallel",
+        type=_parse_parallel,
+        default=1,
+        metavar="N",
+        help="run up to N points that differ only in the seed and continuous hyperparameters "
+        "(learning rates, mu, temperatures, weights) as one compiled program "
+        "(fedjax_kd/parallel.py; default 1: one run at a time)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar per run")
     parser.add_argument(
@@ -376,7 +401,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_points(args, root: Path, points, configs, base_overrides, seeds) -> int:
     """The sweep's runs, one after another, in the held ``root``; returns the exit code."""
-    from fedjax_kd import experiment
+    from fedjax_kd import experiment, parallel
     from fedjax_kd.simulate import NonFiniteError
 
     records = [
@@ -400,28 +425,46 @@ def _run_points(args, root: Path, points, configs, base_overrides, seeds) -> int
     diverged = 0
     try:
         _write_json(sweep_json, manifest)
+        pending = []
         for i, (p, config, record) in enumerate(zip(points, configs, records, strict=True)):
-            print(f"[{i + 1}/{len(points)}] {p.name} seed {p.seed}", file=sys.stderr, flush=True)
             summary_path = p.workdir / "summary.json"
             try:
                 done = json.loads(summary_path.read_text()) if summary_path.is_file() else None
             except ValueError:
                 done = None
             if isinstance(done, dict) and done.get("rounds") == config.rounds:
+                print(
+                    f"[{i + 1}/{len(points)}] {p.name} seed {p.seed}", file=sys.stderr, flush=True
+                )
                 accuracy = done.get("test_accuracy")
                 record.update(status="skipped", test_accuracy=accuracy)
                 shown = f"{accuracy:.4f}" if isinstance(accuracy, float) else "?"
                 message = f"skipped ({summary_path} exists), test_accuracy {shown}"
                 print(f"{p.name} seed {p.seed}: {message}")
+                sys.stdout.flush()
             else:
-                try:
-                    result = experiment.run(
-                        config, workdir=p.workdir, progress=not args.no_progress
-                    )
-                except NonFiniteError as e:
+                pending.append(i)
+        _write_json(sweep_json, manifest)
+        for group in parallel.plan([configs[i] for i in pending], args.parallel):
+            members = [pending[j] for j in group]
+            for i in members:
+                p = points[i]
+                print(
+                    f"[{i + 1}/{len(points)}] {p.name} seed {p.seed}", file=sys.stderr, flush=True
+                )
+            if len(members) > 1:
+                print(f"running {len(members)} points as one program", file=sys.stderr, flush=True)
+            results = parallel.run_group(
+                [configs[i] for i in members],
+                [points[i].workdir for i in members],
+                progress=not args.no_progress,
+            )
+            for i, result in zip(members, results, strict=True):
+                p, record = points[i], records[i]
+                if isinstance(result, NonFiniteError):
                     diverged += 1
-                    record.update(status="diverged", error=str(e))
-                    print(f"{p.name} seed {p.seed}: diverged ({e})")
+                    record.update(status="diverged", error=str(result))
+                    print(f"{p.name} seed {p.seed}: diverged ({result})")
                 else:
                     accuracy = result.summary["test_accuracy"]
                     record.update(status="done", test_accuracy=accuracy)
