@@ -80,6 +80,23 @@ def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
     return jax.random.fold_in(root, INIT), jax.random.fold_in(root, ROUNDS)
 
 
+def to_device(tree):
+    """``tree``'s NumPy leaves as device arrays; JAX arrays stay as they are.
+
+    ``jax.device_put(..., may_alias=True)``: on CPU a 64-byte-aligned NumPy
+    array (what :mod:`fedjax_kd.data` builds) becomes a device array without a
+    copy, so a population is held once; the caller must not write to the
+    NumPy arrays while the device arrays are in use.
+    """
+
+    def put(leaf):
+        if isinstance(leaf, jax.Array):
+            return leaf
+        return jax.device_put(np.asarray(leaf), may_alias=True)
+
+    return jax.tree.map(put, tree)
+
+
 def _client_mesh(devices=None) -> Mesh | None:
     """A 1-D mesh over ``devices`` (default: all) with axis ``clients``; None for one."""
     devices = jax.devices() if devices is None else list(devices)
@@ -306,7 +323,7 @@ def stack_datasets(datasets, eval_batch_size: int):
         length = max(d.train.x.shape[axis_of] for d in datasets)
         host = jax.tree.map(lambda *a: np.stack(a), *[arrays(d, length) for d in datasets])
         axis = 0
-    train, test, server = jax.tree.map(jnp.asarray, host)
+    train, test, server = to_device(host)
     return train, tuple(test), server, axis
 
 
@@ -363,7 +380,11 @@ def run(
         metrics buffer holds the longest block the run can have (at most
         ``eval_every``, the checkpoint cadence, the rounds left and
         :data:`MAX_ROUNDS_PER_CALL`), so a value past that is clipped to it
-        with the same bits.
+        with the same bits. With 1 (the default) every round is one call of
+        the round's executable, and still the host waits only once per block:
+        the rounds' metrics stay on the device until the next evaluation or
+        checkpoint (a non-finite round is then named; the rounds after it in
+        its block ran on its NaNs).
       progress: show a progress bar on stderr.
       on_eval: called with each evaluation record as it is made.
       checkpoint_every: checkpoint cadence in rounds (0 = at every evaluation);
@@ -534,13 +555,11 @@ def _run_group(
         rounds_key = jnp.stack([k[1] for k in keys])
     else:
         (dataset,) = datasets
-        data = jax.tree.map(jnp.asarray, dataset.train)
-        test = tuple(
-            map(jnp.asarray, batch_test_set(dataset.test_x, dataset.test_y, eval_batch_size))
-        )
+        data = to_device(dataset.train)
+        test = tuple(to_device(batch_test_set(dataset.test_x, dataset.test_y, eval_batch_size)))
         server_data = {}
         if dataset.proxy_x is not None:
-            server_data["proxy_x"] = jnp.asarray(dataset.proxy_x)
+            server_data["proxy_x"] = to_device(dataset.proxy_x)
         hp = {k: jnp.float32(points[0].hparams[k]) for k in names_hp}
         (init_key, rounds_key), data_axis = keys[0], None
     num_clients = datasets[0].num_clients
@@ -655,12 +674,15 @@ def _run_group(
             stacked = jax.device_get(stacked)
             out = [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n)]
         else:
+            # The rounds are dispatched back to back and their metrics stay on the
+            # device until the block ends: one host sync per block (an evaluation
+            # or a checkpoint), not one per round. A non-finite round is found
+            # (and named) then; the block's later rounds ran on its NaNs.
             out = []
             for i in range(n):
                 state, metrics = step(hp, state, *args, jnp.int32(r + i))
-                out.append(jax.device_get(metrics))
-                if not np.any(out[-1]["finite"]):
-                    break  # stop at the first round in which no point is finite
+                out.append(metrics)
+            out = jax.device_get(out)
         if not batched:
             out = [jax.tree.map(lambda a: np.asarray(a)[None], m) for m in out]
         return state, out

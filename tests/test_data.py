@@ -457,3 +457,50 @@ def test_synthetic_ragged_layout_holds_the_same_clients():
         np.testing.assert_array_equal(padded.train.y[c, :n], ragged.train.y[o : o + n])
     np.testing.assert_array_equal(padded.label_counts(), ragged.label_counts())
     assert ragged.train.max_examples == padded.train.max_examples
+
+
+@pytest.mark.parametrize(
+    "shape,dtype",
+    [((7, 3), np.float32), ((5,), np.int32), ((3, 2, 2), np.uint8)],
+)
+def test_aligned_arrays_start_on_64_bytes(shape, dtype):
+    a = data.federated.aligned_empty(shape, dtype)
+    assert a.shape == shape and a.dtype == dtype and a.ctypes.data % 64 == 0
+    z = data.federated.aligned_zeros(shape, dtype)
+    assert z.ctypes.data % 64 == 0 and not z.any()
+
+
+def test_pack_ragged_in_place_equals_the_copy_and_needs_increasing_rows():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200_000, 3)).astype(np.float32)  # several blocks of rows
+    y = rng.integers(0, 5, 200_000).astype(np.int32)
+    parts = [np.arange(0, 70_000), np.arange(70_003, 150_000), np.arange(150_001, 199_990)]
+    order = np.concatenate(parts)
+    copied = data.pack_ragged(x, y, parts)
+    np.testing.assert_array_equal(copied.x, x[order])
+    np.testing.assert_array_equal(copied.y, y[order])
+    assert copied.x.ctypes.data % 64 == 0
+    x2, y2 = x.copy(), y.copy()
+    in_place = data.pack_ragged(x2, y2, parts, in_place=True)
+    np.testing.assert_array_equal(in_place.x, copied.x)
+    np.testing.assert_array_equal(in_place.y, copied.y)
+    assert np.shares_memory(in_place.x, x2)  # the population is held once
+    np.testing.assert_array_equal(in_place.offsets, copied.offsets)
+    # Rows out of order cannot be packed in place: the input stays as it was.
+    x3 = x.copy()
+    shuffled = [parts[1], parts[0]]
+    out = data.pack_ragged(x3, y, shuffled, in_place=True)
+    np.testing.assert_array_equal(x3, x)
+    np.testing.assert_array_equal(out.x, x[np.concatenate(shuffled)])
+
+
+def test_to_device_holds_aligned_host_data_once():
+    from fedjax_kd import simulate
+
+    host = data.federated.aligned_zeros((1000, 8), np.float32)
+    device = simulate.to_device({"x": host})["x"]
+    np.testing.assert_array_equal(np.asarray(device), host)
+    if jax.default_backend() == "cpu":  # on CPU the device array is the host memory
+        host[3, 1] = 7.0
+        assert float(device[3, 1]) == 7.0
+    assert simulate.to_device({"x": device})["x"] is device

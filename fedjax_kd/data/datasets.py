@@ -35,7 +35,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from fedjax_kd.data.federated import FederatedDataset, pack, pack_ragged
+from fedjax_kd.data.federated import FederatedDataset, aligned_empty, pack, pack_ragged
 from fedjax_kd.data.partition import PARTITIONERS
 from fedjax_kd.spec import DataContext, DatasetSpec, Hyper
 
@@ -253,9 +253,10 @@ def _synthetic_arrays(
         b = rng.normal(mean_b[:, None], 1.0, (num_users, _SYNTHETIC_CLASSES))
     # float32 noise halves the memory of the largest array; labels are computed
     # from the stored float32 features so they are exactly what a model sees.
-    x = rng.standard_normal((int(sizes.sum()), _SYNTHETIC_DIM), dtype=np.float32)
+    x = aligned_empty((int(sizes.sum()), _SYNTHETIC_DIM), np.float32)
+    rng.standard_normal(dtype=np.float32, out=x)
     x *= np.sqrt(diag).astype(np.float32)
-    y = np.empty(len(x), dtype=np.int32)
+    y = aligned_empty((len(x),), np.int32)
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
     for k in range(num_users):
         rows = slice(offsets[k], offsets[k] + sizes[k])
@@ -357,18 +358,23 @@ def synthetic(
     largest = max((len(p) for p in train_parts), default=0)
     padded_bytes = len(train_parts) * largest * _SYNTHETIC_DIM * 4
     ragged = layout == "ragged" or (layout == "auto" and padded_bytes > 2**30)
+    # The test and proxy rows are copied out first: a ragged natural partition
+    # then packs the training rows in place, so the population is held once.
+    test_x, test_y = arrays.x[test_rows], arrays.y[test_rows]
+    proxy_x = arrays.x[proxy_rows] if proxy_fraction else None
     train = (
-        pack_ragged(arrays.x, arrays.y, train_parts)
+        pack_ragged(arrays.x, arrays.y, train_parts, in_place=True)
         if ragged
         else pack(arrays.x, arrays.y, train_parts)
     )
+    del arrays
     return FederatedDataset(
         name="synthetic",
         train=train,
-        test_x=arrays.x[test_rows],
-        test_y=arrays.y[test_rows],
+        test_x=test_x,
+        test_y=test_y,
         num_classes=_SYNTHETIC_CLASSES,
-        proxy_x=arrays.x[proxy_rows] if proxy_fraction else None,
+        proxy_x=proxy_x,
     )
 
 
