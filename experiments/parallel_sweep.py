@@ -3,12 +3,17 @@
 Each repetition runs, in fresh processes and each with an empty compilation
 cache directory (what a user's first sweep meets):
 
-* ``fedjax-kd sweep --seeds 0,...,7 --parallel 8`` (one program, a vmap axis);
-* ``fedjax-kd sweep --seeds 0,...,7`` (one run after another, in one process).
+* ``parallel``: ``fedjax-kd sweep --seeds 0,...,7 --parallel 8`` (one program);
+* ``sequential``: ``fedjax-kd sweep --seeds 0,...,7`` (one run after another,
+  in one process, sharing one compilation cache);
+* ``processes``: ``fedjax-kd run --config.seed=k`` for k = 0..7, one process
+  each, sharing one compilation cache (a shell loop).
 
-for the default config and for teacher_student (any ``--config.KEY=VALUE``
-after ``--`` replaces those). The two orders alternate between repetitions.
-It then compares the two sweeps' records point by point: identical
+for the default config, for teacher_student, and for the default config with
+two client learning rates x 4 seeds (hyperparameters as arguments of one
+program; any ``--config.KEY=VALUE`` after ``--`` replaces the three). The
+order of the three ways rotates between repetitions. It then compares the
+parallel and sequential sweeps' records point by point: identical
 accuracies, and the largest difference of the test losses. Prints JSON (and
 writes it with ``--json``).
 
@@ -32,25 +37,45 @@ import tempfile
 import time
 from pathlib import Path
 
+#: name -> (overrides, grid): the grid's points times the seeds are the sweep.
 CONFIGS = {
-    "default": [],
-    "teacher_student": [
-        "--config.algorithm.name=teacher_student",
-        "--config.data.proxy_fraction=0.1",
-    ],
+    "default": ([], None),
+    "teacher_student": (
+        ["--config.algorithm.name=teacher_student", "--config.data.proxy_fraction=0.1"],
+        None,
+    ),
+    # Hyperparameters as arguments: two learning rates share the program too.
+    "default_lr_grid": ([], ("client.lr", ["0.1", "0.05"])),
 }
 
 
-def _sweep(workdir: Path, seeds: int, parallel: int, overrides: list[str], cache: Path) -> float:
+def _sweep(workdir: Path, seeds: int, parallel: int, overrides, grid, cache: Path) -> float:
     """Wall seconds of one ``fedjax-kd sweep`` process."""
     command = [
         sys.executable, "-m", "fedjax_kd", "sweep", "--workdir", str(workdir), "--no-progress",
         "--seeds", ",".join(map(str, range(seeds))), "--parallel", str(parallel), *overrides,
     ]  # fmt: skip
+    if grid is not None:
+        command += ["--grid", f"{grid[0]}={','.join(grid[1])}"]
     env = {**os.environ, "FEDJAX_KD_CACHE_DIR": str(cache)}
     start = time.perf_counter()
     subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL)  # fmt: skip
+    return time.perf_counter() - start
+
+
+def _processes(workdir: Path, seeds: int, overrides, grid, cache: Path) -> float:
+    """Wall seconds of one ``fedjax-kd run`` process per point, one after another."""
+    env = {**os.environ, "FEDJAX_KD_CACHE_DIR": str(cache)}
+    values = [None] if grid is None else grid[1]
+    start = time.perf_counter()
+    for value, seed in [(v, s) for v in values for s in range(seeds)]:
+        point = [] if value is None else [f"--config.{grid[0]}={value}"]
+        command = [sys.executable, "-m", "fedjax_kd", "run", "--no-progress", "--workdir",
+                   str(workdir / f"{value}_seed{seed}"), f"--config.seed={seed}", *overrides,
+                   *point]  # fmt: skip
+        subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)  # fmt: skip
     return time.perf_counter() - start
 
 
@@ -79,38 +104,46 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=8)
     p.add_argument("--json", metavar="OUT")
     args = p.parse_args(own)
-    configs = {"custom": extra} if extra is not None else CONFIGS
+    configs = {"custom": (extra, None)} if extra is not None else CONFIGS
     out = {
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs",
         "seeds": args.seeds,
         "reps": args.reps,
         "configs": {},
     }
-    for name, overrides in configs.items():
-        times = {"parallel": [], "sequential": []}
+    for name, (overrides, grid) in configs.items():
+        seeds = args.seeds if grid is None else max(1, args.seeds // len(grid[1]))
+        points = seeds * (1 if grid is None else len(grid[1]))
+        ways = ["parallel", "sequential", "processes"]
+        times = {how: [] for how in ways}
         comparison = None
         for rep in range(args.reps):
-            order = ["parallel", "sequential"] if rep % 2 == 0 else ["sequential", "parallel"]
+            order = ways[rep % 3 :] + ways[: rep % 3]
             root = Path(tempfile.mkdtemp(prefix="parallel_sweep_"))
             try:
                 for how in order:
                     cache = root / f"cache_{how}"
-                    parallel = args.seeds if how == "parallel" else 1
-                    seconds = _sweep(root / how, args.seeds, parallel, overrides, cache)
+                    if how == "processes":
+                        seconds = _processes(root / how, seeds, overrides, grid, cache)
+                    else:
+                        parallel = points if how == "parallel" else 1
+                        seconds = _sweep(root / how, seeds, parallel, overrides, grid, cache)
                     times[how].append(round(seconds, 3))
                 comparison = _compare(root / "parallel", root / "sequential")
             finally:
                 shutil.rmtree(root, ignore_errors=True)
             print(f"{name} rep {rep}: {times}", file=sys.stderr, flush=True)
-        par, seq = statistics.median(times["parallel"]), statistics.median(times["sequential"])
+        medians = {how: statistics.median(times[how]) for how in ways}
         out["configs"][name] = {
             "overrides": overrides,
-            "parallel_s": times["parallel"],
-            "sequential_s": times["sequential"],
-            "median_parallel_s": par,
-            "median_sequential_s": seq,
-            "ratio": round(seq / par, 2),
-            "records": comparison,
+            "grid": grid,
+            "seeds": seeds,
+            "points": points,
+            **{f"{how}_s": times[how] for how in ways},
+            **{f"median_{how}_s": medians[how] for how in ways},
+            "ratio_sequential_over_parallel": round(medians["sequential"] / medians["parallel"], 2),
+            "ratio_processes_over_parallel": round(medians["processes"] / medians["parallel"], 2),
+            "records_parallel_vs_sequential": comparison,
         }
     text = json.dumps(out, indent=1)
     print(text)

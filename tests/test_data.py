@@ -504,3 +504,23 @@ def test_to_device_holds_aligned_host_data_once():
         host[3, 1] = 7.0
         assert float(device[3, 1]) == 7.0
     assert simulate.to_device({"x": device})["x"] is device
+
+
+def test_release_rows_after_keeps_the_rows_and_returns_the_rest():
+    import os
+
+    def resident_bytes():
+        return int(open(f"/proc/{os.getpid()}/statm").read().split()[1]) * os.sysconf("SC_PAGESIZE")
+
+    if not os.path.exists("/proc/self/statm"):
+        pytest.skip("reads the resident set from /proc")
+    rows = 2_000_000  # 128 MB: large enough for a memory map of its own
+    a = data.federated.aligned_empty((rows, 16), np.float32)
+    a[:] = np.arange(16, dtype=np.float32)
+    before = resident_bytes()
+    kept = data.federated.release_rows_after(a, rows // 4)
+    assert kept.shape == (rows // 4, 16) and kept.ctypes.data == a.ctypes.data
+    np.testing.assert_array_equal(kept[-1], np.arange(16))
+    assert before - resident_bytes() > 0.7 * a.nbytes * 3 / 4
+    small = data.federated.aligned_empty((10, 2), np.float32)  # no map: only sliced
+    assert data.federated.release_rows_after(small, 3).shape == (3, 2)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import mmap
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -138,13 +139,47 @@ class RaggedClientData(NamedTuple):
 ALIGNMENT = 64
 
 
+#: Arrays at least this large get their own anonymous memory map (page-aligned),
+#: so that :func:`release_rows_after` can hand unused rows back to the OS.
+_MMAP_BYTES = 64 * 2**20
+
+
 def aligned_empty(shape, dtype) -> np.ndarray:
-    """An uninitialised NumPy array whose data starts on a :data:`ALIGNMENT` boundary."""
+    """An uninitialised NumPy array whose data starts on a :data:`ALIGNMENT` boundary.
+
+    Arrays of 64 MiB or more live in an anonymous memory map of their own
+    (page-aligned; :func:`release_rows_after` can shrink them in place).
+    """
     dtype = np.dtype(dtype)
     count = int(np.prod(shape, dtype=np.int64))
-    raw = np.empty(count * dtype.itemsize + ALIGNMENT, np.uint8)
+    nbytes = count * dtype.itemsize
+    if nbytes >= _MMAP_BYTES:
+        return np.frombuffer(mmap.mmap(-1, nbytes), dtype, count).reshape(shape)
+    raw = np.empty(nbytes + ALIGNMENT, np.uint8)
     start = -raw.ctypes.data % ALIGNMENT
-    return raw[start : start + count * dtype.itemsize].view(dtype).reshape(shape)
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
+def release_rows_after(a: np.ndarray, rows: int) -> np.ndarray:
+    """``a[:rows]``, with the memory of the rows after it given back to the OS.
+
+    For an array of :func:`aligned_empty` that has its own memory map (others
+    are returned sliced, their memory kept): the whole pages past row
+    ``rows`` are dropped (``madvise(MADV_DONTNEED)``); the rest of ``a`` must
+    not be read afterwards.
+    """
+    base = a
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = base.base if isinstance(base, np.ndarray) else getattr(base, "obj", None)
+    kept = a[:rows]
+    if base is None or not hasattr(mmap, "MADV_DONTNEED"):
+        return kept
+    start_address = np.frombuffer(base, np.uint8).ctypes.data
+    end_of_kept = a.ctypes.data - start_address + kept.nbytes
+    start = -(-end_of_kept // mmap.PAGESIZE) * mmap.PAGESIZE
+    if start < len(base):
+        base.madvise(mmap.MADV_DONTNEED, start, len(base) - start)
+    return kept
 
 
 def aligned_zeros(shape, dtype) -> np.ndarray:
@@ -167,7 +202,7 @@ def _take_rows(a: np.ndarray, order: np.ndarray, dtype, in_place: bool) -> np.nd
         for start in range(0, len(order), block):
             stop = min(start + block, len(order))
             a[start:stop] = a[order[start:stop]]
-        return a[: len(order)]
+        return release_rows_after(a, len(order))
     out = aligned_empty((len(order), *a.shape[1:]), dtype)
     if a.dtype == dtype:
         np.take(a, order, axis=0, out=out)
