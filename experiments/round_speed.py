@@ -8,8 +8,10 @@ round called ``--rounds`` times
 * inside ``simulate.run`` (the whole loop: dispatch, syncs, byte counters,
   progress bar off, evaluations every 10 rounds), per round,
 
-the evaluation alone per call, and the round's floating-point work from XLA's
-cost analysis (FLOPs per round and the rate the executable reaches).
+the evaluation alone per call, one checkpoint save (what a run with a workdir
+does at every evaluation by default), and the local training's floating-point work
+(6 FLOPs per parameter and example slot of every local step, padded no-op
+steps included) with the rate the executable reaches on it.
 
 Part 2, with ``--before TREE`` (a checkout of another commit, e.g. ``git
 worktree add /tmp/before <commit>``): ``fedjax-kd run`` of the default config
@@ -61,11 +63,15 @@ def profile(rounds: int, reps: int) -> dict:
         clients_per_round=config.clients_per_round,
         max_local_examples=min(config.client.max_examples, dataset.train.max_examples),
     )
-    lowered = jax.jit(step_fn).lower(state0, data, {}, rounds_key, jnp.int32(0))
-    step = lowered.compile()
-    cost = step.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    step = jax.jit(step_fn).lower(state0, data, {}, rounds_key, jnp.int32(0)).compile()
+    # The local training's matrix work, counted by hand (XLA's cost analysis counts a
+    # loop body once): 6 FLOPs per parameter per example (forward and backward), for
+    # every example slot of every local step, padded no-op steps included.
+    params = sum(leaf.size for leaf in jax.tree.leaves(state0.params))
+    cap = min(config.client.max_examples, dataset.train.max_examples)
+    batch = min(config.client.batch_size, cap)
+    steps = config.client.epochs * -(-cap // batch)
+    flops = 6.0 * params * config.clients_per_round * steps * batch
     test = tuple(map(jnp.asarray, simulate.batch_test_set(dataset.test_x, dataset.test_y, 1024)))
     evaluate_fn = simulate._make_evaluate(lambda hp: algorithm, batch_size=1024)
     evaluate = jax.jit(evaluate_fn).lower({}, state0, *test).compile()
@@ -96,18 +102,32 @@ def profile(rounds: int, reps: int) -> dict:
         ).summary
         return summary["wall_s"] - summary["compile_s"]
 
-    times = {"executable": [], "sync_each_round": [], "simulate_run": [], "evaluate": []}
+    def checkpoint_save() -> float:
+        from fedjax_kd import checkpoint
+
+        with tempfile.TemporaryDirectory() as directory:
+            checkpoint.save(directory, 0, state0)
+            start = time.perf_counter()
+            for r in range(1, 6):
+                checkpoint.save(directory, r, state0, {"records": []})
+            return (time.perf_counter() - start) / 5
+
+    times = {"executable": [], "sync_each_round": [], "simulate_run": [], "evaluate": [],
+             "checkpoint_save": []}  # fmt: skip
     loop(False)  # warm up
     for _ in range(reps):
         times["executable"].append(_ms(loop(False), rounds))
         times["sync_each_round"].append(_ms(loop(True), rounds))
         times["simulate_run"].append(_ms(whole_run(), rounds))
         times["evaluate"].append(round(evaluation() * 1e3, 3))
+        times["checkpoint_save"].append(round(checkpoint_save() * 1e3, 3))
     median = {k: statistics.median(v) for k, v in times.items()}
     return {
-        "ms_per_round": times,
+        # executable, sync_each_round, simulate_run: per round; evaluate, checkpoint_save: per call
+        "ms": times,
         "median_ms": median,
-        "flops_per_round": flops,
+        "local_training_flops_per_round": flops,
+        "local_steps_per_round": steps,
         "gflops_per_s_executable": round(flops / (median["executable"] * 1e-3) / 1e9, 2),
         "evaluations_per_round": 1 / config.eval_every,
     }
@@ -117,8 +137,11 @@ def _run_tree(tree: Path, rounds: int) -> tuple[float, str]:
     """``fedjax-kd run`` in a fresh process with ``tree`` first on the path."""
     with tempfile.TemporaryDirectory() as workdir:
         env = {**os.environ, "PYTHONPATH": str(tree), "FEDJAX_KD_CACHE_DIR": "off"}
+        # One checkpoint, after the last round: orbax's save (about 35 ms) at every
+        # evaluation would otherwise be most of the loop (``checkpoint_cost``).
         command = [sys.executable, "-m", "fedjax_kd", "run", "--no-progress", "--workdir",
-                   workdir, f"--config.rounds={rounds}"]  # fmt: skip
+                   workdir, f"--config.rounds={rounds}",
+                   f"--config.checkpoint_every={rounds}"]  # fmt: skip
         subprocess.run(command, check=True, env=env, cwd=tempfile.gettempdir(),
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         summary = json.loads((Path(workdir) / "summary.json").read_text())
