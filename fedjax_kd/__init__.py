@@ -23,9 +23,10 @@ round. The curated public API (see ``docs/ARCHITECTURE.md``):
 * modules: ``data`` (``data.digits``, ``data.synthetic``, partitioners),
   ``models`` (``models.create``: ``linear``, ``mlp-W...``, ``cnn-C...``),
   ``losses``, ``aggregate``, ``optimizers``, ``simulate``
-  (:func:`simulate.run`, the library's run loop) and ``experiment``
-  (:func:`experiment.run`, a run from a config), and the ``fedjax-kd``
-  command.
+  (:func:`simulate.run`, the library's run loop), ``experiment``
+  (:func:`experiment.run`, a run from a config) and ``parallel``
+  (:func:`parallel.run_all`, sweep points as one program), and the
+  ``fedjax-kd`` command.
 
 Names are imported on first use (PEP 562), so ``import fedjax_kd`` and the
 ``fedjax-kd --help`` / ``report`` commands start without importing JAX.
@@ -89,6 +90,7 @@ _MODULES = (
     "losses",
     "models",
     "optimizers",
+    "parallel",
     "simulate",
     "spec",
     "types",

@@ -175,13 +175,16 @@ def run_group(
     differing = _differing(configs)
     if any(_static_part(c, differing) != _static_part(configs[0], differing) for c in configs):
         raise ValueError("run_group: the configs differ in more than seed and continuous keys")
-    built = [experiment.build_run(c, parallel=len(configs)) for c in configs]
-    datasets = [d for d, _ in built]
+    # The first point is checked in full (its memory estimate times the group's
+    # size); the others share its shapes but for their data, built on their own.
+    # Its algorithm serves every point's workdir as the template of the state.
+    first_dataset, algorithm = experiment.build_run(configs[0], parallel=len(configs))
+    datasets = [first_dataset, *(experiment.build_dataset(c) for c in configs[1:])]
     results: list = [None] * len(configs)
     try:
         with contextlib.ExitStack() as held:
             opened = []
-            for config, workdir, (_, algorithm) in zip(configs, workdirs, built, strict=True):
+            for config, workdir in zip(configs, workdirs, strict=True):
                 if workdir is None:
                     opened.append(None)
                     continue
