@@ -682,9 +682,11 @@ def _run_group(
             # (and named) then; the block's later rounds ran on its NaNs.
             out = []
             for i in range(n):
-                state, metrics = step(hp, state, *args, jnp.int32(r + i))
+                state, metrics = step(hp, state, *args, np.int32(r + i))
                 out.append(metrics)
-            out = jax.device_get(out)
+            # One transfer per metric for the whole block, not one per round.
+            stacked = jax.device_get(jax.tree.map(lambda *m: jnp.stack(m), *out))
+            out = [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n)]
         if not batched:
             out = [jax.tree.map(lambda a: np.asarray(a)[None], m) for m in out]
         return state, out
