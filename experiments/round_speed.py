@@ -11,7 +11,9 @@ round called ``--rounds`` times
 the evaluation alone per call, one checkpoint save (what a run with a workdir
 does at every evaluation by default), and the local training's floating-point work
 (6 FLOPs per parameter and example slot of every local step, padded no-op
-steps included) with the rate the executable reaches on it.
+steps included) with the rate the executable reaches on it; then the compiled
+round alone for other student widths (``--models``): what stays when the
+arithmetic shrinks is the executable's fixed cost per round.
 
 Part 2, with ``--before TREE`` (a checkout of another commit, e.g. ``git
 worktree add /tmp/before <commit>``): ``fedjax-kd run`` of the default config
@@ -133,6 +135,45 @@ def profile(rounds: int, reps: int) -> dict:
     }
 
 
+def by_model(rounds: int, reps: int, models: list[str]) -> dict:
+    """The compiled round's own time (back to back, one sync) for other student models.
+
+    What stays when the arithmetic shrinks (``linear``) is the executable's
+    fixed cost per round; what grows with the width is the arithmetic.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from fedjax_kd import experiment, simulate
+
+    out = {}
+    for model in models:
+        config = experiment.resolve(None, [("model.student", model)])
+        dataset = experiment.build_dataset(config)
+        algorithm = experiment.build_algorithm(config, dataset)
+        init_key, rounds_key = simulate.seed_keys(0)
+        data = simulate.to_device(dataset.train)
+        state0 = jax.jit(algorithm.init)(init_key)
+        step_fn = simulate._make_round_step(
+            algorithm,
+            num_clients=dataset.num_clients,
+            clients_per_round=config.clients_per_round,
+            max_local_examples=min(config.client.max_examples, dataset.train.max_examples),
+        )
+        step = jax.jit(step_fn).lower(state0, data, {}, rounds_key, jnp.int32(0)).compile()
+        times = []
+        for _ in range(reps + 1):  # the first repetition warms up
+            state, start = state0, time.perf_counter()
+            for r in range(rounds):
+                state, _ = step(state, data, {}, rounds_key, jnp.int32(r))
+            jax.block_until_ready(state)
+            times.append(_ms(time.perf_counter() - start, rounds))
+        params = sum(leaf.size for leaf in jax.tree.leaves(state0.params))
+        out[model] = {"params": params, "ms_per_round": times[1:],
+                      "median_ms": statistics.median(times[1:])}  # fmt: skip
+    return out
+
+
 def _run_tree(tree: Path, rounds: int) -> tuple[float, str]:
     """``fedjax-kd run`` in a fresh process with ``tree`` first on the path."""
     with tempfile.TemporaryDirectory() as workdir:
@@ -179,9 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--rounds", type=int, default=300)
     p.add_argument("--before", type=Path, help="another checkout to compare the run loop with")
+    p.add_argument("--models", default="linear,mlp-8,mlp-64,mlp-256")
     p.add_argument("--json", metavar="OUT")
     args = p.parse_args(argv)
     out = {"rounds": args.rounds, "profile": profile(args.rounds, args.reps)}
+    out["by_model"] = by_model(args.rounds, args.reps, args.models.split(","))
     if args.before is not None:
         out["before_after"] = before_after(args.before, args.rounds, args.reps)
     text = json.dumps(out, indent=1)
