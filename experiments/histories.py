@@ -10,8 +10,8 @@ may differ.
 
 Usage::
 
-    python experiments/histories.py dump OUT.json [--config FILE] [--seeds 0] \\
-        [algorithm.name=fedavg data.name=digits data.alpha=0.1 ...]
+    python experiments/histories.py dump OUT.json \\
+        [algorithm.name=fedavg data.name=digits data.alpha=0.1 ...] [--config FILE] [--seeds 0]
     python experiments/histories.py compare BEFORE.json AFTER.json
 
 ``compare`` prints one line per point (``identical`` or the first differing
