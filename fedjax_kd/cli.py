@@ -6,7 +6,7 @@ Usage::
                   [--overwrite | --resume] [--no-progress] [--no-compile-cache]
     fedjax-kd bench --clients 10,100,1000,10000 --json PATH   (see fedjax_kd/bench/)
     fedjax-kd sweep --config PATH[:VARIANT] --workdir DIR [--grid KEY=V1,V2]... [--seeds 0,1,2]
-                    [--config.KEY=VALUE ...] [--no-progress] [--no-compile-cache]
+                    [--parallel N] [--config.KEY=VALUE ...] [--no-progress] [--no-compile-cache]
                     (see fedjax_kd/sweep.py)
     fedjax-kd report DIR... --out OUTDIR [--metric test_accuracy] [--target T]
                      [--columns KEY,...] [--baseline KEY=VALUE] [--panels KEY,...]

@@ -66,7 +66,8 @@ from fedjax_kd.cli_util import fail
 
 USAGE = (
     "fedjax-kd sweep --workdir DIR [--config PATH[:VARIANT]] [--grid KEY=V1,V2,...]... "
-    "[--seeds 0,1,2] [--config.KEY=VALUE ...] [--no-progress] [--no-compile-cache]"
+    "[--seeds 0,1,2] [--parallel N] [--config.KEY=VALUE ...] [--no-progress] "
+    "[--no-compile-cache]"
 )
 #: Name of the point without grid values (a sweep over seeds only).
 BASE_NAME = "base"

@@ -240,3 +240,13 @@ def test_stack_datasets_pads_and_refuses_other_shapes():
     assert simulate.stack_datasets([same, same], 8)[3] is None
     with pytest.raises(ValueError, match="differ in shape"):
         simulate.stack_datasets([dataset(4, 2), dataset(5, 2)], 8)
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two"])
+def test_parallel_must_be_a_whole_number_at_least_1(tmp_path, capsys, no_run, value):
+    code = cli.main(["sweep", "--workdir", str(tmp_path / "s"), "--parallel", value])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith(
+        f"error: argument --parallel: expected a whole number >= 1, got '{value}'"
+    )
