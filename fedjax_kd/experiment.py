@@ -920,6 +920,14 @@ def build_run(config: ml_collections.ConfigDict, parallel: int = 1):
     Returns:
       ``(dataset, algorithm)``.
     """
+    dataset = build_checked_dataset(config)
+    algorithm = build_algorithm(config, dataset)
+    _check_memory(config, dataset, algorithm, parallel)
+    return dataset, algorithm
+
+
+def build_checked_dataset(config: ml_collections.ConfigDict) -> FederatedDataset:
+    """:func:`build_dataset`, refusing a cohort larger than the dataset or its model groups."""
     dataset = build_dataset(config)
     if config.clients_per_round > dataset.num_clients:
         raise ConfigError(
@@ -934,9 +942,7 @@ def build_run(config: ml_collections.ConfigDict, parallel: int = 1):
             f"config key 'clients_per_round': each of the {groups} model groups needs "
             f"{config.clients_per_round // groups} clients of the {dataset.num_clients}"
         )
-    algorithm = build_algorithm(config, dataset)
-    _check_memory(config, dataset, algorithm, parallel)
-    return dataset, algorithm
+    return dataset
 
 
 def run_settings(config: ml_collections.ConfigDict) -> dict:

@@ -168,18 +168,22 @@ def run_group(
         raise ValueError("run_group: one workdir per config")
     if not configs:
         return []
-    if jax.process_count() > 1:
-        raise experiment.ConfigError("--parallel is not supported in multi-host runs")
     if len(configs) == 1:
         return [_run_alone(configs[0], workdirs[0], progress)]
+    if jax.process_count() > 1:
+        raise experiment.ConfigError("--parallel is not supported in multi-host runs")
     differing = _differing(configs)
     if any(_static_part(c, differing) != _static_part(configs[0], differing) for c in configs):
         raise ValueError("run_group: the configs differ in more than seed and continuous keys")
-    # The first point is checked in full (its memory estimate times the group's
-    # size); the others share its shapes but for their data, built on their own.
+    # The first point is checked in full; the others differ only in their data.
     # Its algorithm serves every point's workdir as the template of the state.
-    first_dataset, algorithm = experiment.build_run(configs[0], parallel=len(configs))
-    datasets = [first_dataset, *(experiment.build_dataset(c) for c in configs[1:])]
+    first_dataset, algorithm = experiment.build_run(configs[0])
+    datasets = [first_dataset, *(experiment.build_checked_dataset(c) for c in configs[1:])]
+    shape_groups = _shape_groups(datasets)
+    for members in shape_groups:  # before any workdir is touched: N copies of one run
+        if len(members) > 1:
+            i = members[0]
+            experiment._check_memory(configs[i], datasets[i], algorithm, len(members))
     results: list = [None] * len(configs)
     try:
         with contextlib.ExitStack() as held:
@@ -190,7 +194,7 @@ def run_group(
                     continue
                 held.enter_context(workdir_lib.hold(workdir))
                 opened.append(experiment.open_workdir(Path(workdir), config, algorithm))
-            for members in _shape_groups(datasets):
+            for members in shape_groups:
                 for same_start in _split_by(members, lambda i: _resume_round(opened[i])):
                     _run_members(
                         configs, datasets, opened, same_start, differing, progress, results
@@ -272,6 +276,7 @@ def _simulate_points(configs, datasets, opened, members, traced, progress) -> li
             result = e
         out = [result]
     else:
+        print(f"running {len(points)} points as one program", file=sys.stderr, flush=True)
         build = _builder(config, datasets[members[0]], traced)
         out = simulate.run_parallel(build, points, **settings)
     for i, result in zip(members, out, strict=True):

@@ -401,7 +401,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_points(args, root: Path, points, configs, base_overrides, seeds) -> int:
-    """The sweep's runs, one after another, in the held ``root``; returns the exit code."""
+    """The sweep's runs in the held ``root`` (one after another, or in groups); the exit code."""
     from fedjax_kd import experiment, parallel
     from fedjax_kd.simulate import NonFiniteError
 
@@ -453,8 +453,6 @@ def _run_points(args, root: Path, points, configs, base_overrides, seeds) -> int
                 print(
                     f"[{i + 1}/{len(points)}] {p.name} seed {p.seed}", file=sys.stderr, flush=True
                 )
-            if len(members) > 1:
-                print(f"running {len(members)} points as one program", file=sys.stderr, flush=True)
             results = parallel.run_group(
                 [configs[i] for i in members],
                 [points[i].workdir for i in members],

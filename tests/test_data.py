@@ -522,5 +522,7 @@ def test_release_rows_after_keeps_the_rows_and_returns_the_rest():
     assert kept.shape == (rows // 4, 16) and kept.ctypes.data == a.ctypes.data
     np.testing.assert_array_equal(kept[-1], np.arange(16))
     assert before - resident_bytes() > 0.7 * a.nbytes * 3 / 4
+    # The pages were freed, not only unmapped (a private mapping): read again, they are zero.
+    assert a[-1, 5] == 0.0
     small = data.federated.aligned_empty((10, 2), np.float32)  # no map: only sliced
     assert data.federated.release_rows_after(small, 3).shape == (3, 2)

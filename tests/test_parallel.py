@@ -250,3 +250,16 @@ def test_parallel_must_be_a_whole_number_at_least_1(tmp_path, capsys, no_run, va
     assert err[0].startswith(
         f"error: argument --parallel: expected a whole number >= 1, got '{value}'"
     )
+
+
+def test_points_whose_data_differ_in_shape_run_apart(capsys):
+    # Synthetic's test set size depends on the seed: the two points cannot share a program.
+    cs = configs((("data.name", "synthetic"), ("data.num_clients", "12")), seeds=(0, 1))
+    datasets = [experiment.build_dataset(c) for c in cs]
+    assert datasets[0].test_x.shape != datasets[1].test_x.shape
+    assert parallel.plan(cs, 8) == [[0, 1]]
+    together = parallel.run_all(cs, parallel=8, progress=False)
+    assert "as one program" not in capsys.readouterr().err
+    for config, t in zip(cs, together, strict=True):
+        alone = experiment.run(config, progress=False)
+        assert [dict(r, wall_s=0) for r in t.history] == [dict(r, wall_s=0) for r in alone.history]

@@ -154,7 +154,12 @@ def aligned_empty(shape, dtype) -> np.ndarray:
     count = int(np.prod(shape, dtype=np.int64))
     nbytes = count * dtype.itemsize
     if nbytes >= _MMAP_BYTES:
-        return np.frombuffer(mmap.mmap(-1, nbytes), dtype, count).reshape(shape)
+        # A private mapping: MADV_DONTNEED then frees its pages (a shared one keeps them).
+        private = getattr(mmap, "MAP_PRIVATE", None)
+        anonymous = getattr(mmap, "MAP_ANONYMOUS", None)
+        if private is not None and anonymous is not None:
+            memory = mmap.mmap(-1, nbytes, flags=private | anonymous)
+            return np.frombuffer(memory, dtype, count).reshape(shape)
     raw = np.empty(nbytes + ALIGNMENT, np.uint8)
     start = -raw.ctypes.data % ALIGNMENT
     return raw[start : start + nbytes].view(dtype).reshape(shape)
