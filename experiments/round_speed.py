@@ -46,18 +46,21 @@ def _ms(seconds: float, rounds: int) -> float:
     return round(seconds * 1e3 / rounds, 3)
 
 
-def profile(rounds: int, reps: int) -> dict:
-    """Part 1 (see the module docstring)."""
+def _compiled_round(overrides: list[tuple[str, str]]):
+    """The config's round compiled alone.
+
+    Returns ``(config, dataset, algorithm, data, state0, rounds_key, step)``.
+    """
     import jax
     import jax.numpy as jnp
 
     from fedjax_kd import experiment, simulate
 
-    config = experiment.resolve(None, [("rounds", str(rounds))])
+    config = experiment.resolve(None, overrides)
     dataset = experiment.build_dataset(config)
     algorithm = experiment.build_algorithm(config, dataset)
     init_key, rounds_key = simulate.seed_keys(config.seed)
-    data = jax.tree.map(jnp.asarray, dataset.train)
+    data = simulate.to_device(dataset.train)
     state0 = jax.jit(algorithm.init)(init_key)
     step_fn = simulate._make_round_step(
         algorithm,
@@ -66,6 +69,19 @@ def profile(rounds: int, reps: int) -> dict:
         max_local_examples=min(config.client.max_examples, dataset.train.max_examples),
     )
     step = jax.jit(step_fn).lower(state0, data, {}, rounds_key, jnp.int32(0)).compile()
+    return config, dataset, algorithm, data, state0, rounds_key, step
+
+
+def profile(rounds: int, reps: int) -> dict:
+    """Part 1 (see the module docstring)."""
+    import jax
+    import jax.numpy as jnp
+
+    from fedjax_kd import experiment, simulate
+
+    config, dataset, algorithm, data, state0, rounds_key, step = _compiled_round(
+        [("rounds", str(rounds))]
+    )
     # The local training's matrix work, counted by hand (XLA's cost analysis counts a
     # loop body once): 6 FLOPs per parameter per example (forward and backward), for
     # every example slot of every local step, padded no-op steps included.
@@ -144,23 +160,9 @@ def by_model(rounds: int, reps: int, models: list[str]) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from fedjax_kd import experiment, simulate
-
     out = {}
     for model in models:
-        config = experiment.resolve(None, [("model.student", model)])
-        dataset = experiment.build_dataset(config)
-        algorithm = experiment.build_algorithm(config, dataset)
-        init_key, rounds_key = simulate.seed_keys(0)
-        data = simulate.to_device(dataset.train)
-        state0 = jax.jit(algorithm.init)(init_key)
-        step_fn = simulate._make_round_step(
-            algorithm,
-            num_clients=dataset.num_clients,
-            clients_per_round=config.clients_per_round,
-            max_local_examples=min(config.client.max_examples, dataset.train.max_examples),
-        )
-        step = jax.jit(step_fn).lower(state0, data, {}, rounds_key, jnp.int32(0)).compile()
+        _, _, _, data, state0, rounds_key, step = _compiled_round([("model.student", model)])
         times = []
         for _ in range(reps + 1):  # the first repetition warms up
             state, start = state0, time.perf_counter()
