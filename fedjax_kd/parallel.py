@@ -97,13 +97,13 @@ def plan(configs: Sequence, parallel: int) -> list[list[int]]:
     """
     if parallel <= 1:
         return [[i] for i in range(len(configs))]
-    by_key: dict[str, list[int]] = {}
-    for i, config in enumerate(configs):
-        by_key.setdefault(_static_part(config, continuous_keys(config)), []).append(i)
-    groups = []
-    for members in by_key.values():
-        groups += [members[j : j + parallel] for j in range(0, len(members), parallel)]
-    return sorted(groups, key=lambda g: g[0])
+    same = _split_by(
+        range(len(configs)), lambda i: _static_part(configs[i], continuous_keys(configs[i]))
+    )
+    pieces = [
+        members[j : j + parallel] for members in same for j in range(0, len(members), parallel)
+    ]
+    return sorted(pieces, key=lambda group: group[0])
 
 
 def _differing(configs: Sequence) -> list[str]:
@@ -128,14 +128,8 @@ def _builder(config, dataset, traced: Sequence[str]):
 
 
 def _shape_groups(datasets) -> list[list[int]]:
-    """Indices of datasets that agree in every shape but the clients' padded length."""
-    groups: dict[tuple, list[int]] = {}
-    for i, d in enumerate(datasets):
-        proxy = None if d.proxy_x is None else d.proxy_x.shape
-        signature = (type(d.train).__name__, d.num_clients, d.feature_shape, d.num_classes,
-                     d.test_x.shape, proxy)  # fmt: skip
-        groups.setdefault(signature, []).append(i)
-    return list(groups.values())
+    """Indices of datasets with equal :func:`~fedjax_kd.simulate.dataset_shapes`."""
+    return _split_by(range(len(datasets)), lambda i: simulate.dataset_shapes(datasets[i]))
 
 
 def run_group(
@@ -258,26 +252,27 @@ def _simulate_points(configs, datasets, opened, members, traced, progress) -> li
                 resume=o and o.restored,
             )
         )
-    settings = {**experiment.run_settings(config), "progress": progress}
-    if len(points) == 1:
-        point = points[0]
-        algorithm = experiment.build_algorithm(config, datasets[members[0]])
+    if len(points) == 1:  # what a run alone in its workdir does
+        (point,) = points
+        algorithm = experiment.build_algorithm(config, point.dataset)
         try:
-            result = simulate.run(
-                algorithm,
-                point.dataset,
-                seed=point.seed,
-                on_eval=point.on_eval,
-                on_checkpoint=point.on_checkpoint,
-                resume=point.resume,
-                **settings,
-            )
+            out = [
+                experiment._simulate(
+                    config,
+                    point.dataset,
+                    algorithm,
+                    progress=progress,
+                    on_eval=point.on_eval,
+                    on_checkpoint=point.on_checkpoint,
+                    resume=point.resume,
+                )
+            ]
         except simulate.NonFiniteError as e:
-            result = e
-        out = [result]
+            out = [e]
     else:
         print(f"running {len(points)} points as one program", file=sys.stderr, flush=True)
         build = _builder(config, datasets[members[0]], traced)
+        settings = {**experiment.run_settings(config), "progress": progress}
         out = simulate.run_parallel(build, points, **settings)
     for i, result in zip(members, out, strict=True):
         if opened[i] is not None and not isinstance(result, simulate.NonFiniteError):

@@ -271,6 +271,8 @@ def _pad_examples(train, length: int):
     """
     axis = 1 if isinstance(train, ClientData) else 0
     pad = length - train.x.shape[axis]
+    if pad == 0:  # as it is: no copy (an aligned array stays aliasable by to_device)
+        return train
 
     def padded(a):
         widths = [(0, 0)] * np.ndim(a)
@@ -278,6 +280,31 @@ def _pad_examples(train, length: int):
         return np.pad(np.asarray(a), widths)
 
     return train._replace(x=padded(train.x), y=padded(train.y))
+
+
+def _example_length(train) -> int:
+    """The padded example axis of ``train``: ``N`` (ClientData) or the rows (ragged)."""
+    return train.x.shape[1 if isinstance(train, ClientData) else 0]
+
+
+def dataset_shapes(dataset: FederatedDataset) -> tuple:
+    """Every shape of ``dataset`` that a compiled round depends on, but the padded length.
+
+    Points whose datasets have equal ``dataset_shapes`` can share one program
+    (:func:`stack_datasets` pads their clients to the longest).
+    """
+    d = dataset
+    proxy = None if d.proxy_x is None else d.proxy_x.shape
+    return (type(d.train).__name__, d.num_clients, d.feature_shape, d.num_classes,
+            d.test_x.shape, proxy)  # fmt: skip
+
+
+def _host_arrays(dataset: FederatedDataset, length: int, eval_batch_size: int):
+    """``(train padded to length, test batches, server_data)`` of one dataset, on the host."""
+    train = _pad_examples(dataset.train, length)
+    test = batch_test_set(dataset.test_x, dataset.test_y, eval_batch_size)
+    server = {} if dataset.proxy_x is None else {"proxy_x": dataset.proxy_x}
+    return train, test, server
 
 
 def stack_datasets(datasets, eval_batch_size: int):
@@ -292,39 +319,23 @@ def stack_datasets(datasets, eval_batch_size: int):
       ``(train, test, server_data, axis)``: device arrays, and 0 or None.
 
     Raises:
-      ValueError: the datasets differ in another shape (number of clients,
-        features, test or proxy set), so they cannot share one program.
+      ValueError: the datasets differ in another shape (:func:`dataset_shapes`:
+        number of clients, features, test or proxy set), so they cannot share
+        one program.
     """
     first = datasets[0]
-
-    def shapes(d):
-        proxy = None if d.proxy_x is None else d.proxy_x.shape
-        return (type(d.train).__name__, d.num_clients, d.feature_shape, d.num_classes,
-                d.test_x.shape, proxy)  # fmt: skip
-
     for d in datasets[1:]:
-        if shapes(d) != shapes(first):
+        if dataset_shapes(d) != dataset_shapes(first):
             raise ValueError(
-                f"the points' datasets differ in shape ({shapes(first)} vs {shapes(d)}); "
-                "they cannot run as one program"
+                f"the points' datasets differ in shape ({dataset_shapes(first)} vs "
+                f"{dataset_shapes(d)}); they cannot run as one program"
             )
-
-    def arrays(d, length):
-        train = _pad_examples(d.train, length)
-        test = batch_test_set(d.test_x, d.test_y, eval_batch_size)
-        server = {} if d.proxy_x is None else {"proxy_x": d.proxy_x}
-        return train, test, server
-
     if all(d is first for d in datasets):
-        host, axis = (
-            arrays(first, first.train.x.shape[1 if isinstance(first.train, ClientData) else 0]),
-            None,
-        )
+        host, axis = _host_arrays(first, _example_length(first.train), eval_batch_size), None
     else:
-        axis_of = 1 if isinstance(first.train, ClientData) else 0
-        length = max(d.train.x.shape[axis_of] for d in datasets)
-        host = jax.tree.map(lambda *a: np.stack(a), *[arrays(d, length) for d in datasets])
-        axis = 0
+        length = max(_example_length(d.train) for d in datasets)
+        arrays = [_host_arrays(d, length, eval_batch_size) for d in datasets]
+        host, axis = jax.tree.map(lambda *a: np.stack(a), *arrays), 0
     train, test, server = to_device(host)
     return train, tuple(test), server, axis
 
@@ -557,13 +568,12 @@ def _run_group(
         rounds_key = jnp.stack([k[1] for k in keys])
     else:
         (dataset,) = datasets
-        data = to_device(dataset.train)
-        test = tuple(to_device(batch_test_set(dataset.test_x, dataset.test_y, eval_batch_size)))
-        server_data = {}
-        if dataset.proxy_x is not None:
-            server_data["proxy_x"] = to_device(dataset.proxy_x)
+        host = _host_arrays(dataset, _example_length(dataset.train), eval_batch_size)
+        data, test, server_data = to_device(host)
+        test = tuple(test)
         hp = {k: jnp.float32(points[0].hparams[k]) for k in names_hp}
         (init_key, rounds_key), data_axis = keys[0], None
+    one_hp = jax.tree.map(lambda a: a[0], hp) if batched else hp  # point 0's, for shapes
     num_clients = datasets[0].num_clients
     largest = max(d.train.max_examples for d in datasets)
     cap = largest if max_local_examples is None else min(max_local_examples, largest)
@@ -618,7 +628,6 @@ def _run_group(
     elif first == 0:
         state = jax.jit(init_fn)(hp, init_key)
     else:  # the restored state replaces init's: only init's structure is needed
-        one_hp = jax.tree.map(lambda a: a[0], hp) if batched else hp
         one_key = init_key[0] if batched else init_key
         fresh = jax.tree.structure(jax.eval_shape(init_fn, one_hp, one_key))
         restored = [jax.tree.map(np.asarray, p.resume.state) for p in points]
@@ -696,11 +705,7 @@ def _run_group(
 
     evaluate = jax.jit(evaluate_fn, **jit_kwargs).lower(hp, state, *test).compile()
     # jit returns dicts with sorted keys; the headline is eval_models' FIRST entry.
-    names = list(
-        build(hp if not batched else jax.tree.map(lambda a: a[0], hp)).eval_models(
-            point_state(state, 0)
-        )
-    )
+    names = list(build(one_hp).eval_models(point_state(state, 0)))
     compile_s = time.perf_counter() - start
     # wall_s continues from the checkpoint: the run's time, summed over processes.
     starts_at = [

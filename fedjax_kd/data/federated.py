@@ -197,12 +197,13 @@ def aligned_zeros(shape, dtype) -> np.ndarray:
 def _take_rows(a: np.ndarray, order: np.ndarray, dtype, in_place: bool) -> np.ndarray:
     """``a[order]`` as ``dtype``, aligned; with ``in_place``, written over ``a`` itself.
 
-    In place needs ``order`` increasing (row ``i`` is taken from row
-    ``order[i] >= i``, so a block of rows written never holds rows a later
-    block reads) and ``a`` of ``dtype`` already; the result is then a view of
-    ``a``'s first rows (extra memory: one block of rows).
+    In place needs ``order`` increasing, which the caller checks (row ``i``
+    is taken from row ``order[i] >= i``, so a block of rows written never
+    holds rows a later block reads), and ``a`` of ``dtype`` already; the
+    result is then a view of ``a``'s first rows (extra memory: one block of
+    rows).
     """
-    if in_place and a.dtype == dtype and (len(order) < 2 or np.all(np.diff(order) > 0)):
+    if in_place and a.dtype == dtype:
         block = 1 << 16
         for start in range(0, len(order), block):
             stop = min(start + block, len(order))
@@ -234,6 +235,7 @@ def pack_ragged(
         raise ValueError(f"{counts.sum()} examples: more than int32 offsets can address")
     order = np.concatenate(indices) if indices else np.zeros(0, np.int64)
     offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int32)
+    in_place = in_place and (len(order) < 2 or bool(np.all(np.diff(order) > 0)))
     return RaggedClientData(
         x=_take_rows(x, order, np.float32, in_place),
         y=_take_rows(y, order, np.int32, in_place),
