@@ -31,7 +31,7 @@ from fedjax_kd import data as data_lib
 from fedjax_kd import workdir as workdir_lib
 from fedjax_kd.configs import default as default_config
 from fedjax_kd.configs import flatten
-from fedjax_kd.data import DATASET_SPECS, PARTITIONERS, FederatedDataset
+from fedjax_kd.data import DATASET_SPECS, PARTITIONERS, CorruptFile, FederatedDataset, MissingFile
 from fedjax_kd.spec import AlgorithmSpec, BuildContext, DataContext
 from fedjax_kd.spec import _never as _never_needs_proxy
 from fedjax_kd.types import FederatedAlgorithm
@@ -648,9 +648,12 @@ def build_dataset(config: ml_collections.ConfigDict) -> FederatedDataset:
         partition_kwargs=kwargs,
         seed=config.seed,
         proxy_fraction=d.proxy_fraction,
+        data_dir=d.dir,
     )
     try:
         return spec.build(ctx)
+    except (MissingFile, CorruptFile) as e:
+        raise ConfigError(f"data ({d.name}): {e}") from None
     except ValueError as e:
         keys = ["data.num_clients", "data.min_client_size", "data.proxy_fraction"]
         keys += [f"{spec.name}.{h}" for h in spec.hypers if h != spec.partition_option]

@@ -171,6 +171,19 @@ def create(name: str, *, feature_shape: Sequence[int], num_classes: int) -> Mode
     return from_nnx(spec.build(sizes, feature_shape, num_classes), name=name)
 
 
+def prepare_inputs(x: jax.Array) -> jax.Array:
+    """Compactly stored inputs as a model takes them, inside the compiled round.
+
+    uint8 pixels become float32 in ``[0, 1]`` (``x / 255``); float32
+    features and int32 token ids pass unchanged. Every built-in and wrapped
+    model (:func:`from_nnx`, :func:`from_linen`) calls it first, so client
+    data can stay uint8 on the host and on the device.
+    """
+    if x.dtype == jnp.uint8:
+        return x.astype(jnp.float32) / 255.0
+    return x
+
+
 def from_nnx(build: Callable[[nnx.Rngs], nnx.Module], *, name: str = "nnx") -> Model:
     """A user's Flax NNX module as a :class:`Model` (pure ``init``/``apply``).
 
@@ -208,7 +221,7 @@ def from_nnx(build: Callable[[nnx.Rngs], nnx.Module], *, name: str = "nnx") -> M
         return nnx.to_pure_dict(nnx.state(module, nnx.Param))
 
     def apply(params: Params, x: jax.Array) -> jax.Array:
-        return nnx.merge(graphdef, params)(x)
+        return nnx.merge(graphdef, params)(prepare_inputs(x))
 
     return Model(name=name, init=init, apply=apply)
 
@@ -237,7 +250,7 @@ def from_linen(module, feature_shape: Sequence[int], *, name: str = "linen") -> 
         return module.init(key, dummy)["params"]
 
     def apply(params: Params, x: jax.Array) -> jax.Array:
-        return module.apply({"params": params}, x)
+        return module.apply({"params": params}, prepare_inputs(x))
 
     return Model(name=name, init=init, apply=apply)
 

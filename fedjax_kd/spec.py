@@ -177,6 +177,7 @@ class DataContext(NamedTuple):
         (``alpha``, ``min_size``, ``shards_per_client``, ``sigma``).
       seed: the run's seed.
       proxy_fraction: ``data.proxy_fraction``.
+      data_dir: ``data.dir``, the folder of a dataset read from files ("" = none).
     """
 
     hp: dict
@@ -185,6 +186,7 @@ class DataContext(NamedTuple):
     partition_kwargs: dict
     seed: int
     proxy_fraction: float
+    data_dir: str = ""
 
 
 @dataclass(frozen=True)

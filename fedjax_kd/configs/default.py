@@ -60,7 +60,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 0
 
     c.data = ml_collections.ConfigDict()
-    c.data.name = "digits"  # digits | synthetic | package.module:function (a user's loader)
+    c.data.name = "digits"  # digits | synthetic | mnist1d | mnist | femnist | ... (fedjax-kd list)
+    # or package.module:function (a user's loader)
+    c.data.dir = ""  # the folder of a dataset read from files (mnist, cifar10, femnist, ...)
     c.data.num_clients = 100
     c.data.partition = "dirichlet"  # iid | dirichlet | shards | quantity (digits)
     c.data.alpha = 0.5  # Dirichlet concentration (partition=dirichlet)

@@ -1,5 +1,6 @@
-"""Federated data: padded client arrays, partitioners and offline datasets."""
+"""Federated data: padded client arrays, partitioners, offline datasets and file readers."""
 
+from fedjax_kd.data.benchmarks import BENCHMARK_SPECS
 from fedjax_kd.data.datasets import DATASET_SPECS, DATASETS, digits, from_arrays, synthetic
 from fedjax_kd.data.federated import (
     ClientData,
@@ -13,9 +14,14 @@ from fedjax_kd.data.federated import (
     pack_ragged,
     sample_clients,
 )
+from fedjax_kd.data.files import CorruptFile, MissingFile
 from fedjax_kd.data.partition import PARTITIONERS, dirichlet, iid, quantity, shards
 
+DATASET_SPECS.update(BENCHMARK_SPECS)
+
 __all__ = [
+    "BENCHMARK_SPECS",
+    "CorruptFile",
     "DATASETS",
     "DATASET_SPECS",
     "PARTITIONERS",
@@ -23,6 +29,7 @@ __all__ = [
     "Cohort",
     "check_cohort",
     "FederatedDataset",
+    "MissingFile",
     "RaggedClientData",
     "gather_cohort",
     "pack_ragged",

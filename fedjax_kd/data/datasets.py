@@ -35,7 +35,13 @@ from typing import NamedTuple
 
 import numpy as np
 
-from fedjax_kd.data.federated import FederatedDataset, aligned_empty, pack, pack_ragged
+from fedjax_kd.data.federated import (
+    FederatedDataset,
+    aligned_empty,
+    feature_dtype,
+    pack,
+    pack_ragged,
+)
 from fedjax_kd.data.partition import PARTITIONERS
 from fedjax_kd.spec import DataContext, DatasetSpec, Hyper
 
@@ -147,13 +153,15 @@ def from_arrays(
       **partition_kwargs: the partitioner's arguments (e.g. ``alpha=0.1``).
 
     Returns:
-      A :class:`FederatedDataset` (float32 features, int32 labels).
+      A :class:`FederatedDataset` (int32 labels; features float32, or uint8
+      pixels / int32 tokens kept as they are: ``feature_dtype``).
 
     Raises:
       ValueError: mismatched shapes, labels outside ``[0, num_classes)``, an
         unknown partition, or settings the partitioner cannot meet.
     """
-    x_train, x_test = (np.asarray(a, np.float32) for a in (x_train, x_test))
+    dtype = feature_dtype(x_train)
+    x_train, x_test = (np.asarray(a).astype(dtype, copy=False) for a in (x_train, x_test))
     y_train, y_test = (np.asarray(a).astype(np.int32) for a in (y_train, y_test))
     if len(x_train) != len(y_train) or len(x_test) != len(y_test):
         raise ValueError("features and labels must have the same number of examples")
@@ -454,5 +462,7 @@ SYNTHETIC_SPEC = DatasetSpec(
     partition_option="partition",
 )
 
-#: The built-in datasets' specs by ``data.name``.
+#: The built-in datasets' specs by ``data.name`` (the file-based benchmark
+#: datasets and MNIST-1D of :mod:`fedjax_kd.data.benchmarks` are added by
+#: ``fedjax_kd.data``).
 DATASET_SPECS = {spec.name: spec for spec in (DIGITS_SPEC, SYNTHETIC_SPEC)}

@@ -4,7 +4,9 @@ A federated training set is held as one pytree of stacked arrays with a leading
 client axis, so a round can ``vmap`` (or ``shard_map``) the local update over
 the sampled clients without Python loops or ragged shapes:
 
-* ``x``: float32 ``[C, N, *feature_shape]``
+* ``x``: ``[C, N, *feature_shape]`` features: float32, or uint8 pixels, or
+  int32 token ids (:func:`feature_dtype`; a model converts them inside the
+  compiled round, see ``fedjax_kd.models.prepare_inputs``)
 * ``y``: int32 ``[C, N]``
 * ``count``: int32 ``[C]``, the number of real examples of each client.
 
@@ -20,7 +22,8 @@ aggregation with weights ``count / count.sum()`` gives them zero weight.
 
 x64 is off in JAX, so NumPy's float64/int64 arrays are cast explicitly to
 float32/int32 here, at the host boundary (:func:`pack`), instead of silently in
-``jnp.asarray``.
+``jnp.asarray``. Compact inputs keep their dtype: uint8 images take a quarter
+of float32's memory and are scaled to ``[0, 1]`` only inside the round.
 """
 
 from __future__ import annotations
@@ -36,11 +39,13 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
+    "FEATURE_DTYPES",
     "ClientData",
     "Cohort",
     "check_cohort",
     "FederatedDataset",
     "RaggedClientData",
+    "feature_dtype",
     "gather_clients",
     "gather_cohort",
     "pack",
@@ -194,6 +199,21 @@ def aligned_zeros(shape, dtype) -> np.ndarray:
     return out
 
 
+#: The dtypes client features may have: float32 features, uint8 pixels, int32 tokens.
+FEATURE_DTYPES = (np.dtype(np.float32), np.dtype(np.uint8), np.dtype(np.int32))
+
+
+def feature_dtype(x) -> np.dtype:
+    """The dtype features ``x`` are stored in: uint8 and int32 kept, anything else float32.
+
+    uint8 means pixels (``models.prepare_inputs`` scales them by 1/255 inside
+    the round) and int32 means token ids (looked up by an embedding); other
+    integer and float dtypes become float32 features.
+    """
+    dtype = np.asarray(x).dtype if not hasattr(x, "dtype") else np.dtype(x.dtype)
+    return dtype if dtype in FEATURE_DTYPES else np.dtype(np.float32)
+
+
 def _take_rows(a: np.ndarray, order: np.ndarray, dtype, in_place: bool) -> np.ndarray:
     """``a[order]`` as ``dtype``, aligned; with ``in_place``, written over ``a`` itself.
 
@@ -223,7 +243,7 @@ def pack_ragged(
     """Like :func:`pack` but without padding: a :class:`RaggedClientData` (NumPy).
 
     The arrays are 64-byte aligned (:data:`ALIGNMENT`). ``in_place=True``
-    lets it reuse ``x`` and ``y`` (float32 / int32) for the result when the
+    lets it reuse ``x`` and ``y`` (of :func:`feature_dtype` / int32) for the result when the
     clients' rows are in increasing order (a natural partition), so the
     population is never held twice; ``x`` and ``y`` are then overwritten.
     """
@@ -237,7 +257,7 @@ def pack_ragged(
     offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int32)
     in_place = in_place and (len(order) < 2 or bool(np.all(np.diff(order) > 0)))
     return RaggedClientData(
-        x=_take_rows(x, order, np.float32, in_place),
+        x=_take_rows(x, order, feature_dtype(x), in_place),
         y=_take_rows(y, order, np.int32, in_place),
         offsets=offsets,
         count=counts.astype(np.int32),
@@ -411,8 +431,9 @@ def pack(
     (:data:`ALIGNMENT`); move them to devices with ``jax.device_put`` when needed.
 
     Args:
-      x: ``[num_examples, *feature_shape]`` features (any real dtype; cast to
-        float32).
+      x: ``[num_examples, *feature_shape]`` features (uint8 pixels and int32
+        tokens are kept, any other real dtype is cast to float32:
+        :func:`feature_dtype`).
       y: ``[num_examples]`` integer labels (cast to int32).
       client_indices: one integer index array into ``x``/``y`` per client, e.g. the
         output of a partitioner from :mod:`fedjax_kd.data.partition`. Order is
@@ -446,13 +467,14 @@ def pack(
     if n < max_size:
         raise ValueError(f"pad_to={pad_to} is smaller than the largest client ({max_size}).")
     num_clients = len(indices)
-    padded_bytes = num_clients * n * int(np.prod(x.shape[1:], dtype=np.int64)) * 4
+    dtype = feature_dtype(x)
+    padded_bytes = num_clients * n * int(np.prod(x.shape[1:], dtype=np.int64)) * dtype.itemsize
     if padded_bytes > max_bytes:
         raise ValueError(
             f"padded client arrays would take {padded_bytes / 2**30:.1f} GiB ({num_clients} "
             f"clients x {n} examples, the largest client's size); cap the client sizes"
         )
-    out_x = aligned_zeros((num_clients, n, *x.shape[1:]), np.float32)
+    out_x = aligned_zeros((num_clients, n, *x.shape[1:]), dtype)
     out_y = aligned_zeros((num_clients, n), np.int32)
     for c, idx in enumerate(indices):
         out_x[c, : len(idx)] = x[idx]
@@ -508,12 +530,17 @@ class FederatedDataset:
       name: dataset name (the key in ``fedjax_kd.data.DATASETS``).
       train: the clients' training data: a padded :class:`ClientData` or a
         :class:`RaggedClientData` (heavy-tailed sizes), of NumPy arrays.
-      test_x: float32 ``[num_test, *feature_shape]`` centralized test features.
+      test_x: ``[num_test, *feature_shape]`` centralized test features, of the
+        training features' dtype (float32, uint8 pixels or int32 tokens).
       test_y: int32 ``[num_test]`` centralized test labels.
       num_classes: number of classes; labels lie in ``[0, num_classes)``.
-      proxy_x: optional float32 ``[num_proxy, *feature_shape]`` unlabeled
-        examples held by the server (FedDF-style distillation, public sets of
-        FedMD / DS-FL); disjoint from the clients' data and the test set.
+      proxy_x: optional ``[num_proxy, *feature_shape]`` unlabeled examples
+        held by the server (FedDF-style distillation, public sets of FedMD /
+        DS-FL), of the same dtype; disjoint from the clients' data and the
+        test set.
+      test_client: optional int32 ``[num_test]``: the test client each test
+        example belongs to (datasets with per-client test data: LEAF, TFF,
+        FedJAX files), for the per-client evaluation; None = a pooled test set.
     """
 
     name: str
@@ -522,11 +549,15 @@ class FederatedDataset:
     test_y: np.ndarray
     num_classes: int
     proxy_x: np.ndarray | None = None
+    test_client: np.ndarray | None = None
 
     def __post_init__(self):
         """Checks dtypes and shapes so that a malformed dataset fails early."""
-        if self.train.x.dtype != np.float32 or self.test_x.dtype != np.float32:
-            raise ValueError("train.x and test_x must be float32.")
+        dtype = np.dtype(self.train.x.dtype)
+        if dtype not in FEATURE_DTYPES:
+            raise ValueError(f"train.x must be float32, uint8 or int32, got {dtype}.")
+        if np.dtype(self.test_x.dtype) != dtype:
+            raise ValueError(f"test_x must have train.x's dtype {dtype}, got {self.test_x.dtype}.")
         if self.train.y.dtype != np.int32 or self.test_y.dtype != np.int32:
             raise ValueError("train.y and test_y must be int32.")
         if tuple(self.test_x.shape[1:]) != self.feature_shape:
@@ -536,9 +567,16 @@ class FederatedDataset:
         if self.test_x.shape[0] != self.test_y.shape[0]:
             raise ValueError("test_x and test_y have different lengths.")
         if self.proxy_x is not None and (
-            self.proxy_x.dtype != np.float32 or tuple(self.proxy_x.shape[1:]) != self.feature_shape
+            np.dtype(self.proxy_x.dtype) != dtype
+            or tuple(self.proxy_x.shape[1:]) != self.feature_shape
         ):
-            raise ValueError("proxy_x must be float32 with the training feature shape.")
+            raise ValueError(f"proxy_x must be {dtype} with the training feature shape.")
+        if self.test_client is not None and (
+            np.dtype(self.test_client.dtype) != np.int32
+            or self.test_client.shape != self.test_y.shape
+            or (len(self.test_client) and self.test_client.min() < 0)
+        ):
+            raise ValueError("test_client must be int32 [num_test] client indices >= 0.")
 
     @property
     def feature_shape(self) -> tuple[int, ...]:

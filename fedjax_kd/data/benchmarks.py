@@ -1,0 +1,543 @@
+"""The benchmark datasets of FL papers, from their standard local files, and MNIST-1D.
+
+Selected by ``data.name`` with ``data.dir`` (the folder holding the files);
+nothing is downloaded (:mod:`fedjax_kd.data.files` reads the formats). Two
+kinds:
+
+* **Pooled** (``mnist``, ``fashion_mnist``, ``emnist``, ``cifar10``,
+  ``cifar100``, ``mnist1d``): the standard train/test split; any partitioner
+  (``data.partition``) splits the training part over ``data.num_clients``.
+* **Natural** (``femnist``, ``shakespeare``, ``cifar100_fed``): the files'
+  own clients are the clients (``<name>.partition=natural``, the default), or
+  their pooled training data is re-partitioned by a partitioner. Their test
+  examples keep their client (``FederatedDataset.test_client``), so runs
+  report per-client accuracy as the papers do. ``<name>.max_clients`` keeps
+  the first clients (in the file's order) for a quick run.
+
+Images are held as uint8 (a quarter of float32's memory) and scaled to
+``[0, 1]`` inside the compiled round (``fedjax_kd.models.prepare_inputs``);
+Shakespeare's characters are int32 token ids.
+
+Layouts and sources: ``shared/REFERENCES_NEXT.md`` §F (torchvision's MNIST,
+EMNIST and CIFAR readers, LEAF ``models/utils/model_utils.py`` and
+``language_utils.py``, FedJAX ``datasets/{emnist,shakespeare}.py``, TFF
+``simulation/datasets/{emnist,shakespeare,cifar100}.py``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from fedjax_kd.data import files
+from fedjax_kd.data.datasets import from_arrays
+from fedjax_kd.data.federated import FederatedDataset, pack, pack_ragged
+from fedjax_kd.data.mnist1d import make_mnist1d
+from fedjax_kd.data.partition import PARTITIONERS
+from fedjax_kd.spec import DataContext, DatasetSpec, Hyper
+
+__all__ = ["BENCHMARK_SPECS", "SHAKESPEARE_LETTERS", "char_tokens", "load"]
+
+#: LEAF's 80 Shakespeare characters (``models/utils/language_utils.py:ALL_LETTERS``);
+#: token ``i`` is ``SHAKESPEARE_LETTERS[i]`` and token 80 stands for any other character
+#: (LEAF's ``str.find`` would give -1).
+SHAKESPEARE_LETTERS = (
+    "\n !\"&'(),-.0123456789:;>?ABCDEFGHIJKLMNOPQRSTUVWXYZ[]abcdefghijklmnopqrstuvwxyz}"
+)
+_OOV = len(SHAKESPEARE_LETTERS)
+_WINDOW = 80  # LEAF's SEQ_LENGTH: 80 characters in, the next one out
+
+_GET = {
+    "mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/ (the 4 IDX files, as MNIST's "
+    "page lists them)",
+    "fashion_mnist": "https://github.com/zalandoresearch/fashion-mnist (data/fashion/)",
+    "emnist": "https://www.nist.gov/itl/products-and-services/emnist-dataset "
+    "(gzip.zip, unzipped: gzip/emnist-*-ubyte.gz)",
+    "cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz (extracted)",
+    "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz (extracted)",
+    "femnist_tff": "https://storage.googleapis.com/tff-datasets-public/fed_emnist.tar.bz2 "
+    "(extracted)",
+    "femnist_fedjax": "https://storage.googleapis.com/gresearch/fedjax/emnist/",
+    "shakespeare_tff": "https://storage.googleapis.com/tff-datasets-public/shakespeare.tar.bz2 "
+    "(extracted)",
+    "shakespeare_fedjax": "https://storage.googleapis.com/gresearch/fedjax/shakespeare/",
+    "cifar100_fed": "https://storage.googleapis.com/tff-datasets-public/fed_cifar100.tar.bz2 "
+    "(extracted)",
+}
+
+_EMNIST_CLASSES = {
+    "byclass": 62,
+    "bymerge": 47,
+    "balanced": 47,
+    "letters": 26,
+    "digits": 10,
+    "mnist": 10,
+}
+
+
+def _directory(ctx: DataContext, name: str) -> Path:
+    if not ctx.data_dir:
+        raise files.MissingFile(
+            f"data.name={name} reads local files: set --config.data.dir=DIR to the folder "
+            f"holding them (get them from {_GET.get(name, _GET.get(name + '_tff', 'its site'))})"
+        )
+    return Path(ctx.data_dir).expanduser()
+
+
+# ---------------------------------------------------------------- pooled datasets
+
+
+def _idx_arrays(directory: Path, name: str, emnist_split: str = "") -> dict:
+    """Train/test images (uint8 ``[N, 28, 28]``) and labels of an IDX dataset."""
+    if name == "emnist":
+        stem = f"emnist-{emnist_split}-"
+        names = {
+            "x_train": stem + "train-images-idx3-ubyte",
+            "y_train": stem + "train-labels-idx1-ubyte",
+            "x_test": stem + "test-images-idx3-ubyte",
+            "y_test": stem + "test-labels-idx1-ubyte",
+        }
+    else:
+        names = {
+            "x_train": "train-images-idx3-ubyte",
+            "y_train": "train-labels-idx1-ubyte",
+            "x_test": "t10k-images-idx3-ubyte",
+            "y_test": "t10k-labels-idx1-ubyte",
+        }
+    paths = {k: files.find(directory, n, get=_GET[name]) for k, n in names.items()}
+
+    def parse():
+        out = {k: files.read_idx(p) for k, p in paths.items()}
+        for split in ("train", "test"):
+            x, y = out[f"x_{split}"], out[f"y_{split}"]
+            if x.ndim != 3 or x.dtype != np.uint8:
+                raise files.CorruptFile(
+                    f"{paths[f'x_{split}']}: expected uint8 [N, rows, cols] images, got "
+                    f"{x.dtype} {x.shape}"
+                )
+            if y.shape != (len(x),):
+                raise files.CorruptFile(
+                    f"{paths[f'y_{split}']}: {y.shape[0]} labels for {len(x)} images"
+                )
+            if name == "emnist":
+                # EMNIST's IDX images are stored transposed (column-major): swap
+                # their axes to MNIST's orientation; letters are labelled 1..26.
+                out[f"x_{split}"] = np.ascontiguousarray(x.transpose(0, 2, 1))
+                if emnist_split == "letters":
+                    y = y - 1
+            out[f"y_{split}"] = y.astype(np.int32)
+        return out
+
+    return files.cached(list(paths.values()), f"{name}{emnist_split}", parse)
+
+
+def _cifar_folder(directory: Path, folder: str, name: str) -> Path:
+    """``directory/folder`` (the extracted archive), or ``directory`` when it is that folder."""
+    if directory.name == folder:
+        return files.require(directory, get=_GET[name])
+    return files.require(directory / folder, get=_GET[name])
+
+
+def _cifar_arrays(directory: Path, name: str, labels: str = "fine") -> dict:
+    """CIFAR-10 / CIFAR-100 train and test images (uint8 HWC) and labels."""
+    if name == "cifar10":
+        folder = _cifar_folder(directory, "cifar-10-batches-py", name)
+        train = [files.require(folder / f"data_batch_{i}", get=_GET[name]) for i in range(1, 6)]
+        test = [files.require(folder / "test_batch", get=_GET[name])]
+        key = "labels"
+    else:
+        folder = _cifar_folder(directory, "cifar-100-python", name)
+        train = [files.require(folder / "train", get=_GET[name])]
+        test = [files.require(folder / "test", get=_GET[name])]
+        key = f"{labels}_labels"
+
+    def parse():
+        out = {}
+        for split, paths in (("train", train), ("test", test)):
+            parts = [files.read_cifar(p, key) for p in paths]
+            out[f"x_{split}"] = np.concatenate([x for x, _ in parts])
+            out[f"y_{split}"] = np.concatenate([y for _, y in parts])
+        return out
+
+    return files.cached([*train, *test], f"{name}{labels if name == 'cifar100' else ''}", parse)
+
+
+def _pooled(ctx: DataContext, name: str, arrays: dict, num_classes: int) -> FederatedDataset:
+    for split in ("train", "test"):
+        y = arrays[f"y_{split}"]
+        if len(y) and (y.min() < 0 or y.max() >= num_classes):
+            raise files.CorruptFile(
+                f"{name} {split} labels lie in [{y.min()}, {y.max()}], outside [0, {num_classes})"
+            )
+    return from_arrays(
+        arrays["x_train"],
+        arrays["y_train"],
+        arrays["x_test"],
+        arrays["y_test"],
+        name=name,
+        num_classes=num_classes,
+        num_clients=ctx.num_clients,
+        partition=ctx.partition,
+        seed=ctx.seed,
+        proxy_fraction=ctx.proxy_fraction,
+        **ctx.partition_kwargs,
+    )
+
+
+def _build_idx(name: str):
+    def build(ctx: DataContext) -> FederatedDataset:
+        split = ctx.hp.get("split", "")
+        arrays = _idx_arrays(_directory(ctx, name), name, split)
+        classes = _EMNIST_CLASSES[split] if name == "emnist" else 10
+        return _pooled(ctx, name, arrays, classes)
+
+    return build
+
+
+def _build_cifar(name: str):
+    def build(ctx: DataContext) -> FederatedDataset:
+        labels = ctx.hp.get("labels", "fine")
+        arrays = _cifar_arrays(_directory(ctx, name), name, labels)
+        classes = 10 if name == "cifar10" else (100 if labels == "fine" else 20)
+        return _pooled(ctx, name, arrays, classes)
+
+    return build
+
+
+def _build_mnist1d(ctx: DataContext) -> FederatedDataset:
+    hp = ctx.hp
+    x, y, x_test, y_test = make_mnist1d(
+        hp["num_samples"], seed=hp["data_seed"], shuffle_seq=hp["shuffle_seq"]
+    )
+    return _pooled(
+        ctx, "mnist1d", {"x_train": x, "y_train": y, "x_test": x_test, "y_test": y_test}, 10
+    )
+
+
+# ---------------------------------------------------------------- natural datasets
+
+
+def char_tokens(text: str) -> np.ndarray:
+    """LEAF's character ids of ``text`` (int32), unknown characters as token 80."""
+    lookup = {c: i for i, c in enumerate(SHAKESPEARE_LETTERS)}
+    return np.fromiter((lookup.get(c, _OOV) for c in text), np.int32, len(text))
+
+
+def _windows(text: str) -> tuple[np.ndarray, np.ndarray]:
+    """LEAF's examples of one text: every 80-character window and the character after it."""
+    tokens = char_tokens(text)
+    n = max(len(tokens) - _WINDOW, 0)
+    if n == 0:
+        return np.zeros((0, _WINDOW), np.int32), np.zeros(0, np.int32)
+    x = np.lib.stride_tricks.sliding_window_view(tokens, _WINDOW)[:n]
+    return np.ascontiguousarray(x), tokens[_WINDOW:].copy()
+
+
+def _stack_clients(clients: list[tuple[str, np.ndarray, np.ndarray]], split: str) -> dict:
+    """Concatenates ``(id, x, y)`` per client into ``{split}_x, _y, _counts, _ids``."""
+    xs = [x for _, x, _ in clients]
+    ys = [y for _, _, y in clients]
+    return {
+        f"{split}_x": np.concatenate(xs) if xs else np.zeros((0,)),
+        f"{split}_y": np.concatenate(ys).astype(np.int32) if ys else np.zeros(0, np.int32),
+        f"{split}_counts": np.array([len(y) for y in ys], np.int64),
+        f"{split}_ids": np.array([cid for cid, _, _ in clients], dtype=str),
+    }
+
+
+def _to_pixels(x) -> np.ndarray:
+    """Float pixels in ``[0, 1]`` (LEAF, TFF and FedJAX EMNIST) as uint8 ``[N, 28, 28]``."""
+    x = np.asarray(x, np.float64).reshape(-1, 28, 28)
+    return np.rint(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def _text_of(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _leaf_clients(directory: Path, split: str, task: str) -> list:
+    ids, user_data, _ = files.read_leaf_dir(directory / split)
+    clients = []
+    for cid in ids:
+        raw = user_data[cid]
+        if task == "femnist":
+            x = _to_pixels(raw["x"]) if raw["x"] else np.zeros((0, 28, 28), np.uint8)
+            y = np.asarray(raw["y"], np.int64)
+        else:  # shakespeare: x holds 80-character strings, y the next character
+            x = np.stack([char_tokens(s) for s in raw["x"]]) if raw["x"] else None
+            if x is None:
+                x = np.zeros((0, _WINDOW), np.int32)
+            if x.shape[1:] != (_WINDOW,):
+                raise files.CorruptFile(
+                    f"{directory / split}: client {cid!r} has inputs of {x.shape[1:]} "
+                    f"characters, LEAF Shakespeare has {_WINDOW}"
+                )
+            y = np.array([char_tokens(c)[0] if c else _OOV for c in raw["y"]], np.int32)
+        if len(x) != len(y):
+            raise files.CorruptFile(
+                f"{directory / split}: client {cid!r} has {len(x)} inputs and {len(y)} labels"
+            )
+        clients.append((cid, x, y))
+    return clients
+
+
+def _record_clients(records: list[tuple[str, dict]], task: str, source: Path) -> list:
+    """TFF / FedJAX clients' feature dicts as ``(id, x, y)``."""
+    clients = []
+    for cid, features in records:
+        try:
+            if task == "femnist":
+                x, y = _to_pixels(features["pixels"]), np.asarray(features["label"], np.int64)
+            elif task == "cifar100_fed":
+                x = np.asarray(features["image"]).astype(np.uint8)
+                y = np.asarray(features["label"], np.int64)
+            else:  # shakespeare: snippets of text, windowed as LEAF does
+                parts = [_windows(_text_of(s)) for s in np.asarray(features["snippets"]).ravel()]
+                x = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, _WINDOW))
+                y = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0)
+        except KeyError as e:
+            raise files.CorruptFile(f"{source}: client {cid!r} has no feature {e}") from None
+        clients.append((cid, x, y))
+    return clients
+
+
+_NATURAL_FILES = {
+    # (task, format): (train file, test file)
+    ("femnist", "tff"): ("fed_emnist_train.h5", "fed_emnist_test.h5"),
+    ("femnist", "fedjax"): ("federated_emnist_train.sqlite", "federated_emnist_test.sqlite"),
+    ("shakespeare", "tff"): ("shakespeare_train.h5", "shakespeare_test.h5"),
+    ("shakespeare", "fedjax"): ("shakespeare_train.sqlite", "shakespeare_test.sqlite"),
+    ("cifar100_fed", "tff"): ("fed_cifar100_train.h5", "fed_cifar100_test.h5"),
+}
+
+
+def _natural_arrays(directory: Path, task: str, fmt: str) -> dict:
+    """Both splits of a natural dataset, as concatenated arrays with per-client counts."""
+    if fmt == "leaf":
+        sources = []
+        for split in ("train", "test"):
+            found = sorted((directory / split).glob("*.json"))
+            if not found:
+                files.read_leaf_dir(directory / split)  # raises MissingFile with the hint
+            sources.extend(found)
+
+        def parse():
+            return {
+                **_stack_clients(_leaf_clients(directory, "train", task), "train"),
+                **_stack_clients(_leaf_clients(directory, "test", task), "test"),
+            }
+
+        return files.cached(sources, f"{task}_leaf", parse)
+    if (task, fmt) not in _NATURAL_FILES:
+        formats = ["leaf"] * (task != "cifar100_fed") + [f for t, f in _NATURAL_FILES if t == task]
+        raise ValueError(f"{task} has no {fmt!r} format; choose from {', '.join(formats)}")
+    get = _GET[f"{task}_{fmt}" if f"{task}_{fmt}" in _GET else task]
+    paths = [files.require(directory / n, get=get) for n in _NATURAL_FILES[task, fmt]]
+    read = files.read_tff_h5 if fmt == "tff" else files.read_fedjax_sqlite
+
+    def parse():
+        out = {}
+        for split, path in zip(("train", "test"), paths, strict=True):
+            out.update(_stack_clients(_record_clients(read(path), task, path), split))
+        return out
+
+    return files.cached(paths, f"{task}_{fmt}", parse)
+
+
+def _natural(ctx: DataContext, name: str, arrays: dict, num_classes: int) -> FederatedDataset:
+    """A natural dataset's FederatedDataset (its clients, or re-partitioned)."""
+    hp = ctx.hp
+    counts = arrays["train_counts"]
+    test_counts = arrays["test_counts"]
+    ids, test_ids = arrays["train_ids"], arrays["test_ids"]
+    x, y = arrays["train_x"], arrays["train_y"]
+    test_x, test_y = arrays["test_x"], arrays["test_y"]
+    keep = len(counts) if not hp["max_clients"] else min(hp["max_clients"], len(counts))
+    if keep < len(counts):
+        x, y = x[: counts[:keep].sum()], y[: counts[:keep].sum()]
+        counts, ids = counts[:keep], ids[:keep]
+        if np.isin(test_ids, ids).any():  # the same clients in both splits: keep theirs
+            owner = np.repeat(np.arange(len(test_ids)), test_counts)
+            rows = np.isin(owner, np.flatnonzero(np.isin(test_ids, ids)))
+            test_x, test_y = test_x[rows], test_y[rows]
+            test_counts = test_counts[np.isin(test_ids, ids)]
+    for split, labels in (("train", y), ("test", test_y)):
+        if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+            raise files.CorruptFile(
+                f"{name} {split} labels lie in [{labels.min()}, {labels.max()}], outside "
+                f"[0, {num_classes})"
+            )
+    if not len(y):
+        raise ValueError(f"{name}: the files hold no training examples")
+    test_client = np.repeat(np.arange(len(test_counts), dtype=np.int32), test_counts)
+    partition = hp["partition"]
+    if partition == "natural":
+        offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        parts = [np.arange(o, o + c) for o, c in zip(offsets, counts, strict=True)]
+        proxy_x = None
+        if ctx.proxy_fraction:
+            # Each client's last examples, pooled, as the server's proxy set (as Synthetic).
+            held = np.floor(ctx.proxy_fraction * counts).astype(np.int64)
+            proxy_x = np.concatenate(
+                [x[o + c - h : o + c] for o, c, h in zip(offsets, counts, held, strict=True)]
+            )
+            parts = [p[: len(p) - h] for p, h in zip(parts, held, strict=True)]
+    else:
+        if partition not in PARTITIONERS:
+            raise ValueError(
+                f"Unknown partition {partition!r}; choose from natural, {sorted(PARTITIONERS)}"
+            )
+        pooled = from_arrays(
+            x,
+            y,
+            test_x,
+            test_y,
+            name=name,
+            num_classes=num_classes,
+            num_clients=ctx.num_clients,
+            partition=partition,
+            seed=ctx.seed,
+            proxy_fraction=ctx.proxy_fraction,
+            **ctx.partition_kwargs,
+        )
+        return FederatedDataset(
+            name=name,
+            train=pooled.train,
+            test_x=pooled.test_x,
+            test_y=pooled.test_y,
+            num_classes=num_classes,
+            proxy_x=pooled.proxy_x,
+            test_client=test_client,
+        )
+    largest = max((len(p) for p in parts), default=0)
+    padded = len(parts) * largest * int(np.prod(x.shape[1:])) * x.dtype.itemsize
+    train = pack_ragged(x, y, parts) if padded > 2**30 else pack(x, y, parts)
+    return FederatedDataset(
+        name=name,
+        train=train,
+        test_x=np.ascontiguousarray(test_x),
+        test_y=test_y.astype(np.int32),
+        num_classes=num_classes,
+        proxy_x=proxy_x,
+        test_client=test_client,
+    )
+
+
+def _build_natural(name: str, num_classes: int):
+    def build(ctx: DataContext) -> FederatedDataset:
+        arrays = _natural_arrays(_directory(ctx, name), name, ctx.hp["format"])
+        return _natural(ctx, name, arrays, num_classes)
+
+    return build
+
+
+def load(name: str, data_dir: str, **options) -> FederatedDataset:
+    """A benchmark dataset by ``data.name`` outside the CLI (the spec's defaults, then ``options``).
+
+    Args:
+      name: a key of :data:`BENCHMARK_SPECS` (``mnist``, ``femnist``, ...).
+      data_dir: the folder holding its files ("" for ``mnist1d``).
+      **options: the spec's options (``split="letters"``, ``max_clients=10``)
+        and ``num_clients``, ``partition``, ``seed``, ``proxy_fraction`` and the
+        partitioner's arguments (``alpha=0.5``).
+    """
+    spec = BENCHMARK_SPECS[name]
+    hp = {**spec.defaults(), **{k: options.pop(k) for k in list(options) if k in spec.hypers}}
+    ctx = DataContext(
+        hp=hp,
+        num_clients=options.pop("num_clients", 100),
+        partition=options.pop("partition", "iid"),
+        partition_kwargs=options.pop("partition_kwargs", {}),
+        seed=options.pop("seed", 0),
+        proxy_fraction=options.pop("proxy_fraction", 0.0),
+        data_dir=data_dir,
+    )
+    if options:
+        raise ValueError(f"unknown options for {name}: {sorted(options)}")
+    return spec.build(ctx)
+
+
+def _natural_hypers(formats: tuple[str, ...]) -> dict:
+    return {
+        "format": Hyper(formats[0], "the files' format", choices=formats),
+        "max_clients": Hyper(
+            0,
+            "keep the first N clients (file order); 0 = all",
+            check=lambda v: v >= 0,
+            allowed=">= 0",
+        ),
+        "partition": Hyper(
+            "natural",
+            "natural (the files' clients) or a partitioner over the pooled training data",
+            choices=("natural", *PARTITIONERS),
+        ),
+    }
+
+
+#: The benchmark datasets' specs by ``data.name`` (merged into ``fedjax_kd.data.DATASET_SPECS``).
+BENCHMARK_SPECS = {
+    spec.name: spec
+    for spec in (
+        DatasetSpec(
+            "mnist1d",
+            "MNIST-1D (Greydanus & Kobak 2024), generated: 4,000/1,000 40-point signals",
+            _build_mnist1d,
+            hypers={
+                "num_samples": Hyper(
+                    5000, "examples in all (80% train)", check=lambda v: v >= 10, allowed=">= 10"
+                ),
+                "data_seed": Hyper(42, "the generator's seed (reference: 42)"),
+                "shuffle_seq": Hyper(
+                    False, "shuffled MNIST-1D (one fixed permutation of positions)"
+                ),
+            },
+        ),
+        DatasetSpec("mnist", "MNIST from its IDX files in data.dir", _build_idx("mnist")),
+        DatasetSpec(
+            "fashion_mnist",
+            "Fashion-MNIST from its IDX files in data.dir",
+            _build_idx("fashion_mnist"),
+        ),
+        DatasetSpec(
+            "emnist",
+            "EMNIST from its IDX files in data.dir (transposed to MNIST's orientation)",
+            _build_idx("emnist"),
+            hypers={"split": Hyper("digits", "EMNIST split", choices=tuple(_EMNIST_CLASSES))},
+        ),
+        DatasetSpec(
+            "cifar10", "CIFAR-10 from its Python pickles in data.dir", _build_cifar("cifar10")
+        ),
+        DatasetSpec(
+            "cifar100",
+            "CIFAR-100 from its Python pickles in data.dir",
+            _build_cifar("cifar100"),
+            hypers={
+                "labels": Hyper(
+                    "fine", "fine (100) or coarse (20) labels", choices=("fine", "coarse")
+                )
+            },
+        ),
+        DatasetSpec(
+            "femnist",
+            "FEMNIST (62 classes), its writers as clients: LEAF JSON, TFF HDF5 or FedJAX SQLite",
+            _build_natural("femnist", 62),
+            hypers=_natural_hypers(("leaf", "tff", "fedjax")),
+            partition_option="partition",
+        ),
+        DatasetSpec(
+            "shakespeare",
+            "Shakespeare next character after 80, speaking roles as clients: LEAF, TFF, FedJAX",
+            _build_natural("shakespeare", _OOV + 1),
+            hypers=_natural_hypers(("leaf", "tff", "fedjax")),
+            partition_option="partition",
+        ),
+        DatasetSpec(
+            "cifar100_fed",
+            "TFF's federated CIFAR-100 (500 train / 100 test clients) from its HDF5 files",
+            _build_natural("cifar100_fed", 100),
+            hypers=_natural_hypers(("tff",)),
+            partition_option="partition",
+        ),
+    )
+}
