@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 
 import jax
 import ml_collections
+import numpy as np
 import optax
 
 from fedjax_kd import algorithms, checkpoint, cohort, models, optimizers, resources, simulate
@@ -667,10 +668,32 @@ def _build_model(config: ml_collections.ConfigDict, dataset: FederatedDataset, r
     return _create_model(config.model[role], dataset, f"model.{role}")
 
 
+def _check_inputs(name: str, dataset: FederatedDataset, key: str) -> None:
+    """ConfigError when a built-in model cannot take the dataset's inputs (tokens vs features)."""
+    try:
+        spec, _ = models.parse_name(name)
+    except ValueError:
+        return  # create() names the bad model
+    tokens = np.dtype(dataset.train.x.dtype) == np.int32
+    if tokens and spec.inputs != "tokens":
+        takes = [s.example for s in models.MODEL_SPECS.values() if s.inputs == "tokens"]
+        raise ConfigError(
+            f"config key '{key}': {name} takes features, and {dataset.name} holds int32 "
+            f"token ids; use a sequence model ({', '.join(takes)})"
+        )
+    if spec.inputs == "tokens" and not tokens:
+        raise ConfigError(
+            f"config key '{key}': {name} takes int32 token ids, and {dataset.name} holds "
+            f"{dataset.train.x.dtype} features (token datasets: shakespeare)"
+        )
+
+
 def _create_model(name: str, dataset: FederatedDataset, key: str):
     """A built-in model by name, or a user's by import path (``models.from_import_path``)."""
     user = models.is_import_path(name)
     make = models.from_import_path if user else models.create
+    if not user:
+        _check_inputs(name, dataset, key)
     try:
         return make(name, feature_shape=dataset.feature_shape, num_classes=dataset.num_classes)
     except ValueError as e:

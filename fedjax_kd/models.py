@@ -13,6 +13,14 @@ Model names (widths are part of the name, so one string configures a model):
 * ``cnn-C1-C2-...`` -- 3x3 ReLU convolutions with C1, C2, ... channels, 2x2
   average pooling, then a linear head (e.g. ``cnn-16-32``). Flat features of a
   square length (digits: 64 = 8x8) are reshaped to a one-channel image.
+* The papers' models: ``cnn5-C1-C2-D`` (FedAvg's CNN), ``resnet-D[-G]``
+  (CIFAR ResNet-8/20 with GroupNorm, FedDF), ``cnn1d-C1-...`` (MNIST-1D's
+  CNN), ``lstm-E-H1-...`` (the Shakespeare character LSTM) and
+  ``transformer-D-L-H`` (a small causal transformer); the last two take int32
+  token sequences.
+
+Inputs stored compactly are converted inside the compiled round by
+:func:`prepare_inputs` (uint8 pixels to ``[0, 1]``).
 """
 
 from __future__ import annotations
@@ -83,6 +91,261 @@ class CNN(nnx.Module):
         return self.head(x.reshape(x.shape[0], -1))
 
 
+class FedAvgCNN(nnx.Module):
+    """The CNN of FedAvg (McMahan et al. 2017, arXiv 1602.05629) for (F)EMNIST and MNIST.
+
+    Two 5x5 SAME convolutions (C1, C2 channels) with ReLU, each followed by
+    2x2 max-pooling, a D-unit ReLU dense layer and the linear head, as
+    ``google-research/federated:utils/models/emnist_models.py:
+    create_original_fedavg_cnn_model``: ``cnn5-32-64-512`` on 28x28x1 with 10
+    classes has 1,663,370 parameters (LEAF's FEMNIST CNN: ``cnn5-32-64-2048``).
+    """
+
+    def __init__(self, image_shape, c1: int, c2: int, dense: int, num_classes: int, *, rngs):
+        self.image_shape = image_shape
+        self.conv0 = nnx.Conv(image_shape[-1], c1, kernel_size=(5, 5), padding="SAME", rngs=rngs)
+        self.conv1 = nnx.Conv(c1, c2, kernel_size=(5, 5), padding="SAME", rngs=rngs)
+        h, w = image_shape[0] // 4, image_shape[1] // 4
+        self.dense = nnx.Linear(h * w * c2, dense, rngs=rngs)
+        self.head = nnx.Linear(dense, num_classes, rngs=rngs)
+
+    def __call__(self, x):
+        x = x.reshape(x.shape[0], *self.image_shape)
+        for conv in (self.conv0, self.conv1):
+            x = nnx.max_pool(nnx.relu(conv(x)), window_shape=(2, 2), strides=(2, 2))
+        return self.head(nnx.relu(self.dense(x.reshape(x.shape[0], -1))))
+
+
+class _Block(nnx.Module):
+    """ResNet BasicBlock with GroupNorm: conv3x3-GN-ReLU-conv3x3-GN, plus the shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int, groups: int, *, rngs):
+        conv = dict(kernel_size=(3, 3), padding=((1, 1), (1, 1)), use_bias=False, rngs=rngs)
+        self.conv0 = nnx.Conv(cin, cout, strides=(stride, stride), **conv)
+        self.norm0 = nnx.GroupNorm(cout, num_groups=groups, rngs=rngs)
+        self.conv1 = nnx.Conv(cout, cout, **conv)
+        self.norm1 = nnx.GroupNorm(cout, num_groups=groups, rngs=rngs)
+        self.project = stride != 1 or cin != cout
+        if self.project:
+            self.short = nnx.Conv(
+                cin, cout, kernel_size=(1, 1), strides=(stride, stride), use_bias=False, rngs=rngs
+            )
+            self.short_norm = nnx.GroupNorm(cout, num_groups=groups, rngs=rngs)
+
+    def __call__(self, x):
+        h = nnx.relu(self.norm0(self.conv0(x)))
+        h = self.norm1(self.conv1(h))
+        shortcut = self.short_norm(self.short(x)) if self.project else x
+        return nnx.relu(h + shortcut)
+
+
+class ResNetGN(nnx.Module):
+    """CIFAR ResNet of depth ``6n + 2`` with GroupNorm (FedDF's ``ResNet_cifar``).
+
+    Lin et al., "Ensemble Distillation for Robust Model Fusion in Federated
+    Learning" (FedDF, NeurIPS 2020, arXiv 2006.07242), code
+    ``epfml/federated-learning-public-code:codes/FedDF-code/pcode/models/resnet.py``:
+    conv3x3 16 (no bias) + norm + ReLU, three stages of ``n`` BasicBlocks at
+    16/32/64 channels with strides 1/2/2, global average pooling, a linear
+    head. GroupNorm replaces BatchNorm (simulated clients carry parameters
+    only; Hsieh et al. 2020, arXiv 1910.00189, recommend GroupNorm under
+    non-IID data), with ``groups`` groups (default 2). ``resnet-8``: n = 1,
+    ``resnet-20``: n = 3.
+    """
+
+    def __init__(self, image_shape, depth: int, groups: int, num_classes: int, *, rngs):
+        self.image_shape = image_shape
+        n = (depth - 2) // 6
+        self.stem = nnx.Conv(
+            image_shape[-1],
+            16,
+            kernel_size=(3, 3),
+            padding=((1, 1), (1, 1)),
+            use_bias=False,
+            rngs=rngs,
+        )
+        self.stem_norm = nnx.GroupNorm(16, num_groups=groups, rngs=rngs)
+        blocks, cin = [], 16
+        for cout, stride in ((16, 1), (32, 2), (64, 2)):
+            for i in range(n):
+                blocks.append(_Block(cin, cout, stride if i == 0 else 1, groups, rngs=rngs))
+                cin = cout
+        self.blocks = nnx.List(blocks)
+        self.head = nnx.Linear(64, num_classes, rngs=rngs)
+
+    def __call__(self, x):
+        x = x.reshape(x.shape[0], *self.image_shape)
+        x = nnx.relu(self.stem_norm(self.stem(x)))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(jnp.mean(x, axis=(1, 2)))
+
+
+class CNN1D(nnx.Module):
+    """MNIST-1D's ConvBase (Greydanus & Kobak 2024, ``mnist1d`` notebooks/models.py).
+
+    1-D convolutions with C1, C2, ... channels, stride 2 and padding 1, the
+    first of kernel 5 and the rest of kernel 3, each with ReLU, then a linear
+    head on the flattened output: ``cnn1d-25-25-25`` on 40 points is the
+    reference's 5,210-parameter model.
+    """
+
+    def __init__(self, length: int, channels: Sequence[int], num_classes: int, *, rngs):
+        self.length = length
+        dims = [1, *channels]
+        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+            k = 5 if i == 0 else 3
+            setattr(
+                self,
+                f"conv{i}",
+                nnx.Conv(a, b, kernel_size=(k,), strides=(2,), padding=((1, 1),), rngs=rngs),
+            )
+            length = (length + 2 - k) // 2 + 1
+        self.num_conv = len(channels)
+        self.head = nnx.Linear(length * dims[-1], num_classes, rngs=rngs)
+
+    def __call__(self, x):
+        x = x.reshape(x.shape[0], self.length, 1)
+        for i in range(self.num_conv):
+            x = nnx.relu(getattr(self, f"conv{i}")(x))
+        return self.head(x.reshape(x.shape[0], -1))
+
+
+class CharLSTM(nnx.Module):
+    """Character LSTM for next-character prediction (McMahan et al. 2017's Shakespeare model).
+
+    Embedding of E per token, stacked LSTM layers (H1, H2, ...), a linear head
+    on the last step's output: ``lstm-8-256-256`` is the paper's model
+    (``google-research/federated:utils/models/shakespeare_models.py``; LEAF's
+    ``stacked_lstm.py`` likewise predicts only the character after the
+    80-character window). The LSTM is written out (gates i, f, g, o; forget
+    bias 0) and scanned over time; token ids index the embedding (vocabulary
+    = the number of classes, as in next-token tasks).
+    """
+
+    def __init__(self, vocab: int, embed: int, widths: Sequence[int], *, rngs):
+        self.embed = nnx.Embed(vocab, embed, rngs=rngs)
+        dims = [embed, *widths]
+        self.widths = tuple(widths)
+        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+            setattr(self, f"inp{i}", nnx.Linear(a, 4 * b, rngs=rngs))
+            setattr(self, f"rec{i}", nnx.Linear(b, 4 * b, use_bias=False, rngs=rngs))
+        self.head = nnx.Linear(dims[-1], vocab, rngs=rngs)
+
+    def __call__(self, x):
+        h = self.embed(x.astype(jnp.int32))  # [B, T, E]
+        for i, width in enumerate(self.widths):
+            gates_in = getattr(self, f"inp{i}")(h)  # [B, T, 4H], all steps at once
+            w_rec = getattr(self, f"rec{i}").kernel[...]
+
+            def step(carry, g, w_rec=w_rec):
+                c, hid = carry
+                z = g + hid @ w_rec
+                i_, f_, g_, o_ = jnp.split(z, 4, axis=-1)
+                c = jax.nn.sigmoid(f_) * c + jax.nn.sigmoid(i_) * jnp.tanh(g_)
+                hid = jax.nn.sigmoid(o_) * jnp.tanh(c)
+                return (c, hid), hid
+
+            zeros = jnp.zeros((x.shape[0], width), gates_in.dtype)
+            _, h = jax.lax.scan(step, (zeros, zeros), jnp.swapaxes(gates_in, 0, 1))
+            h = jnp.swapaxes(h, 0, 1)
+        return self.head(h[:, -1])
+
+
+class CausalTransformer(nnx.Module):
+    """A small causal (decoder-only) transformer predicting the token after a sequence.
+
+    Token and learned position embeddings of width D, L pre-norm blocks
+    (causal multi-head self-attention with H heads, then a 4D ReLU MLP, each
+    with a residual), a final LayerNorm and a linear head on the last position
+    (Vaswani et al. 2017, arXiv 1706.03762; GPT-2's pre-norm layout).
+    ``transformer-64-2-4``: D = 64, L = 2, H = 4.
+    """
+
+    def __init__(self, length: int, vocab: int, width: int, layers: int, heads: int, *, rngs):
+        self.heads = heads
+        self.tok = nnx.Embed(vocab, width, rngs=rngs)
+        self.pos = nnx.Embed(length, width, rngs=rngs)
+        self.num_layers = layers
+        for i in range(layers):
+            setattr(self, f"ln_a{i}", nnx.LayerNorm(width, rngs=rngs))
+            setattr(self, f"qkv{i}", nnx.Linear(width, 3 * width, rngs=rngs))
+            setattr(self, f"out{i}", nnx.Linear(width, width, rngs=rngs))
+            setattr(self, f"ln_m{i}", nnx.LayerNorm(width, rngs=rngs))
+            setattr(self, f"up{i}", nnx.Linear(width, 4 * width, rngs=rngs))
+            setattr(self, f"down{i}", nnx.Linear(4 * width, width, rngs=rngs))
+        self.ln_f = nnx.LayerNorm(width, rngs=rngs)
+        self.head = nnx.Linear(width, vocab, rngs=rngs)
+
+    def __call__(self, x):
+        b, t = x.shape[0], x.shape[1]
+        h = self.tok(x.astype(jnp.int32)) + self.pos(jnp.arange(t))[None]
+        causal = jnp.tril(jnp.ones((t, t), bool))
+        for i in range(self.num_layers):
+            q, k, v = jnp.split(getattr(self, f"qkv{i}")(getattr(self, f"ln_a{i}")(h)), 3, -1)
+            split = lambda a: a.reshape(b, t, self.heads, -1)  # noqa: E731
+            q, k, v = split(q), split(k), split(v)
+            scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
+            scores = jnp.where(causal, scores, jnp.finfo(scores.dtype).min)
+            att = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, -1), v).reshape(b, t, -1)
+            h = h + getattr(self, f"out{i}")(att)
+            m = getattr(self, f"ln_m{i}")(h)
+            h = h + getattr(self, f"down{i}")(nnx.relu(getattr(self, f"up{i}")(m)))
+        return self.head(self.ln_f(h)[:, -1])
+
+
+def _fedavg_cnn(sizes: tuple[int, ...], feature_shape: tuple[int, ...], num_classes: int):
+    if len(sizes) != 3:
+        raise ValueError(f"cnn5 takes 3 sizes (C1-C2-D, e.g. cnn5-32-64-512); got {len(sizes)}")
+    image_shape = _image_shape(feature_shape, "cnn5")
+    if image_shape[0] % 4 or image_shape[1] % 4:
+        raise ValueError(f"cnn5 needs image sides divisible by 4; got {image_shape}")
+    return lambda rngs: FedAvgCNN(image_shape, *sizes, num_classes, rngs=rngs)
+
+
+def _resnet(sizes: tuple[int, ...], feature_shape: tuple[int, ...], num_classes: int):
+    depth, groups = sizes[0], (sizes[1] if len(sizes) > 1 else 2)
+    if len(sizes) > 2 or (depth - 2) % 6 or depth < 8:
+        raise ValueError(
+            f"resnet takes a depth 6n+2 (8, 20, 32, ...) and optionally GroupNorm groups, "
+            f"e.g. resnet-20 or resnet-8-4; got {'-'.join(map(str, sizes))}"
+        )
+    if groups < 1 or 16 % groups:
+        raise ValueError(f"resnet GroupNorm groups must divide 16; got {groups}")
+    image_shape = _image_shape(feature_shape, "resnet")
+    return lambda rngs: ResNetGN(image_shape, depth, groups, num_classes, rngs=rngs)
+
+
+def _cnn1d(sizes: tuple[int, ...], feature_shape: tuple[int, ...], num_classes: int):
+    length = math.prod(feature_shape)
+    out = length
+    for i in range(len(sizes)):
+        out = (out + 2 - (5 if i == 0 else 3)) // 2 + 1
+    if out < 1:
+        raise ValueError(f"cnn1d: {len(sizes)} stride-2 layers leave nothing of length {length}")
+    return lambda rngs: CNN1D(length, sizes, num_classes, rngs=rngs)
+
+
+def _lstm(sizes: tuple[int, ...], feature_shape: tuple[int, ...], num_classes: int):
+    if len(sizes) < 2:
+        raise ValueError("lstm takes an embedding width and LSTM widths, e.g. lstm-8-256-256")
+    if len(feature_shape) != 1:
+        raise ValueError(f"lstm takes token sequences [T]; got feature shape {feature_shape}")
+    return lambda rngs: CharLSTM(num_classes, sizes[0], sizes[1:], rngs=rngs)
+
+
+def _transformer(sizes: tuple[int, ...], feature_shape: tuple[int, ...], num_classes: int):
+    if len(sizes) != 3 or sizes[0] % sizes[2]:
+        raise ValueError(
+            "transformer takes width D, layers L and heads H (H divides D), e.g. transformer-64-2-4"
+        )
+    if len(feature_shape) != 1:
+        raise ValueError(
+            f"transformer takes token sequences [T]; got feature shape {feature_shape}"
+        )
+    return lambda rngs: CausalTransformer(feature_shape[0], num_classes, *sizes, rngs=rngs)
+
+
 def _mlp(sizes: tuple[int, ...], feature_shape: tuple[int, ...], num_classes: int):
     in_features = math.prod(feature_shape)
     return lambda rngs: MLP(in_features, sizes, num_classes, rngs=rngs)
@@ -109,6 +372,43 @@ MODEL_SPECS = {
             sizes="convolution channels",
             example="cnn-16-32",
         ),
+        ModelSpec(
+            "cnn5",
+            "FedAvg's CNN (McMahan 2017): two 5x5 conv + max-pool, a dense layer",
+            _fedavg_cnn,
+            sizes="C1, C2 channels and D dense units",
+            example="cnn5-32-64-512",
+        ),
+        ModelSpec(
+            "resnet",
+            "CIFAR ResNet-(6n+2) with GroupNorm (FedDF): depth, optional groups (2)",
+            _resnet,
+            sizes="depth and groups",
+            example="resnet-8",
+        ),
+        ModelSpec(
+            "cnn1d",
+            "MNIST-1D's 1-D CNN: stride-2 convolutions (kernel 5, then 3), linear head",
+            _cnn1d,
+            sizes="convolution channels",
+            example="cnn1d-25-25-25",
+        ),
+        ModelSpec(
+            "lstm",
+            "character LSTM (McMahan 2017): embedding E, LSTM widths; next token",
+            _lstm,
+            sizes="embedding and LSTM widths",
+            example="lstm-8-256-256",
+            inputs="tokens",
+        ),
+        ModelSpec(
+            "transformer",
+            "small causal transformer: width D, layers L, heads H; next token",
+            _transformer,
+            sizes="width, layers and heads",
+            example="transformer-64-2-4",
+            inputs="tokens",
+        ),
     )
 }
 
@@ -134,7 +434,7 @@ def parse_name(name: str) -> tuple[ModelSpec, tuple[int, ...]]:
     return spec, sizes
 
 
-def _image_shape(feature_shape: tuple[int, ...]) -> tuple[int, int, int]:
+def _image_shape(feature_shape: tuple[int, ...], family: str = "cnn") -> tuple[int, int, int]:
     if len(feature_shape) == 3:
         return tuple(feature_shape)  # type: ignore[return-value]
     if len(feature_shape) == 2:
@@ -143,7 +443,7 @@ def _image_shape(feature_shape: tuple[int, ...]) -> tuple[int, int, int]:
     if len(feature_shape) == 1 and side * side == feature_shape[0]:
         return (side, side, 1)
     raise ValueError(
-        f"cnn models need image-like features (HxW, HxWxC or a square flat length); "
+        f"{family} models need image-like features (HxW, HxWxC or a square flat length); "
         f"got feature shape {feature_shape}"
     )
 

@@ -234,6 +234,9 @@ class ModelSpec:
       sizes: what the sizes are (``"hidden widths"``), or ``""`` for a family
         that takes none.
       example: a model name of this family, for help and errors.
+      inputs: ``"features"`` (float features or uint8 pixels) or ``"tokens"``
+        (int32 token ids: sequence models); the experiment layer refuses a
+        dataset of the other kind with one line.
     """
 
     name: str
@@ -241,6 +244,7 @@ class ModelSpec:
     build: Callable[..., Any]
     sizes: str = ""
     example: str = ""
+    inputs: str = "features"
 
     @property
     def pattern(self) -> str:
