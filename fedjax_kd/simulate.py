@@ -194,41 +194,91 @@ def _make_round_step(
     return step
 
 
-def _make_evaluate(build: Callable, *, batch_size: int) -> Callable:
-    """Returns ``evaluate(hp, state, x, y, mask) -> {name: (accuracy, loss)}``.
+def _make_evaluate(build: Callable, *, batch_size: int, test_clients: int = 0) -> Callable:
+    """Returns ``evaluate(hp, state, x, y, mask[, client]) -> {name: results}``.
+
+    ``results`` is ``(accuracy, loss)``, plus ``per_client`` with test clients.
 
     ``build(hp)`` makes the algorithm whose ``eval_models`` are evaluated.
 
     ``x``/``y``/``mask`` hold the test set padded to whole batches of
     ``batch_size`` (see :func:`batch_test_set`); batches are scanned so memory
-    stays bounded by one batch of activations.
+    stays bounded by one batch of activations. With ``test_clients > 0``
+    the test set has per-client test data: ``client`` gives each example's
+    test client, and each model's result also holds its number of correct
+    examples per test client (float32 ``[test_clients]``), for
+    :func:`client_accuracies`.
     """
 
-    def evaluate(hp, state, x, y, mask):
+    def evaluate(hp, state, x, y, mask, client=None):
         results = {}
         for name, (apply_fn, params) in build(hp).eval_models(state).items():
 
             def body(carry, batch, apply_fn=apply_fn, params=params):
-                xb, yb, mb = batch
+                xb, yb, mb = batch[:3]
                 logits = apply_fn(params, xb)
                 # Extra leading axes are several models (e.g. per-client): average them.
                 num_models = math.prod(logits.shape[:-2])
                 labels = jnp.broadcast_to(yb, logits.shape[:-1])
-                correct = jnp.sum(jnp.where(mb, losses.accuracy(logits, labels), 0.0))
+                hits = jnp.where(mb, losses.accuracy(logits, labels), 0.0)
+                correct = jnp.sum(hits)
                 loss = jnp.sum(jnp.where(mb, losses.cross_entropy(logits, labels), 0.0))
-                return (carry[0] + correct / num_models, carry[1] + loss / num_models), None
+                out = (carry[0] + correct / num_models, carry[1] + loss / num_models)
+                if test_clients:
+                    per_example = jnp.sum(hits.reshape(-1, hits.shape[-1]), 0) / num_models
+                    per_client = jax.ops.segment_sum(per_example, batch[3], test_clients)
+                    out = (*out, carry[2] + per_client)
+                return out, None
 
             zero = jnp.zeros((), jnp.float32)
-            (correct, loss), _ = jax.lax.scan(body, (zero, zero), (x, y, mask))
+            init = (zero, zero)
+            if test_clients:
+                init = (*init, jnp.zeros((test_clients,), jnp.float32))
+            arrays = (x, y, mask) if client is None else (x, y, mask, client)
+            sums, _ = jax.lax.scan(body, init, arrays)
             n = jnp.maximum(jnp.sum(mask), 1).astype(jnp.float32)
-            results[name] = (correct / n, loss / n)
+            results[name] = (sums[0] / n, sums[1] / n, *sums[2:])
         return results
 
     return evaluate
 
 
-def batch_test_set(x: np.ndarray, y: np.ndarray, batch_size: int):
-    """Pads a test set to whole batches: ``[nb, batch, ...]`` arrays and a mask."""
+def client_accuracies(correct: np.ndarray, counts: np.ndarray) -> dict[str, float]:
+    """The per-client evaluation of the papers from correct examples per test client.
+
+    Args:
+      correct: ``[num_test_clients]`` correct test examples of each client.
+      counts: ``[num_test_clients]`` test examples of each client.
+
+    Returns:
+      ``test_accuracy_clients_weighted`` (the example-weighted mean over test
+      clients, which equals the pooled accuracy), ``..._mean`` (the
+      unweighted mean over clients with test data, as LEAF and FedAvg's
+      per-client tables) and ``..._p10`` (the 10th percentile client, NumPy's
+      linear interpolation).
+    """
+    correct = np.asarray(correct, np.float64)
+    counts = np.asarray(counts, np.int64)
+    has = counts > 0
+    accuracy = correct[has] / counts[has]
+    return {
+        "test_accuracy_clients_weighted": float(correct[has].sum() / max(counts.sum(), 1)),
+        "test_accuracy_clients_mean": float(accuracy.mean()) if has.any() else 0.0,
+        "test_accuracy_clients_p10": float(np.percentile(accuracy, 10)) if has.any() else 0.0,
+    }
+
+
+def num_test_clients(dataset: FederatedDataset) -> int:
+    """The number of test clients (0 for a pooled test set: no ``test_client``)."""
+    c = dataset.test_client
+    return 0 if c is None or not len(c) else int(c.max()) + 1
+
+
+def batch_test_set(x: np.ndarray, y: np.ndarray, batch_size: int, client=None):
+    """Pads a test set to whole batches: ``[nb, batch, ...]`` arrays and a mask.
+
+    With ``client`` (each example's test client), its padded batches come last.
+    """
     n = len(y)
     batch_size = max(1, min(batch_size, n))
     nb = math.ceil(n / batch_size)
@@ -238,7 +288,12 @@ def batch_test_set(x: np.ndarray, y: np.ndarray, batch_size: int):
     xp[:n], yp[:n] = x, y
     mask = np.arange(nb * batch_size) < n
     shape = (nb, batch_size)
-    return xp.reshape(*shape, *x.shape[1:]), yp.reshape(shape), mask.reshape(shape)
+    out = (xp.reshape(*shape, *x.shape[1:]), yp.reshape(shape), mask.reshape(shape))
+    if client is None:
+        return out
+    cp = np.zeros(nb * batch_size, np.int32)
+    cp[:n] = client
+    return (*out, cp.reshape(shape))
 
 
 class Point(NamedTuple):
@@ -296,13 +351,13 @@ def dataset_shapes(dataset: FederatedDataset) -> tuple:
     d = dataset
     proxy = None if d.proxy_x is None else d.proxy_x.shape
     return (type(d.train).__name__, d.num_clients, d.feature_shape, d.num_classes,
-            d.test_x.shape, proxy)  # fmt: skip
+            d.test_x.shape, proxy, str(d.train.x.dtype), num_test_clients(d))  # fmt: skip
 
 
 def _host_arrays(dataset: FederatedDataset, length: int, eval_batch_size: int):
     """``(train padded to length, test batches, server_data)`` of one dataset, on the host."""
     train = _pad_examples(dataset.train, length)
-    test = batch_test_set(dataset.test_x, dataset.test_y, eval_batch_size)
+    test = batch_test_set(dataset.test_x, dataset.test_y, eval_batch_size, dataset.test_client)
     server = {} if dataset.proxy_x is None else {"proxy_x": dataset.proxy_x}
     return train, test, server
 
@@ -611,11 +666,14 @@ def _run_group(
         )
         return step(state, data, server_data, rounds_key, r)
 
-    evaluate_fn = _make_evaluate(build, batch_size=eval_batch_size)
+    test_clients = num_test_clients(datasets[0])
+    evaluate_fn = _make_evaluate(build, batch_size=eval_batch_size, test_clients=test_clients)
+    if test_clients:
+        test_counts = [np.bincount(d.test_client, minlength=test_clients) for d in datasets]
     if batched:
         width = vmap_width(num_points) if width is None else max(1, min(width, num_points))
         step_fn = over_points(step_fn, (0, 0, data_axis, data_axis, 0, None), width)
-        evaluate_fn = over_points(evaluate_fn, (0, 0, data_axis, data_axis, data_axis), width)
+        evaluate_fn = over_points(evaluate_fn, (0, 0, *(data_axis,) * len(test)), width)
 
     if first == 0 and batched:
         # Each point's initial state from one compiled init (cheaper to compile than
@@ -764,6 +822,11 @@ def _run_group(
                         "round": r,
                         "test_accuracy": float(results[names[0]][0][k]),
                         "test_loss": float(results[names[0]][1][k]),
+                        **(
+                            client_accuracies(results[names[0]][2][k], test_counts[k])
+                            if test_clients
+                            else {}
+                        ),
                         "train_loss": float(metrics["train_loss"][k]),
                         "uplink_bytes": up[k],
                         "downlink_bytes": down[k],
@@ -777,7 +840,7 @@ def _run_group(
                             record[metric] = np.asarray(value[k]).item()
                     if len(names) > 1:
                         for model in names:
-                            acc, loss = results[model]
+                            acc, loss = results[model][:2]
                             record[f"{model}_test_accuracy"] = float(acc[k])
                             record[f"{model}_test_loss"] = float(loss[k])
                     records[k] = record
