@@ -27,7 +27,16 @@ import ml_collections
 import numpy as np
 import optax
 
-from fedjax_kd import algorithms, checkpoint, cohort, models, optimizers, resources, simulate
+from fedjax_kd import (
+    algorithms,
+    augment,
+    checkpoint,
+    cohort,
+    models,
+    optimizers,
+    resources,
+    simulate,
+)
 from fedjax_kd import data as data_lib
 from fedjax_kd import workdir as workdir_lib
 from fedjax_kd.configs import default as default_config
@@ -421,6 +430,14 @@ def _choice(config, key: str, choices: Iterable[str]) -> None:
     _check(value in choices, key, "one of " + ", ".join(choices), value)
 
 
+def _own_clients(config: ml_collections.ConfigDict) -> bool:
+    """Whether the dataset's files, not ``data.num_clients``, fix the clients (natural FEMNIST)."""
+    spec = DATASET_SPECS.get(config.data.name)
+    if spec is None or not spec.own_clients:
+        return False
+    return config[spec.name][spec.partition_option] == "natural"
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError naming the first key whose value is not allowed."""
     c = config
@@ -431,7 +448,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         ("clients_per_round", c.clients_per_round >= 1, ">= 1"),
         (
             "clients_per_round",
-            c.clients_per_round <= c.data.num_clients,
+            c.clients_per_round <= c.data.num_clients or _own_clients(c),
             f"<= data.num_clients ({c.data.num_clients})",
         ),
         ("eval_every", c.eval_every >= 1, ">= 1"),
@@ -448,6 +465,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         ("client.momentum", 0 <= c.client.momentum < 1, "in [0, 1)"),
         ("client.epochs", c.client.epochs >= 1, ">= 1"),
         ("client.batch_size", c.client.batch_size >= 1, ">= 1"),
+        ("client.crop_padding", c.client.crop_padding >= 0, ">= 0"),
         (
             "client.straggler_fraction",
             0 <= c.client.straggler_fraction <= 1,
@@ -478,6 +496,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for dataset_spec in DATASET_SPECS.values():  # every dataset namespace, whichever runs
         _check_hypers(dataset_spec, flat)
     _choice(c, "client.optimizer", optimizers.CLIENT_OPTIMIZERS)
+    _choice(c, "client.augment", augment.AUGMENTATIONS)
     spec = _algorithm_spec(c)
     specs = {**algorithms.SPECS, spec.name: spec}
     for other in specs.values():  # every namespace in the config, whichever runs
@@ -955,6 +974,11 @@ def build_run(config: ml_collections.ConfigDict, parallel: int = 1):
 def build_checked_dataset(config: ml_collections.ConfigDict) -> FederatedDataset:
     """:func:`build_dataset`, refusing a cohort larger than the dataset or its model groups."""
     dataset = build_dataset(config)
+    if config.client.augment != "none" and len(dataset.feature_shape) not in (2, 3):
+        raise ConfigError(
+            f"config key 'client.augment': {config.client.augment} needs images "
+            f"[H, W(, C)], and {dataset.name}'s examples have shape {dataset.feature_shape}"
+        )
     if config.clients_per_round > dataset.num_clients:
         raise ConfigError(
             f"config key 'clients_per_round' must be <= the dataset's {dataset.num_clients} "
@@ -983,6 +1007,7 @@ def run_settings(config: ml_collections.ConfigDict) -> dict:
         rounds_per_call=config.rounds_per_call,
         checkpoint_every=config.checkpoint_every,
         name=_algorithm_spec(config).name,  # in the "compiling NAME round ..." line
+        augment=augment.make_augment(config.client.augment, config.client.crop_padding),
     )
 
 

@@ -52,7 +52,7 @@ MAX_ROUNDS_PER_CALL = 10_000
 
 # Named random streams (fold_in constants).
 INIT, ROUNDS = 0, 1
-SAMPLE, CLIENTS, DATA = 0, 1, 2
+SAMPLE, CLIENTS, DATA, AUGMENT = 0, 1, 2, 3
 
 
 class NonFiniteError(RuntimeError):
@@ -150,6 +150,7 @@ def _make_round_step(
     max_local_examples: int,
     client_chunk_size: int | None = None,
     mesh: Mesh | None = None,
+    augment: Callable | None = None,
 ) -> Callable:
     """Returns the pure round ``step(state, data, server_data, rounds_key, r)``.
 
@@ -162,6 +163,9 @@ def _make_round_step(
       client_chunk_size: clients vmapped together; chunks run in sequence
         (algorithms built on ``aggregate.sum_over_clients``); None = all.
       mesh: shard the cohort's client axis over this mesh's ``clients`` axis.
+      augment: ``augment(key, x)`` applied to each sampled client's data
+        (:func:`fedjax_kd.augment.make_augment`) with keys from
+        ``fold_in(round_key, AUGMENT)``; None = none.
     """
     if not 1 <= clients_per_round <= num_clients:
         raise ValueError(
@@ -188,6 +192,8 @@ def _make_round_step(
             chunk_size=client_chunk_size,
             multiple=multiple,
             constrain=constrain,
+            augment=augment,
+            augment_key=None if augment is None else jax.random.fold_in(key_r, AUGMENT),
         )
         return algorithm.round(state, cohort, jax.random.fold_in(key_r, CLIENTS), server_data)
 
@@ -414,6 +420,7 @@ def run(
     on_checkpoint: Callable[[int, Any, dict], None] | None = None,
     resume: Restored | None = None,
     name: str | None = None,
+    augment: Callable | None = None,
 ) -> RunResult:
     """Runs ``rounds`` rounds of ``algorithm`` on ``dataset``.
 
@@ -467,6 +474,8 @@ def run(
       name: the algorithm's name in the line ``compiling NAME round (K
         clients x C chunks) ...`` printed on stderr (with ``progress``)
         before compiling starts; the progress bar follows it.
+      augment: on-device augmentation of the sampled clients' training data,
+        ``augment(key, x)`` (:func:`fedjax_kd.augment.make_augment`); None = none.
 
     Returns:
       A :class:`RunResult`.
@@ -490,6 +499,7 @@ def run(
         progress=progress,
         checkpoint_every=checkpoint_every,
         name=name,
+        augment=augment,
     )
     if isinstance(result, NonFiniteError):
         raise result
@@ -597,6 +607,7 @@ def _run_group(
     progress: bool = True,
     checkpoint_every: int = 0,
     name: str | None = None,
+    augment: Callable | None = None,
 ) -> list[RunResult | NonFiniteError]:
     """The run loop of :func:`run` (one point) and :func:`run_parallel` (``batched``)."""
     if rounds < 1 or eval_every < 1:
@@ -663,6 +674,7 @@ def _run_group(
             max_local_examples=max(cap, 1),
             client_chunk_size=client_chunk_size,
             mesh=mesh,
+            augment=augment,
         )
         return step(state, data, server_data, rounds_key, r)
 

@@ -203,6 +203,9 @@ class DatasetSpec:
         partition instead of ``data.partition`` (Synthetic's ``partition``:
         ``natural`` or a partitioner); None = ``data.partition``.
       renamed: ``{old key: option}``, as for :class:`AlgorithmSpec`.
+      own_clients: under its natural partition (``partition_option`` =
+        ``natural``) the files say how many clients there are, not
+        ``data.num_clients`` (FEMNIST's writers, Shakespeare's roles).
     """
 
     name: str
@@ -211,6 +214,7 @@ class DatasetSpec:
     hypers: Mapping[str, Hyper] = field(default_factory=dict)
     partition_option: str | None = None
     renamed: Mapping[str, str] = field(default_factory=dict)
+    own_clients: bool = False
 
     def defaults(self) -> dict:
         """``{option: default}``."""

@@ -333,7 +333,9 @@ def test_emnist_digits_keeps_labels(tmp_path):
     rng = np.random.default_rng(1)
     upright, labels = idx_images(rng, 6), np.array([0, 9, 3, 3, 1, 2], np.uint8)
     for part in ("train", "test"):
-        write_idx(tmp_path / f"emnist-digits-{part}-images-idx3-ubyte.gz", upright.transpose(0, 2, 1))
+        write_idx(
+            tmp_path / f"emnist-digits-{part}-images-idx3-ubyte.gz", upright.transpose(0, 2, 1)
+        )
         write_idx(tmp_path / f"emnist-digits-{part}-labels-idx1-ubyte.gz", labels)
     ds = benchmarks.load("emnist", str(tmp_path), num_clients=1, partition="iid")  # default split
     assert ds.num_classes == 10
@@ -520,7 +522,21 @@ def test_fedjax_sqlite_shakespeare_snippets(tmp_path):
     np.testing.assert_array_equal(ds.test_client, np.zeros(len(want_y)))
 
 
-@pytest.mark.parametrize("folder", ["run #1", "100%done"])
+def test_fedjax_sqlite_shakespeare_client_without_snippets(tmp_path):
+    """A client with no snippets is an empty client; the others keep int32 token ids."""
+    clients = [
+        (cid, {"snippets": np.array([s.encode() for s in snippets], dtype=object)})
+        for cid, snippets in SNIPPETS.items()
+    ]
+    clients.append(("ZZ_SILENT_LORD", {"snippets": np.array([], dtype=object)}))
+    write_fedjax_sqlite(tmp_path / "shakespeare_train.sqlite", clients)
+    write_fedjax_sqlite(tmp_path / "shakespeare_test.sqlite", clients[:1])
+    ds = benchmarks.load("shakespeare", str(tmp_path), format="fedjax")
+    assert ds.train.x.dtype == np.int32 and ds.test_x.dtype == np.int32
+    assert ds.num_clients == 3 and int(ds.train.count[2]) == 0
+
+
+@pytest.mark.parametrize("folder", ["run #1", "data%20set"])
 def test_fedjax_sqlite_in_a_folder_with_uri_characters(tmp_path, folder):
     """A data folder whose name has a URI's special characters ('#', '%') reads the same."""
     directory = tmp_path / folder
@@ -947,7 +963,9 @@ def test_mnist1d_templates_by_hand():
 
 
 def test_mnist1d_dataset_spec():
-    ds = benchmarks.load("mnist1d", "", num_samples=100, data_seed=7, num_clients=1, partition="iid")
+    ds = benchmarks.load(
+        "mnist1d", "", num_samples=100, data_seed=7, num_clients=1, partition="iid"
+    )
     x, y, x_test, y_test = mnist1d.make_mnist1d(100, seed=7)
     assert ds.train.x.dtype == np.float32 and ds.feature_shape == (40,)
     np.testing.assert_array_equal(pooled(ds)[0], x)

@@ -97,6 +97,10 @@ def get_config() -> ml_collections.ConfigDict:
     # teacher_student, feddf, fedkd): this fraction of
     # each cohort are stragglers that run U{1..E-1} local epochs, or are dropped
     # (client.drop_stragglers, FedAvg's rule in the FedProx paper).
+    # On-device augmentation of image clients' training data, once per round
+    # (none | flip | crop | crop+flip; crop pads by client.crop_padding pixels).
+    c.client.augment = "none"
+    c.client.crop_padding = 4
     c.client.straggler_fraction = 0.0
     c.client.drop_stragglers = False
 

@@ -16,7 +16,11 @@ kinds:
 
 Images are held as uint8 (a quarter of float32's memory) and scaled to
 ``[0, 1]`` inside the compiled round (``fedjax_kd.models.prepare_inputs``);
-Shakespeare's characters are int32 token ids.
+Shakespeare's characters are int32 token ids. Its task is LEAF's: the
+character after each 80-character window. LEAF's JSON holds those windows;
+TFF's and FedJAX's files hold a role's lines as ``snippets``, and each snippet
+is windowed on its own (a snippet of 80 characters or fewer gives no example;
+LEAF windows a role's whole text, so these files give fewer examples).
 
 Layouts and sources: ``shared/REFERENCES_NEXT.md`` §F (torchvision's MNIST,
 EMNIST and CIFAR readers, LEAF ``models/utils/model_utils.py`` and
@@ -292,10 +296,11 @@ def _record_clients(records: list[tuple[str, dict]], task: str, source: Path) ->
             elif task == "cifar100_fed":
                 x = np.asarray(features["image"]).astype(np.uint8)
                 y = np.asarray(features["label"], np.int64)
-            else:  # shakespeare: snippets of text, windowed as LEAF does
+            else:  # shakespeare: each snippet windowed as LEAF windows a role's text
                 parts = [_windows(_text_of(s)) for s in np.asarray(features["snippets"]).ravel()]
-                x = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, _WINDOW))
-                y = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0)
+                parts.append((np.zeros((0, _WINDOW), np.int32), np.zeros(0, np.int32)))
+                x = np.concatenate([p[0] for p in parts])
+                y = np.concatenate([p[1] for p in parts])
         except KeyError as e:
             raise files.CorruptFile(f"{source}: client {cid!r} has no feature {e}") from None
         clients.append((cid, x, y))
@@ -524,6 +529,7 @@ BENCHMARK_SPECS = {
             _build_natural("femnist", 62),
             hypers=_natural_hypers(("leaf", "tff", "fedjax")),
             partition_option="partition",
+            own_clients=True,
         ),
         DatasetSpec(
             "shakespeare",
@@ -531,6 +537,7 @@ BENCHMARK_SPECS = {
             _build_natural("shakespeare", _OOV + 1),
             hypers=_natural_hypers(("leaf", "tff", "fedjax")),
             partition_option="partition",
+            own_clients=True,
         ),
         DatasetSpec(
             "cifar100_fed",
@@ -538,6 +545,7 @@ BENCHMARK_SPECS = {
             _build_natural("cifar100_fed", 100),
             hypers=_natural_hypers(("tff",)),
             partition_option="partition",
+            own_clients=True,
         ),
     )
 }

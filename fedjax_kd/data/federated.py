@@ -389,15 +389,23 @@ class Cohort:
         chunk_size=None,
         multiple: int = 1,
         constrain=None,
+        augment=None,
+        augment_key: jax.Array | None = None,
     ):
         """A cohort gathered from a population store with :func:`gather_cohort`.
 
         ``constrain`` (e.g. a sharding constraint) is applied to every gathered
-        :class:`ClientData`.
+        :class:`ClientData`. ``augment(key, x)`` (``fedjax_kd.augment``), when
+        given, transforms each gathered client's ``x`` with the key
+        ``fold_in(augment_key, client_id)``.
         """
 
         def gather_rows(rows):
-            out = gather_cohort(store, jnp.take(ids, rows), cap, key)
+            client_ids = jnp.take(ids, rows)
+            out = gather_cohort(store, client_ids, cap, key)
+            if augment is not None:
+                keys = jax.vmap(lambda i: jax.random.fold_in(augment_key, i))(client_ids)
+                out = out._replace(x=jax.vmap(augment)(keys, out.x))
             return out if constrain is None else constrain(out)
 
         return cls(ids, gather_rows, chunk_size=chunk_size, multiple=multiple)

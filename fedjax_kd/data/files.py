@@ -115,7 +115,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     try:
         with _open(path) as f:
             raw = f.read()
-    except (OSError, EOFError, lzma.LZMAError) as e:
+    except (OSError, EOFError, lzma.LZMAError, zlib.error) as e:
         raise CorruptFile(f"{path}: cannot read ({e})") from None
     if len(raw) < 4:
         raise CorruptFile(f"{path}: not an IDX file (only {len(raw)} bytes)")
@@ -142,7 +142,16 @@ def _unpickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
             entry = pickle.load(f, encoding="latin1")
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        ImportError,
+        IndexError,
+        KeyError,
+    ) as e:
         raise CorruptFile(f"{path}: not a CIFAR pickle ({type(e).__name__}: {e})") from None
     if not isinstance(entry, dict):
         raise CorruptFile(f"{path}: not a CIFAR pickle (holds {type(entry).__name__})")
@@ -241,7 +250,8 @@ def read_fedjax_sqlite(path: str | os.PathLike) -> list[tuple[str, dict]]:
 
     path = Path(path)
     try:
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+        # A file: URI (read-only), percent-encoded so '#', '?' or '%' in the path stay the path.
+        with sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True) as db:
             rows = db.execute(
                 "SELECT client_id, data, num_examples FROM federated_data ORDER BY rowid"
             ).fetchall()
