@@ -941,6 +941,8 @@ def run(
         raise ConfigError("--workdir: the path is empty; give a directory (or leave it out)")
     config = resolve(config)
     dataset, algorithm = build_run(config)
+    if progress and jax.process_index() == 0:
+        print(describe_run(config, dataset), file=sys.stderr, flush=True)
     if workdir is not None and jax.process_index() != 0:
         workdir = None  # multi-host: process 0 writes the files
     if workdir is None:
@@ -952,6 +954,40 @@ def run(
             )
     except workdir_lib.WorkdirError as e:
         raise ConfigError(str(e)) from None
+
+
+def _count_params(name: str, dataset: FederatedDataset, key: str) -> int:
+    """The number of parameters of model ``name`` on ``dataset`` (shapes only, no init)."""
+    model = _create_model(name, dataset, key)
+    shapes = jax.eval_shape(model.init, jax.random.key(0))
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes))
+
+
+def describe_run(config: ml_collections.ConfigDict, dataset: FederatedDataset) -> str:
+    """The start-up line of a run: the data, its memory per example, the models' sizes.
+
+    E.g. ``data: mnist1d, 100 clients, 3,600 train / 1,000 test examples of
+    (40,) float32 (164 B each with its label); model: cnn1d-25-25-25 (5,210
+    params)``; with a teacher (``AlgorithmSpec.teacher``) its size too.
+    """
+    x = dataset.train.x
+    per_example = math.prod(dataset.feature_shape) * np.dtype(x.dtype).itemsize + 4
+    count = int(np.sum(np.asarray(dataset.train.count)))
+    test_clients = simulate.num_test_clients(dataset)
+    line = (
+        f"data: {dataset.name}, {dataset.num_clients:,} clients, {count:,} train / "
+        f"{len(dataset.test_y):,} test examples"
+        + (f" ({test_clients:,} test clients)" if test_clients else "")
+        + f" of {tuple(dataset.feature_shape)} {np.dtype(x.dtype).name}"
+        f" ({per_example:,} B each with its label)"
+    )
+    student = config.model.student
+    line += f"; model: {student} ({_count_params(student, dataset, 'model.student'):,} params"
+    if _algorithm_spec(config).teacher:
+        teacher = config.model.teacher
+        n = _count_params(teacher, dataset, "model.teacher")
+        line += f"; teacher {teacher}: {n:,} params"
+    return line + ")"
 
 
 def build_run(config: ml_collections.ConfigDict, parallel: int = 1):

@@ -200,8 +200,33 @@ BAD_ARGS = [
     (["--examples-per-client", "40"], "multiple of --batch-size"),
     (["--max-loop-seconds", "0"], "argument --max-loop-seconds"),
     (["--lr", "nan"], "argument --lr"),
-    (["--student", "resnet"], "--student: unknown model"),
-    (["--teacher", "cnn-8"], "--teacher: the benchmark supports"),
+    (["--student", "resnot-8"], "--student: unknown model"),
+    (["--teacher", "cnn-8"], "--teacher: cnn-8 cannot take --input features:60: cnn models need"),
+    (["--student", "resnet-8"], "--student: resnet-8 cannot take --input features:60: resnet"),
+    # --input: one line per mistake, before anything runs.
+    (["--input", "pixels:32x32x3"], "--input: unknown input kind 'pixels'"),
+    (["--input", "image"], "--input image: give the shape after a colon"),
+    (["--input", "image:32x32"], "--input image:32x32: expected image:HxWxC"),
+    (["--input", "image:32x0x3"], "--input image:32x0x3: expected image:HxWxC"),
+    (["--input", "features:sixty"], "--input features:sixty: expected features:N"),
+    (["--input", "tokens:80"], "--input tokens:80: expected tokens:T:V"),
+    (["--input", "tokens:80:1"], "vocabulary V >= 2"),
+    (
+        ["--input", "image:32x32x3", "--student", "lstm-8-64"],
+        "--student: lstm-8-64 takes int32 token ids, and --input image:32x32x3 holds uint8",
+    ),
+    (
+        ["--input", "tokens:80:81", "--student", "lstm-8-64"],  # the default mlp teacher
+        "--teacher: mlp-256-256 takes features or pixels, and --input tokens:80:81 holds int32",
+    ),
+    (
+        ["--input", "tokens:80:81", "--student", "resnet-8", "--teacher", "lstm-8-64"],
+        "--student: resnet-8 takes features or pixels",
+    ),
+    (
+        ["--input", "image:30x30x1", "--student", "cnn5-8-8-16", "--teacher", "resnet-8"],
+        "--student: cnn5-8-8-16 cannot take --input image:30x30x1: cnn5 needs image sides",
+    ),
     (["--dtype", "fp8"], "argument --dtype"),
     (["--chunk-size", "0"], "argument --chunk-size"),
     (["--compare-chunk", "0"], "argument --compare-chunk"),
@@ -379,3 +404,215 @@ def test_cli_refuses_an_empty_json_path_in_one_line(capsys):
 
     assert cli.main(["bench", "--json", ""]) == 2
     assert capsys.readouterr().err.strip() == "error: --json: the path is empty; give a path"
+
+
+# --------------------------------------------------------------------------- --input
+
+
+def _synthetic_iid_before_inputs(num_clients, examples_per_client, seed=0):
+    """``make_cohort`` as it was before ``--input`` (a frozen copy: the features oracle)."""
+    import numpy as np
+
+    from fedjax_kd.data import ClientData
+
+    rng = np.random.default_rng(seed)
+    w = rng.normal(0.0, 1.0, (60, 10))
+    b = rng.normal(0.0, 1.0, 10)
+    total = num_clients * examples_per_client
+    x = rng.standard_normal((total, 60), dtype=np.float32)
+    x *= np.sqrt(np.arange(1, 61, dtype=np.float64) ** -1.2).astype(np.float32)
+    y = np.empty(total, np.int32)
+    for start in range(0, total, 1 << 16):
+        rows = slice(start, start + (1 << 16))
+        y[rows] = np.argmax(x[rows].astype(np.float64) @ w + b, axis=1)
+    return ClientData(
+        x=x.reshape(num_clients, examples_per_client, 60),
+        y=y.reshape(num_clients, examples_per_client),
+        count=np.full((num_clients,), examples_per_client, np.int32),
+    )
+
+
+@pytest.mark.parametrize(("k", "n", "seed"), [(5, 8, 3), (2, 40_000, 0)])  # 2nd: > 2^16 rows
+def test_features_60_cohort_is_bit_for_bit_the_original(k, n, seed):
+    before = _synthetic_iid_before_inputs(k, n, seed)
+    for got in (bench.make_cohort(k, n, seed), bench.make_cohort(k, n, seed, "features:60")):
+        for a, b in zip(got, before, strict=True):
+            assert a.dtype == b.dtype and a.shape == b.shape and (a == b).all()
+    assert bench.BenchConfig().input == "features:60" == bench.DEFAULT_INPUT
+
+
+def test_input_kinds_parse_to_shapes_dtypes_and_classes():
+    cases = {
+        "features:60": ("features", (60,), 10, "float32"),
+        "image:32x32x3": ("image", (32, 32, 3), 10, "uint8"),
+        "tokens:80:81": ("tokens", (80,), 81, "int32"),
+    }
+    for text, (kind, shape, classes, dtype) in cases.items():
+        got = bench.parse_input(text)
+        assert (got.text, got.kind, got.shape, got.num_classes, got.dtype) == (
+            text, kind, shape, classes, dtype,
+        )  # fmt: skip
+    assert bench.parse_input(" image:08x8x3 ").text == "image:8x8x3"
+
+
+def test_image_and_token_cohorts_are_deterministic_and_follow_their_rules():
+    import numpy as np
+
+    images = bench.make_cohort(3, 40, 5, "image:8x8x3")
+    assert images.x.shape == (3, 40, 8, 8, 3) and images.x.dtype == np.uint8
+    assert images.y.shape == (3, 40) and images.y.dtype == np.int32 and (images.count == 40).all()
+    assert len(np.unique(images.y)) >= 5 and images.x.min() == 0 and images.x.max() == 255
+    tokens = bench.make_cohort(4, 50, 5, "tokens:6:7")
+    assert tokens.x.shape == (4, 50, 6) and tokens.x.dtype == tokens.y.dtype == np.int32
+    assert 0 <= tokens.x.min() and tokens.x.max() < 7 and 0 <= tokens.y.min() and tokens.y.max() < 7
+    # One fixed Markov chain: every token is followed by at most 4 tokens, in the
+    # windows and in the labels alike, so the label is learnable from the last token.
+    seq = np.concatenate([tokens.x, tokens.y[..., None]], axis=-1).reshape(-1, 7)
+    successors = {}
+    for a, b in zip(seq[:, :-1].ravel(), seq[:, 1:].ravel(), strict=True):
+        successors.setdefault(int(a), set()).add(int(b))
+    assert max(map(len, successors.values())) <= 4
+    for inp, cohort in (("image:8x8x3", images), ("tokens:6:7", tokens)):
+        again = bench.make_cohort(cohort.y.shape[0], cohort.y.shape[1], 5, inp)
+        other = bench.make_cohort(cohort.y.shape[0], cohort.y.shape[1], 6, inp)
+        assert all((a == b).all() for a, b in zip(again, cohort, strict=True))
+        assert not (other.x == cohort.x).all()
+
+
+NEW_INPUTS = [
+    # input, student, teacher: the papers' model families on uint8 pixels and int32 tokens.
+    ("image:8x8x3", "cnn-4", "resnet-8"),
+    ("tokens:6:7", "lstm-4-8", "lstm-4-16"),
+]
+
+
+@pytest.mark.parametrize(("inp", "student", "teacher"), NEW_INPUTS)
+def test_vmap_loop_and_central_agree_on_new_inputs(inp, student, teacher):
+    """One client holding one minibatch: the three methods are one SGD step, the same.
+
+    (With K clients, vmap == loop is checked on every run, ``max_abs_diff_vs_vmap``,
+    and asserted on images below; central then runs the clients' steps one after
+    the other, the same work but not the same numbers.)
+    """
+    config = bench.BenchConfig(
+        clients=(1,),
+        examples_per_client=4,
+        batch_size=4,
+        student=student,
+        teacher=teacher,
+        input=inp,
+    )
+    config.validate()
+    cohort = jax.tree.map(jnp.asarray, bench.make_cohort(1, 4, 1, inp))
+    key = jax.random.key(7)
+    built = bench.build_methods("teacher_student", config, cohort, key, include=bench.METHODS)
+    methods = {m.name: m for m in built}
+    assert set(methods) == set(bench.METHODS)
+    out = {name: m.run(m.state, key) for name, m in methods.items()}
+    start = methods["vmap"].state.params
+    for name in ("loop", "central"):
+        chex.assert_trees_all_close(out[name][0].params, out["vmap"][0].params, atol=1e-6)
+        assert float(out[name][1]["train_loss"]) == pytest.approx(
+            float(out["vmap"][1]["train_loss"]), rel=1e-5
+        )
+        assert int(out[name][1]["local_steps"]) == 1
+    moved = jax.tree.map(lambda a, b: jnp.max(jnp.abs(a - b)), out["vmap"][0].params, start)
+    assert max(jax.tree.leaves(moved)) > 1e-4  # a real training step, not a no-op
+
+
+def test_image_benchmark_rows_name_their_input_and_models():
+    """The whole benchmark on uint8 pixels: loop == vmap at K = 2, the records say what ran.
+
+    (A linear student keeps it quick; the cnn teacher's FLOPs come from XLA.)
+    """
+    config = bench.BenchConfig(
+        clients=(2,),
+        algorithms=("fedavg",),
+        reps=1,
+        burst=1,
+        examples_per_client=4,
+        batch_size=2,
+        student="linear",
+        teacher="cnn-2",
+        input="image:8x8x3",
+    )
+    rows = {r["method"]: r for r in bench.run_benchmark(config, log=lambda msg: None)}
+    assert set(rows) == set(bench.METHODS)
+    assert rows["loop"]["max_abs_diff_vs_vmap"] < 1e-5
+    f_teacher = bench.forward_flops("cnn-2", (8, 8, 3), 10, dtype="uint8")
+    for r in rows.values():
+        assert r["input"] == "image:8x8x3" and r["input_kind"] == "image"
+        assert r["input_shape"] == [8, 8, 3] and r["input_dtype"] == "uint8"
+        assert r["num_classes"] == 10 and r["student"] == "linear" and r["teacher_model"] == "cnn-2"
+        assert r["student_flops_source"] == "matmul formula"
+        assert r["teacher_flops_source"] == "xla cost analysis"
+        assert (
+            r["student_forward_flops"] == 2 * 192 * 10 and r["teacher_forward_flops"] == f_teacher
+        )
+        assert r["flops_per_round"] == 2 * 4 * 3 * 2 * 192 * 10 and r["gflops_per_s"] > 0
+        assert r["sgd_steps"] == 2 * 2 and r["examples_per_round"] == 2 * 4
+    table = bench.format_table(list(rows.values()))
+    assert table.splitlines()[0] == "input image:8x8x3: student linear, teacher cnn-2"
+    assert table.splitlines()[1].split()[-1] == "GFLOP/s"
+
+
+def test_xla_flops_match_hand_counts():
+    """Dense models keep the exact formula; XLA's count (loops included) matches hand counts."""
+    assert bench.flops_source("mlp-64") == "matmul formula"
+    assert bench.forward_flops("mlp-64", (60,), 10) == bench.forward_flops("mlp-64", 60, 10)
+    # XLA on the same MLP: the formula's matmuls plus the bias adds and ReLUs.
+    xla_mlp = bench.xla_forward_flops("mlp-64", (60,), 10, "float32")
+    assert 8960 <= xla_mlp <= 8960 + 64 + 10 + 64 + 100
+    # The LSTM scans its 80 steps: XLA counts a loop body once; the count adds the rest.
+    e, h, t, v = 8, 64, 80, 81
+    hand = 2 * (e * 4 * h + h * 4 * h) * t + 2 * h * v  # input, recurrent and head matmuls
+    lstm = bench.model_flops("lstm-8-64", "tokens:80:81")
+    assert bench.flops_source("lstm-8-64") == "xla cost analysis"
+    assert hand <= lstm <= 1.1 * hand, (lstm, hand)
+    # ResNet-8 on 32x32x3: the 3x3 convolutions (XLA skips the zero padding's taps, ~4%).
+    convs = 32 * 32 * 16 * 2 * (3 * 9 + 2 * 16 * 9)  # stem, stage 1's two convolutions
+    convs += 16 * 16 * 32 * 2 * (16 * 9 + 32 * 9 + 16)  # stage 2 and its 1x1 shortcut
+    convs += 8 * 8 * 64 * 2 * (32 * 9 + 64 * 9 + 32) + 2 * 64 * 10  # stage 3, head
+    resnet = bench.model_flops("resnet-8", "image:32x32x3")
+    assert 0.93 * convs <= resnet <= 1.02 * convs, (resnet, convs)
+
+
+def test_bf16_prepares_pixels_and_keeps_token_ids():
+    """--dtype bf16 casts float inputs only, after uint8 pixels are scaled to [0, 1]."""
+    from fedjax_kd.bench.methods import _cast_apply
+
+    seen = []
+
+    def apply(params, x):  # what the model is handed
+        seen.append(x)
+        return params["w"] * jnp.sum(x.astype(jnp.float32))
+
+    cast = _cast_apply(apply, jnp.bfloat16)
+    pixels = jnp.asarray([[0, 51, 255]], jnp.uint8)
+    assert cast({"w": jnp.ones(())}, pixels).dtype == jnp.float32
+    assert seen[-1].dtype == jnp.bfloat16
+    assert seen[-1][0].tolist() == pytest.approx([0.0, 0.2, 1.0], abs=1e-3)  # not [0, 51, 255]
+    tokens = jnp.asarray([[0, 257, 299]], jnp.int32)  # bfloat16 would round 257 and 299
+    cast({"w": jnp.ones(())}, tokens)
+    assert seen[-1].dtype == jnp.int32 and seen[-1].tolist() == [[0, 257, 299]]
+    features = jnp.asarray([[0.5, -1.0]], jnp.float32)
+    cast({"w": jnp.ones(())}, features)
+    assert seen[-1].dtype == jnp.bfloat16 and seen[-1].tolist() == [[0.5, -1.0]]
+
+
+def test_cli_passes_the_input_on(monkeypatch):
+    from fedjax_kd.bench import cli as bench_cli
+
+    seen = []
+    monkeypatch.setattr(bench_cli, "run_benchmark", lambda config, **k: seen.append(config) or [])
+    monkeypatch.setattr(bench_cli, "format_table", lambda rows: "table")
+    argv = ["--input", "tokens:80:81", "--student", "lstm-8-64", "--teacher", "lstm-8-256-256"]
+    assert bench.main(argv) == 0
+    assert seen[0].input == "tokens:80:81" and seen[0].bench_input.shape == (80,)
+
+
+def test_the_fedjax_kd_command_refuses_a_bad_input_in_one_line(capsys):
+    from fedjax_kd import cli
+
+    assert cli.main(["bench", "--input", "tokens:80"]) == 2
+    assert one_error_line(capsys.readouterr().err).startswith("error: --input tokens:80: expected")

@@ -44,13 +44,29 @@ measured here.
 Workload
 --------
 Each of the K clients holds exactly ``n`` (default 64) examples, so nothing is
-padded. Examples are drawn from the FedProx Synthetic-IID distribution
-(Li et al., arXiv 1812.06127): ``x ~ N(0, diag(j^-1.2))`` in 60 dimensions,
-``y = argmax(x W + b)`` with one global ``W, b ~ N(0, 1)`` (10 classes),
-drawn directly with NumPy (``seed``) rather than through
-:func:`fedjax_kd.data.synthetic`, whose heavy-tailed client sizes would need
-padding. Default models: student ``mlp-64``, teacher ``mlp-256-256``;
-batch 32, one local epoch, client SGD lr 0.05, server SGD lr 1 (FedAvg).
+padded. ``--input`` chooses what an example is; all are drawn directly with
+NumPy (``seed``), deterministically (:func:`make_cohort`):
+
+* ``features:N`` (default ``features:60``): the FedProx Synthetic-IID
+  distribution (Li et al., arXiv 1812.06127): ``x ~ N(0, diag(j^-1.2))`` in N
+  dimensions, ``y = argmax(x W + b)`` with one global ``W, b ~ N(0, 1)`` (10
+  classes), rather than through :func:`fedjax_kd.data.synthetic`, whose
+  heavy-tailed client sizes would need padding;
+* ``image:HxWxC`` (e.g. ``image:32x32x3``, CIFAR-size): uniformly random
+  uint8 pixels, ``y = argmax((x / 255 - 1/2) W + b)`` over the flattened
+  pixels (10 classes); the models scale the pixels to ``[0, 1]`` inside the
+  compiled round (``models.prepare_inputs``), so the cohort stays uint8 on
+  the device;
+* ``tokens:T:V`` (e.g. ``tokens:80:81``, Shakespeare-size): int32 windows of
+  T tokens of one fixed random Markov chain on V tokens (4 successors per
+  token), the label the token that follows (V classes).
+
+Sequence models (``lstm-...``, ``transformer-...``) take ``tokens`` only, the
+others features or pixels only; rows record ``input``, ``input_kind``,
+``input_shape``, ``input_dtype``, ``num_classes``, the ``student`` and the run's
+``teacher_model``. Default models: student ``mlp-64``, teacher
+``mlp-256-256``; batch 32, one local epoch, client SGD lr 0.05, server SGD lr
+1 (FedAvg).
 
 How it is timed
 ---------------
@@ -93,9 +109,12 @@ Reading the ratios
   dispatch of the same compiled client update.
 * KD overhead: ``teacher_student`` round time minus ``fedavg`` round time
   (``extra_s``), next to two predictions from the teacher's forward FLOPs
-  ``F_teacher * K * n`` per round (forward FLOPs ``F = sum_layers 2 * in *
-  out`` per example; the teacher runs once per example per round: its logits
-  are computed once, not once per step). They differ in the FLOP rate
+  ``F_teacher * K * n`` per round (forward FLOPs per example: for dense
+  models exactly ``F = sum_layers 2 * in * out``; for the others XLA's cost
+  analysis of the compiled forward pass on one example, every iteration of a
+  ``lax.scan`` counted (XLA's own count takes a loop body once); rows record
+  ``student_flops_source`` / ``teacher_flops_source``; the teacher runs once
+  per example per round: its logits are computed once, not once per step). They differ in the FLOP rate
   assumed. ``pred@student = fedavg_s * F_teacher / (3 * epochs *
   F_student)`` (a training step counted as 3 forward passes) assumes the
   teacher's wide matmuls run at the FLOP rate of the student's narrow
@@ -125,10 +144,12 @@ command), :func:`main` (``python -m fedjax_kd.bench``), and
 
 The package, one idea a file:
 
-* :mod:`~fedjax_kd.bench.options`: :class:`BenchConfig` and the command-line
-  options (no JAX: ``fedjax-kd --help`` reads them);
-* :mod:`~fedjax_kd.bench.workload`: the cohort (:func:`make_cohort`) and the
-  models' FLOPs (:func:`forward_flops`);
+* :mod:`~fedjax_kd.bench.options`: :class:`BenchConfig`, ``--input``
+  (:func:`parse_input`) and the command-line options (no JAX: ``fedjax-kd
+  --help`` reads them);
+* :mod:`~fedjax_kd.bench.workload`: the cohort (:func:`make_cohort`), the
+  models and whether they take the input (:func:`check_model`), and their
+  FLOPs (:func:`forward_flops`);
 * :mod:`~fedjax_kd.bench.methods`: the algorithm's compiled round and the
   baselines built around the same client update (:func:`build_methods`);
 * :mod:`~fedjax_kd.bench.timing`: compiling, warming up and timing the methods
@@ -147,13 +168,20 @@ import importlib
 _EXPORTS = {
     **dict.fromkeys(
         (
-            "ALGORITHMS", "AUTO_BURST_S", "DEFAULT_CLIENTS", "DTYPES", "MAX_AUTO_BURST",
-            "METHODS", "NUM_CLASSES", "NUM_FEATURES", "PROBE_CLIENTS", "USAGE",
-            "BenchConfig", "BenchError", "add_arguments",
+            "ALGORITHMS", "AUTO_BURST_S", "DEFAULT_CLIENTS", "DEFAULT_INPUT", "DTYPES",
+            "INPUT_KINDS", "MAX_AUTO_BURST", "METHODS", "NUM_CLASSES", "NUM_FEATURES",
+            "PROBE_CLIENTS", "USAGE", "BenchConfig", "BenchError", "BenchInput",
+            "add_arguments", "parse_input",
         ),
         "options",
     ),
-    **dict.fromkeys(("forward_flops", "make_cohort"), "workload"),
+    **dict.fromkeys(
+        (
+            "check_model", "create_model", "flops_source", "forward_flops", "make_cohort",
+            "model_flops", "xla_forward_flops",
+        ),
+        "workload",
+    ),
     **dict.fromkeys(("Method", "build_methods"), "methods"),
     **dict.fromkeys(
         ("run_benchmark", "_Entry", "_auto_burst", "_row", "_skip_slow_loops", "_warm_up"),

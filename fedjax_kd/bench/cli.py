@@ -32,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
         lr=args.lr,
         student=args.student,
         teacher=args.teacher,
+        input=args.input,
         max_loop_seconds=args.max_loop_seconds,
         dtypes=tuple(args.dtype),
         donate=args.donate,

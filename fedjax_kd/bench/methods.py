@@ -17,11 +17,10 @@ from fedjax_kd.algorithms.teacher_student import teacher_student
 from fedjax_kd.bench.options import (
     ALGORITHMS,
     METHODS,
-    NUM_CLASSES,
-    NUM_FEATURES,
     BenchConfig,
     BenchError,
 )
+from fedjax_kd.bench.workload import create_model
 from fedjax_kd.client import batched_apply
 from fedjax_kd.data import Cohort
 
@@ -51,11 +50,18 @@ class Method(NamedTuple):
 
 
 def _cast_apply(apply_fn, dtype):
-    """``apply`` with params and inputs cast to ``dtype``; logits back in float32."""
+    """``apply`` with params and float inputs cast to ``dtype``; logits back in float32.
+
+    Inputs are first prepared as the model would (uint8 pixels to ``[0, 1]``);
+    integer token ids are not cast.
+    """
 
     def apply(params, x):
         params = jax.tree.map(lambda p: p.astype(dtype), params)
-        return apply_fn(params, x.astype(dtype)).astype(jnp.float32)
+        x = models.prepare_inputs(x)
+        if jnp.issubdtype(x.dtype, jnp.floating):
+            x = x.astype(dtype)
+        return apply_fn(params, x).astype(jnp.float32)
 
     return apply
 
@@ -95,8 +101,8 @@ def build_methods(
     if algorithm not in ALGORITHMS:
         raise BenchError(f"unknown algorithm {algorithm!r}")
     num_clients = int(cohort.count.shape[0])
-    student = models.create(config.student, feature_shape=(NUM_FEATURES,), num_classes=NUM_CLASSES)
-    teacher = models.create(config.teacher, feature_shape=(NUM_FEATURES,), num_classes=NUM_CLASSES)
+    student = create_model(config.student, config.bench_input)
+    teacher = create_model(config.teacher, config.bench_input)
     if dtype == "bf16":
         student = student._replace(apply=_cast_apply(student.apply, jnp.bfloat16))
         teacher = teacher._replace(apply=_cast_apply(teacher.apply, jnp.bfloat16))

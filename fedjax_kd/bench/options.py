@@ -16,8 +16,13 @@ ALGORITHMS = ("fedavg", "teacher_student")
 METHODS = ("vmap", "loop", "central")
 DTYPES = ("f32", "bf16")
 DEFAULT_CLIENTS = (10, 100, 1000, 10000)
-NUM_FEATURES = 60
-NUM_CLASSES = 10
+NUM_FEATURES = 60  # of the default input, features:60 (FedProx's Synthetic-IID)
+NUM_CLASSES = 10  # of features:N and image:HxWxC inputs (tokens:T:V has V)
+DEFAULT_INPUT = f"features:{NUM_FEATURES}"
+INPUT_KINDS = ("features", "image", "tokens")
+INPUT_SYNTAX = (
+    "features:N, image:HxWxC or tokens:T:V (e.g. features:60, image:32x32x3, tokens:80:81)"
+)
 PROBE_CLIENTS = 32
 AUTO_BURST_S = 0.02  # default burst: at least this long for the fastest method
 MAX_AUTO_BURST = 10
@@ -25,13 +30,95 @@ USAGE = (
     "fedjax-kd bench [--clients 10,100,1000,10000] [--json PATH] "
     "[--algorithms fedavg,teacher_student] [--reps 5] [--examples-per-client 64] "
     "[--max-loop-seconds S] [--batch-size 32] [--epochs 1] [--lr 0.05] "
-    "[--student mlp-64] [--teacher mlp-256-256] [--dtype f32[,bf16]] [--donate] "
+    "[--input features:60|image:HxWxC|tokens:T:V] [--student mlp-64] [--teacher mlp-256-256] "
+    "[--dtype f32[,bf16]] [--donate] "
     "[--chunk-size C] [--compare-chunk C] [--burst B] [--seed 0]"
 )
 
 
 class BenchError(ValueError):
     """A user mistake in the benchmark's settings (reported as one ``error:`` line)."""
+
+
+@dataclass(frozen=True)
+class BenchInput:
+    """What one example of the synthetic cohort is (``--input``, see :func:`parse_input`).
+
+    Attributes:
+      text: the canonical ``--input`` value, e.g. ``image:32x32x3``.
+      kind: ``features`` (float32 Synthetic-IID features), ``image`` (uint8
+        pixels) or ``tokens`` (int32 token ids, next-token labels).
+      shape: one example's shape: ``(N,)``, ``(H, W, C)`` or ``(T,)``.
+      num_classes: 10 for features and images, the vocabulary V for tokens.
+      dtype: the stored dtype of ``x``: ``float32``, ``uint8`` or ``int32``.
+    """
+
+    text: str
+    kind: str
+    shape: tuple[int, ...]
+    num_classes: int
+    dtype: str
+
+    @property
+    def model_inputs(self) -> str:
+        """The ``ModelSpec.inputs`` a model needs to take it: ``features`` or ``tokens``."""
+        return "tokens" if self.kind == "tokens" else "features"
+
+    def describe(self) -> str:
+        """One phrase for messages and the table, e.g. ``uint8 pixels [32, 32, 3], 10 classes``."""
+        what = {"features": "float32 features", "image": "uint8 pixels", "tokens": "int32 tokens"}
+        classes = f"vocabulary {self.num_classes}" if self.kind == "tokens" else "10 classes"
+        return f"{what[self.kind]} {list(self.shape)}, {classes}"
+
+
+def _sizes(text: str, sep: str) -> tuple[int, ...] | None:
+    """Positive integers separated by ``sep``, or None if any part is not one."""
+    parts = text.split(sep)
+    if not all(p.isascii() and p.isdigit() for p in parts):
+        return None
+    values = tuple(int(p) for p in parts)
+    return values if min(values) >= 1 else None
+
+
+def parse_input(text: str) -> BenchInput:
+    """The ``--input`` value as a :class:`BenchInput`; :class:`BenchError` naming the mistake.
+
+    * ``features:N``: N float32 features of FedProx's Synthetic-IID (10 classes);
+      ``features:60`` is the default and the benchmark's original workload.
+    * ``image:HxWxC``: uint8 pixels (10 classes), e.g. ``image:32x32x3`` (CIFAR).
+    * ``tokens:T:V``: T int32 token ids in ``[0, V)`` and the next token as the
+      label (V classes), e.g. ``tokens:80:81`` (Shakespeare).
+    """
+    kind, colon, rest = str(text).strip().partition(":")
+    if kind not in INPUT_KINDS:
+        raise BenchError(
+            f"--input: unknown input kind {kind!r} in {text!r}; expected {INPUT_SYNTAX}"
+        )
+    if not colon:
+        raise BenchError(f"--input {text}: give the shape after a colon; expected {INPUT_SYNTAX}")
+    if kind == "features":
+        sizes = _sizes(rest, "x")
+        if sizes is None or len(sizes) != 1:
+            raise BenchError(
+                f"--input {text}: expected features:N with a positive integer N, e.g. features:60"
+            )
+        return BenchInput(f"features:{sizes[0]}", kind, sizes, NUM_CLASSES, "float32")
+    if kind == "image":
+        sizes = _sizes(rest, "x")
+        if sizes is None or len(sizes) != 3:
+            raise BenchError(
+                f"--input {text}: expected image:HxWxC with positive integers H, W and C "
+                "(height, width, channels), e.g. image:32x32x3"
+            )
+        return BenchInput("image:" + "x".join(map(str, sizes)), kind, sizes, NUM_CLASSES, "uint8")
+    sizes = _sizes(rest, ":")
+    if sizes is None or len(sizes) != 2 or sizes[1] < 2:
+        raise BenchError(
+            f"--input {text}: expected tokens:T:V with a sequence length T >= 1 and a "
+            "vocabulary V >= 2, e.g. tokens:80:81"
+        )
+    length, vocab = sizes
+    return BenchInput(f"tokens:{length}:{vocab}", kind, (length,), vocab, "int32")
 
 
 @dataclass(frozen=True)
@@ -47,6 +134,7 @@ class BenchConfig:
     lr: float = 0.05
     student: str = "mlp-64"
     teacher: str = "mlp-256-256"
+    input: str = DEFAULT_INPUT
     max_loop_seconds: float | None = None
     dtypes: tuple[str, ...] = ("f32",)
     donate: bool = False
@@ -54,6 +142,11 @@ class BenchConfig:
     compare_chunk: int | None = None
     burst: int | None = None
     seed: int = 0
+
+    @property
+    def bench_input(self) -> BenchInput:
+        """The parsed ``input`` (:class:`BenchError` if it is malformed)."""
+        return parse_input(self.input)
 
     def validate(self) -> None:
         """Raises :class:`BenchError` naming the first bad setting."""
@@ -89,10 +182,11 @@ class BenchConfig:
             raise BenchError(f"--compare-chunk must be >= 1, got {self.compare_chunk}")
         if self.max_loop_seconds is not None and not self.max_loop_seconds > 0:
             raise BenchError(f"--max-loop-seconds must be > 0, got {self.max_loop_seconds}")
-        from fedjax_kd.bench.workload import forward_flops  # the models' names; imports JAX
+        bench_input = self.bench_input
+        from fedjax_kd.bench.workload import check_model  # builds the models: imports JAX
 
         for flag, name in (("--student", self.student), ("--teacher", self.teacher)):
-            forward_flops(name, NUM_FEATURES, NUM_CLASSES, flag=flag)
+            check_model(name, bench_input, flag=flag)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -179,6 +273,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--epochs", type=_number(int, minimum=1, strict=False), default=d.epochs)
     parser.add_argument("--lr", type=_number(float, minimum=0, strict=True), default=d.lr)
+    parser.add_argument(
+        "--input",
+        metavar="KIND",
+        default=d.input,
+        help="the synthetic examples: features:N (Synthetic-IID, default features:60), "
+        "image:HxWxC (uint8 pixels, 10 classes; e.g. image:32x32x3) or tokens:T:V "
+        "(int32 tokens, next-token labels; e.g. tokens:80:81)",
+    )
     parser.add_argument("--student", default=d.student, help="student model (default mlp-64)")
     parser.add_argument("--teacher", default=d.teacher, help="teacher model (default mlp-256-256)")
     parser.add_argument(

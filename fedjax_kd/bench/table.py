@@ -31,9 +31,16 @@ def _method_label(row: dict) -> str:
 
 def format_table(rows: Sequence[dict]) -> str:
     """The printed summary: timings, vmap ratios per (algorithm, K) and the KD overhead."""
+    workloads = dict.fromkeys(
+        (r["input"], r.get("student"), r.get("teacher_model")) for r in rows if r.get("input")
+    )
     lines = [
+        f"input {text}: student {student}, teacher {teacher}"
+        for text, student, teacher in workloads
+    ]
+    lines += [
         f"{'algorithm':<16}{'dtype':<6}{'K':>7}  {'method':<13}{'examples/s':>12}"
-        f"{'s/round':>11}{'compile_s':>10}{'peak_rss_MB':>12}",
+        f"{'s/round':>11}{'compile_s':>10}{'peak_rss_MB':>12}{'GFLOP/s':>9}",
     ]
     for r in rows:
         method = _method_label(r)
@@ -41,6 +48,7 @@ def format_table(rows: Sequence[dict]) -> str:
             f"{r['algorithm']:<16}{r['dtype']:<6}{r['clients']:>7}  {method:<13}"
             f"{_fmt(r['examples_per_s'], '12,.0f')}{_fmt(r['s_per_round'], '11.4f')}"
             f"{r['compile_s']:>10.2f}{r['peak_rss_mb']:>12.0f}"
+            f"{_fmt(r.get('gflops_per_s'), '9.2f')}"
             + (f"  ({r['skipped']})" if r.get("skipped") else "")
         )
     index = {

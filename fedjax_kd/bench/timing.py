@@ -21,13 +21,11 @@ from fedjax_kd.bench.options import (
     AUTO_BURST_S,
     MAX_AUTO_BURST,
     METHODS,
-    NUM_CLASSES,
-    NUM_FEATURES,
     PROBE_CLIENTS,
     BenchConfig,
 )
 from fedjax_kd.bench.table import _method_label
-from fedjax_kd.bench.workload import forward_flops, make_cohort
+from fedjax_kd.bench.workload import flops_source, make_cohort, model_flops
 
 # --------------------------------------------------------------------------- timing
 
@@ -63,13 +61,14 @@ def run_benchmark(config: BenchConfig, *, log: Callable[[str], None] | None = No
     config.validate()
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     n = config.examples_per_client
-    f_student = forward_flops(config.student, NUM_FEATURES, NUM_CLASSES)
-    f_teacher = forward_flops(config.teacher, NUM_FEATURES, NUM_CLASSES)
+    bench_input = config.bench_input
+    f_student = model_flops(config.student, bench_input, flag="--student")
+    f_teacher = model_flops(config.teacher, bench_input, flag="--teacher")
     device = jax.devices()[0]
     rows: list[dict] = []
     root = jax.random.key(config.seed)
     for num_clients in config.clients:
-        cohort = jax.tree.map(jnp.asarray, make_cohort(num_clients, n, config.seed))
+        cohort = jax.tree.map(jnp.asarray, make_cohort(num_clients, n, config.seed, bench_input))
         warm_key = jax.random.fold_in(root, 1)
         entries: list[_Entry] = []
         for algorithm in config.algorithms:
@@ -198,6 +197,7 @@ def _warm_up(entries, key, config, num_clients, log) -> None:
 
 def _row(e: _Entry, config: BenchConfig, num_clients, f_student, f_teacher, device) -> dict:
     n, epochs = config.examples_per_client, config.epochs
+    bench_input = config.bench_input
     examples = epochs * num_clients * n
     flops = num_clients * n * (3 * epochs * f_student)
     if e.algorithm == "teacher_student":
@@ -231,6 +231,15 @@ def _row(e: _Entry, config: BenchConfig, num_clients, f_student, f_teacher, devi
         "compare_chunk": e.method.name == "vmap" and e.method.chunk != config.chunk_size,
         "student": config.student,
         "teacher": config.teacher if e.algorithm == "teacher_student" else None,
+        # What was trained on: runs on different inputs or models tell themselves apart.
+        "input": bench_input.text,
+        "input_kind": bench_input.kind,
+        "input_shape": list(bench_input.shape),
+        "input_dtype": bench_input.dtype,
+        "num_classes": bench_input.num_classes,
+        "student_flops_source": flops_source(config.student),
+        "teacher_flops_source": flops_source(config.teacher),
+        "teacher_model": config.teacher,  # the run's --teacher, in fedavg rows too
         "server_distill_steps": 0,
         "platform": device.platform,
         "device_kind": getattr(device, "device_kind", ""),
