@@ -377,6 +377,7 @@ MODEL_SPECS = {
             "FedAvg's CNN (McMahan 2017): two 5x5 conv + max-pool, a dense layer",
             _fedavg_cnn,
             sizes="C1, C2 channels and D dense units",
+            form="cnn5-C1-C2-D",
             example="cnn5-32-64-512",
         ),
         ModelSpec(
@@ -384,6 +385,7 @@ MODEL_SPECS = {
             "CIFAR ResNet-(6n+2) with GroupNorm (FedDF): depth, optional groups (2)",
             _resnet,
             sizes="depth and groups",
+            form="resnet-D[-G]",
             example="resnet-8",
         ),
         ModelSpec(
@@ -398,6 +400,7 @@ MODEL_SPECS = {
             "character LSTM (McMahan 2017): embedding E, LSTM widths; next token",
             _lstm,
             sizes="embedding and LSTM widths",
+            form="lstm-E-H1[-H2...]",
             example="lstm-8-256-256",
             inputs="tokens",
         ),
@@ -406,6 +409,7 @@ MODEL_SPECS = {
             "small causal transformer: width D, layers L, heads H; next token",
             _transformer,
             sizes="width, layers and heads",
+            form="transformer-D-L-H",
             example="transformer-64-2-4",
             inputs="tokens",
         ),

@@ -238,6 +238,8 @@ class ModelSpec:
       sizes: what the sizes are (``"hidden widths"``), or ``""`` for a family
         that takes none.
       example: a model name of this family, for help and errors.
+      form: how a name is written when the sizes are not a list of one kind
+        (``resnet-D[-G]``); "" = derived from ``sizes``.
       inputs: ``"features"`` (float features or uint8 pixels) or ``"tokens"``
         (int32 token ids: sequence models); the experiment layer refuses a
         dataset of the other kind with one line.
@@ -249,10 +251,13 @@ class ModelSpec:
     sizes: str = ""
     example: str = ""
     inputs: str = "features"
+    form: str = ""
 
     @property
     def pattern(self) -> str:
-        """How a name of this family is written: ``mlp-W1[-W2...]`` or ``linear``."""
+        """How a name of this family is written: ``mlp-W1[-W2...]``, ``linear`` or ``form``."""
+        if self.form:
+            return self.form
         if not self.sizes:
             return self.name
         letter = self.sizes.split()[-1][0].upper()

@@ -197,3 +197,18 @@ def test_model_and_inputs_must_match(dtype, student, message):
     config.model.student = student
     with pytest.raises(experiment.ConfigError, match=message):
         experiment.build_algorithm(config, _tiny(dtype))
+
+
+def test_start_up_line_counts_bytes_and_params_by_hand(digits_small):
+    config = default_config.get_config()
+    config.model.student = "mlp-16"
+    config.model.teacher = "mlp-8"
+    line = experiment.describe_run(config, digits_small)
+    n = int(digits_small.train.count.sum())
+    assert f"{n:,} train / 360 test examples of (64,) float32 (260 B each" in line
+    assert f"mlp-16 ({64 * 16 + 16 + 16 * 10 + 10:,} params)" in line
+    config.algorithm.name = "teacher_student"
+    line = experiment.describe_run(config, digits_small)
+    assert f"teacher mlp-8: {64 * 8 + 8 + 8 * 10 + 10:,} params" in line
+    pixels = _tiny(np.uint8)
+    assert "of (6,) uint8 (10 B each with its label)" in experiment.describe_run(config, pixels)

@@ -114,20 +114,21 @@ Reading the ratios
   analysis of the compiled forward pass on one example, every iteration of a
   ``lax.scan`` counted (XLA's own count takes a loop body once); rows record
   ``student_flops_source`` / ``teacher_flops_source``; the teacher runs once
-  per example per round: its logits are computed once, not once per step). They differ in the FLOP rate
-  assumed. ``pred@student = fedavg_s * F_teacher / (3 * epochs *
-  F_student)`` (a training step counted as 3 forward passes) assumes the
-  teacher's wide matmuls run at the FLOP rate of the student's narrow
-  training steps. ``pred@teacher = F_teacher * K * n / R_teacher`` uses the
-  rate ``R_teacher`` that the teacher's forward pass on the cohort reaches
-  when timed alone in the same rotation, in the row's chunks (the whole
-  cohort for ``loop`` and ``central``), so it equals that time (JSON
-  ``teacher_forward_s``); had the teacher run once per local step,
-  ``extra_s`` would be ``epochs`` times larger than it. With
+  per example per round: its logits are computed once, not once per step).
+  They differ in the FLOP rate assumed. ``pred@student = fedavg_s *
+  F_teacher / (3 * epochs * F_student)`` (a training step counted as 3
+  forward passes) assumes the teacher's wide matmuls run at the FLOP rate of
+  the student's narrow training steps. ``pred@teacher = F_teacher * K * n /
+  R_teacher`` uses the rate ``R_teacher`` that the teacher's forward pass on
+  the cohort reaches when timed alone in the same rotation, in the row's
+  chunks (the whole cohort for ``loop`` and ``central``), so it equals that
+  time (JSON ``teacher_forward_s``); had the teacher run once per local
+  step, ``extra_s`` would be ``epochs`` times larger than it. With
   ``--compare-chunk`` the chunked vmap rows get a KD line of their own.
 
 Knobs (issue item 6): ``--dtype f32,bf16`` runs every method with the models'
-params and inputs cast to bfloat16 inside ``apply`` (f32 master params,
+params and float inputs cast to bfloat16 inside ``apply`` (uint8 pixels are
+scaled to ``[0, 1]`` first, token ids stay int32; f32 master params,
 gradients and optimizer); ``--donate`` adds a ``vmap`` row whose round donates
 the state's buffers (``donate_argnums=0``). Both appear as separate rows
 (``dtype``, ``donate``) measured in the same rotation. ``--chunk-size C``

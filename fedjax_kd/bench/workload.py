@@ -124,7 +124,10 @@ def forward_flops(
     if spec.name in DENSE_FAMILIES:
         dims = [math.prod(shape), *widths, num_classes]
         return sum(2 * a * b for a, b in zip(dims[:-1], dims[1:], strict=True))
-    return xla_forward_flops(name, shape, num_classes, dtype)
+    try:
+        return xla_forward_flops(name, shape, num_classes, dtype)
+    except (ValueError, TypeError) as e:
+        raise BenchError(f"{flag}: {name} cannot take inputs of shape {shape}: {e}") from None
 
 
 def model_flops(name: str, bench_input: BenchInput | str, *, flag: str = "model") -> int:
