@@ -705,6 +705,17 @@ def _check_inputs(name: str, dataset: FederatedDataset, key: str) -> None:
             f"config key '{key}': {name} takes int32 token ids, and {dataset.name} holds "
             f"{dataset.train.x.dtype} features (token datasets: shakespeare)"
         )
+    if spec.inputs == "tokens":
+        arrays = [dataset.train.x, dataset.test_x, dataset.proxy_x]
+        arrays = [np.asarray(a) for a in arrays if a is not None and np.size(a)]
+        largest = max((int(a.max()) for a in arrays), default=0)
+        smallest = min((int(a.min()) for a in arrays), default=0)
+        if smallest < 0 or largest >= dataset.num_classes:
+            raise ConfigError(
+                f"config key '{key}': {name}'s vocabulary is the {dataset.num_classes} "
+                f"classes (next-token tasks), and {dataset.name}'s token ids lie in "
+                f"[{smallest}, {largest}]"
+            )
 
 
 def _create_model(name: str, dataset: FederatedDataset, key: str):
@@ -973,7 +984,11 @@ def describe_run(config: ml_collections.ConfigDict, dataset: FederatedDataset) -
     x = dataset.train.x
     per_example = math.prod(dataset.feature_shape) * np.dtype(x.dtype).itemsize + 4
     count = int(np.sum(np.asarray(dataset.train.count)))
-    test_clients = simulate.num_test_clients(dataset)
+    test_clients = (
+        int(np.count_nonzero(np.bincount(dataset.test_client)))
+        if simulate.num_test_clients(dataset)
+        else 0
+    )
     line = (
         f"data: {dataset.name}, {dataset.num_clients:,} clients, {count:,} train / "
         f"{len(dataset.test_y):,} test examples"
@@ -1014,6 +1029,11 @@ def build_checked_dataset(config: ml_collections.ConfigDict) -> FederatedDataset
         raise ConfigError(
             f"config key 'client.augment': {config.client.augment} needs images "
             f"[H, W(, C)], and {dataset.name}'s examples have shape {dataset.feature_shape}"
+        )
+    if dataset.proxy_x is not None and not len(dataset.proxy_x):
+        raise ConfigError(
+            f"config key 'data.proxy_fraction': {config.data.proxy_fraction} of "
+            f"{dataset.name}'s training data is not one example; raise it"
         )
     if config.clients_per_round > dataset.num_clients:
         raise ConfigError(

@@ -171,7 +171,8 @@ def write_leaf_femnist(directory, seed=0):
         data, expected[split] = {}, {}
         for user, n in counts.items():
             data[user], k = femnist_client(rng, n)
-            expected[split][user] = (k.reshape(n, 28, 28).astype(np.uint8), data[user]["y"])
+            # Stored with the background 0 (FedJAX's 1 - pixels): 255 - k.
+            expected[split][user] = ((255 - k).reshape(n, 28, 28).astype(np.uint8), data[user]["y"])
         users = list(counts)
         if split == "train":
             write_leaf_json(
@@ -222,7 +223,7 @@ def femnist_records(rng, counts):
     records, pixels = [], {}
     for cid, n in counts.items():
         k = rng.integers(0, 256, (n, 28, 28))
-        pixels[cid] = k.astype(np.uint8)
+        pixels[cid] = (255 - k).astype(np.uint8)  # background 0, as FedJAX's 1 - pixels
         label = rng.integers(0, 62, n).astype(np.int32)
         records.append((cid, {"pixels": (k / 255.0).astype(np.float32), "label": label}))
     return records, pixels
@@ -830,7 +831,7 @@ def test_corrupt_file_is_named(tmp_path, case):
 def test_labels_out_of_range_are_corrupt(tmp_path):
     write_mnist(tmp_path)
     write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.array([0, 1, 10, 2], np.uint8))
-    with pytest.raises(CorruptFile, match=r"test labels lie in \[0, 10\], outside \[0, 10\)"):
+    with pytest.raises(CorruptFile, match=r"test labels in .* lie in \[0, 10\], outside \[0, 10\)"):
         benchmarks.load("mnist", str(tmp_path))
 
 
@@ -990,3 +991,97 @@ def test_cli_runs_leaf_femnist(tmp_path, capsys):
     summary = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
     assert summary["rounds"] == 2
     assert 0.0 <= summary["test_accuracy"] <= 1.0
+
+
+# ------------------------------------------------------------- review fixes
+
+
+def test_a_damaged_cache_is_rebuilt(tmp_path):
+    write_mnist(tmp_path)
+    first = benchmarks.load("mnist", str(tmp_path), num_clients=1, partition="iid")
+    (cache,) = (tmp_path / ".fedjax_kd_cache").glob("*.npz")
+    cache.write_bytes(cache.read_bytes()[:300])  # cut short: not a zip file any more
+    second = benchmarks.load("mnist", str(tmp_path), num_clients=1, partition="iid")
+    np.testing.assert_array_equal(second.train.x, first.train.x)
+    np.testing.assert_array_equal(second.test_y, first.test_y)
+
+
+def test_a_directory_where_a_file_should_be_is_corrupt(tmp_path):
+    write_cifar10(tmp_path)
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_1"
+    batch.unlink()
+    batch.mkdir()
+    with pytest.raises(CorruptFile, match="data_batch_1"):
+        benchmarks.load("cifar10", str(tmp_path))
+    write_leaf_femnist(tmp_path / "leaf")
+    (tmp_path / "leaf" / "train" / "zz.json").mkdir()
+    with pytest.raises(CorruptFile, match="zz.json"):
+        benchmarks.load("femnist", str(tmp_path / "leaf"))
+
+
+def test_misshapen_records_are_corrupt(tmp_path):
+    with h5py.File(tmp_path / "fed_emnist_train.h5", "w") as f:
+        f.create_dataset("examples/a", data=np.zeros(3))  # a dataset, not a client group
+    with pytest.raises(CorruptFile, match="examples/a is not a client group"):
+        files.read_tff_h5(tmp_path / "fed_emnist_train.h5")
+    path = tmp_path / "x.sqlite"
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "CREATE TABLE federated_data (client_id BLOB PRIMARY KEY, data BLOB, "
+            "num_examples INTEGER)"
+        )
+        db.execute(
+            "INSERT INTO federated_data VALUES (?, ?, ?)",
+            (b"a", zlib.compress(msgpack.packb([1, 2])), 2),
+        )
+    with pytest.raises(CorruptFile, match="not a dict of features"):
+        files.read_fedjax_sqlite(path)
+
+
+def test_femnist_pixels_not_784_long_are_corrupt(tmp_path):
+    user = {"x": [[0.5] * 20], "y": [3]}
+    (tmp_path / "train").mkdir()
+    (tmp_path / "test").mkdir()
+    write_leaf_json(tmp_path / "train" / "a.json", {"u": user})
+    write_leaf_json(tmp_path / "test" / "a.json", {"u": user})
+    with pytest.raises(CorruptFile, match="784 pixels"):
+        benchmarks.load("femnist", str(tmp_path))
+
+
+def test_proxy_fraction_that_holds_no_example_is_one_error(tmp_path, capsys):
+    write_leaf_femnist(tmp_path)  # clients of 1-3 examples: 5% of each is 0
+    code = cli.main(
+        ["run", "--no-progress", "--config.data.name=femnist", f"--config.data.dir={tmp_path}",
+         "--config.algorithm.name=feddf", "--config.data.proxy_fraction=0.05",
+         "--config.model.student=linear", "--config.rounds=1", "--config.clients_per_round=2"]
+    )  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error: config key 'data.proxy_fraction'")
+
+
+def test_user_arrays_stay_float_unless_compact():
+    from fedjax_kd.data import from_arrays
+
+    x = np.arange(40 * 3, dtype=np.uint8).reshape(40, 3)
+    y = np.arange(40) % 2
+    plain = from_arrays(x[:30], y[:30], x[30:], y[30:], num_clients=2)
+    assert plain.train.x.dtype == np.float32 and plain.test_x.max() == x[30:].max()
+    kept = from_arrays(x[:30], y[:30], x[30:], y[30:], num_clients=2, compact=True)
+    assert kept.train.x.dtype == np.uint8
+    tokens = from_arrays(x[:30].astype(np.int32), y[:30], x[30:].astype(np.int32), y[30:],
+                         num_clients=2, compact=True)  # fmt: skip
+    assert tokens.train.x.dtype == np.int32
+
+
+def test_token_ids_beyond_the_vocabulary_are_one_error():
+    from fedjax_kd import experiment
+    from fedjax_kd.configs import default
+    from fedjax_kd.data import from_arrays
+
+    x = np.full((20, 5), 12, np.int32)  # token 12, but only 10 classes
+    y = np.arange(20) % 10
+    ds = from_arrays(x[:15], y[:15], x[15:], y[15:], num_classes=10, num_clients=2, compact=True)
+    config = default.get_config()
+    config.model.student = "transformer-8-1-2"
+    with pytest.raises(experiment.ConfigError, match=r"token ids lie in \[\d+, 12\]"):
+        experiment.build_algorithm(config, ds)

@@ -182,7 +182,7 @@ def _tiny(x_dtype):
     rng = np.random.default_rng(0)
     x = rng.integers(0, 10, (40, 6)).astype(x_dtype)
     y = rng.integers(0, 10, 40)
-    return from_arrays(x[:30], y[:30], x[30:], y[30:], num_classes=10, num_clients=3)
+    return from_arrays(x[:30], y[:30], x[30:], y[30:], num_classes=10, num_clients=3, compact=True)
 
 
 @pytest.mark.parametrize(

@@ -26,10 +26,14 @@ each point's seeds as one program)::
         --columns data.alpha,algorithm.name --baseline algorithm.name=fedavg \
         --panels data.alpha
 
-Variants: ``:smoke`` (2 rounds, 1 epoch, alpha 0.5, seed 0: every algorithm
-once, for the tests); ``:long`` (E = 10 local epochs and 100 distillation
-steps: the settings where FedDF's paper finds ensemble distillation helps
-most).
+Variants: ``kd_mnist1d.py:smoke`` (2 rounds, 1 epoch, alpha 0.5, seed 0:
+every algorithm once, for the tests); ``kd_mnist1d.py:settings`` (the search
+for settings where a KD method separates from FedAvg, at alpha 0.1: local
+epochs E in {1, 10} for FedAvg, FedNTD and FedDF, and FedDF with a 30% proxy
+set and 200 distillation steps beside FedAvg on the same 70% of the data)::
+
+    fedjax-kd sweep --config experiments/configs/kd_mnist1d.py:settings \
+        --workdir runs/kd_mnist1d_settings --parallel 3
 """
 
 import ml_collections
@@ -82,17 +86,31 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         c.eval_every = 1
         c.client.epochs = 1
         c.server.distill_steps = 2
-    elif variant == "long":
-        c.client.epochs = 10
-        c.server.distill_steps = 100
-    elif variant is not None:
-        raise ValueError(f"unknown variant {variant!r} (known: smoke, long)")
+    elif variant not in (None, "settings"):
+        raise ValueError(f"unknown variant {variant!r} (known: smoke, settings)")
     return c
 
 
+#: The ``settings`` variant's grid at alpha 0.1: local epochs, and for FedDF a
+#: longer distillation on a larger proxy set (where FedDF's paper sees its gains).
+SETTINGS = [
+    {"algorithm.name": ["fedavg", "fedntd", "feddf"], "client.epochs": [1, 10]},
+    {
+        "algorithm.name": ["fedavg", "feddf"],
+        "data.proxy_fraction": [0.3],
+        "server.distill_steps": [200],
+    },
+]
+
+
 def get_sweep(variant: str | None = None) -> dict:
-    """Algorithms x alphas x 3 seeds (smoke: every algorithm at alpha 0.5, seed 0)."""
+    """Algorithms x alphas x 3 seeds (smoke: every algorithm at alpha 0.5, seed 0).
+
+    ``settings``: the settings search at alpha 0.1 (:data:`SETTINGS`).
+    """
     smoke = variant == "smoke"
+    if variant == "settings":
+        return {"grid": SETTINGS, "seeds": [0, 1, 2]}
     return {
         "grid": {"algorithm.name": ALGORITHMS, "data.alpha": [0.5] if smoke else ALPHAS},
         "seeds": [0] if smoke else [0, 1, 2],

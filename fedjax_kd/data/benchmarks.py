@@ -80,11 +80,16 @@ _EMNIST_CLASSES = {
 }
 
 
+_LEAF = "LEAF's preprocess.sh (https://github.com/TalwalkarLab/leaf): its data/<dataset>/data/"
+
+
 def _directory(ctx: DataContext, name: str) -> Path:
     if not ctx.data_dir:
+        fmt = ctx.hp.get("format", "")
+        get = _LEAF if fmt == "leaf" else _GET.get(f"{name}_{fmt}", _GET.get(name, "its site"))
         raise files.MissingFile(
             f"data.name={name} reads local files: set --config.data.dir=DIR to the folder "
-            f"holding them (get them from {_GET.get(name, _GET.get(name + '_tff', 'its site'))})"
+            f"holding them (get them from {get})"
         )
     return Path(ctx.data_dir).expanduser()
 
@@ -172,7 +177,8 @@ def _pooled(ctx: DataContext, name: str, arrays: dict, num_classes: int) -> Fede
         y = arrays[f"y_{split}"]
         if len(y) and (y.min() < 0 or y.max() >= num_classes):
             raise files.CorruptFile(
-                f"{name} {split} labels lie in [{y.min()}, {y.max()}], outside [0, {num_classes})"
+                f"{name} {split} labels in {ctx.data_dir} lie in [{y.min()}, {y.max()}], "
+                f"outside [0, {num_classes})"
             )
     return from_arrays(
         arrays["x_train"],
@@ -185,6 +191,7 @@ def _pooled(ctx: DataContext, name: str, arrays: dict, num_classes: int) -> Fede
         partition=ctx.partition,
         seed=ctx.seed,
         proxy_fraction=ctx.proxy_fraction,
+        compact=True,
         **ctx.partition_kwargs,
     )
 
@@ -242,18 +249,29 @@ def _stack_clients(clients: list[tuple[str, np.ndarray, np.ndarray]], split: str
     """Concatenates ``(id, x, y)`` per client into ``{split}_x, _y, _counts, _ids``."""
     xs = [x for _, x, _ in clients]
     ys = [y for _, _, y in clients]
+    if not xs:
+        raise files.CorruptFile(f"the {split} split holds no clients")
     return {
-        f"{split}_x": np.concatenate(xs) if xs else np.zeros((0,)),
+        f"{split}_x": np.concatenate(xs),
         f"{split}_y": np.concatenate(ys).astype(np.int32) if ys else np.zeros(0, np.int32),
         f"{split}_counts": np.array([len(y) for y in ys], np.int64),
         f"{split}_ids": np.array([cid for cid, _, _ in clients], dtype=str),
     }
 
 
-def _to_pixels(x) -> np.ndarray:
-    """Float pixels in ``[0, 1]`` (LEAF, TFF and FedJAX EMNIST) as uint8 ``[N, 28, 28]``."""
-    x = np.asarray(x, np.float64).reshape(-1, 28, 28)
-    return np.rint(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
+def _to_pixels(x, source) -> np.ndarray:
+    """FEMNIST's float pixels in ``[0, 1]`` as uint8 ``[N, 28, 28]``, ink bright.
+
+    LEAF, TFF and FedJAX store dark ink on a white background (1.0); as
+    FedJAX's ``preprocess_batch`` (``x = 1 - pixels``) and like MNIST and the
+    EMNIST IDX files, the background becomes 0: ``255 - round(255 x)``. So a
+    crop's zero padding is background too.
+    """
+    x = np.asarray(x, np.float64)
+    if x.size % 784:
+        raise files.CorruptFile(f"{source}: FEMNIST images have 784 pixels, got {x.shape}")
+    x = x.reshape(-1, 28, 28)
+    return (255 - np.rint(np.clip(x, 0.0, 1.0) * 255.0)).astype(np.uint8)
 
 
 def _text_of(value) -> str:
@@ -266,7 +284,8 @@ def _leaf_clients(directory: Path, split: str, task: str) -> list:
     for cid in ids:
         raw = user_data[cid]
         if task == "femnist":
-            x = _to_pixels(raw["x"]) if raw["x"] else np.zeros((0, 28, 28), np.uint8)
+            x = _to_pixels(raw["x"], f"{directory / split}: client {cid!r}")
+            x = x if len(x) else np.zeros((0, 28, 28), np.uint8)
             y = np.asarray(raw["y"], np.int64)
         else:  # shakespeare: x holds 80-character strings, y the next character
             x = np.stack([char_tokens(s) for s in raw["x"]]) if raw["x"] else None
@@ -292,7 +311,8 @@ def _record_clients(records: list[tuple[str, dict]], task: str, source: Path) ->
     for cid, features in records:
         try:
             if task == "femnist":
-                x, y = _to_pixels(features["pixels"]), np.asarray(features["label"], np.int64)
+                x = _to_pixels(features["pixels"], f"{source}: client {cid!r}")
+                y = np.asarray(features["label"], np.int64)
             elif task == "cifar100_fed":
                 x = np.asarray(features["image"]).astype(np.uint8)
                 y = np.asarray(features["label"], np.int64)
@@ -370,8 +390,8 @@ def _natural(ctx: DataContext, name: str, arrays: dict, num_classes: int) -> Fed
     for split, labels in (("train", y), ("test", test_y)):
         if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
             raise files.CorruptFile(
-                f"{name} {split} labels lie in [{labels.min()}, {labels.max()}], outside "
-                f"[0, {num_classes})"
+                f"{name} {split} labels in {ctx.data_dir} lie in [{labels.min()}, "
+                f"{labels.max()}], outside [0, {num_classes})"
             )
     if not len(y):
         raise ValueError(f"{name}: the files hold no training examples")
@@ -404,6 +424,7 @@ def _natural(ctx: DataContext, name: str, arrays: dict, num_classes: int) -> Fed
             partition=partition,
             seed=ctx.seed,
             proxy_fraction=ctx.proxy_fraction,
+            compact=True,
             **ctx.partition_kwargs,
         )
         return FederatedDataset(

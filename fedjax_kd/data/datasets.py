@@ -128,6 +128,7 @@ def from_arrays(
     seed: int = 0,
     proxy_fraction: float = 0.0,
     client_indices=None,
+    compact: bool = False,
     **partition_kwargs,
 ) -> FederatedDataset:
     """A federated dataset from a user's arrays in memory.
@@ -150,17 +151,21 @@ def from_arrays(
       seed: the partition's seed.
       proxy_fraction: fraction held out as the proxy set; 0 = none.
       client_indices: the clients' example indices, instead of a partitioner.
+      compact: keep uint8 features as pixels (scaled by 1/255 inside the
+        round) and int32 features as token ids (for sequence models), as the
+        built-in file datasets do; False (the default) casts every feature
+        array to float32, so a user's integer features stay plain numbers.
       **partition_kwargs: the partitioner's arguments (e.g. ``alpha=0.1``).
 
     Returns:
-      A :class:`FederatedDataset` (int32 labels; features float32, or uint8
-      pixels / int32 tokens kept as they are: ``feature_dtype``).
+      A :class:`FederatedDataset` (int32 labels; float32 features, or with
+      ``compact`` uint8 pixels / int32 tokens: ``feature_dtype``).
 
     Raises:
       ValueError: mismatched shapes, labels outside ``[0, num_classes)``, an
         unknown partition, or settings the partitioner cannot meet.
     """
-    dtype = feature_dtype(x_train)
+    dtype = feature_dtype(x_train) if compact else np.dtype(np.float32)
     x_train, x_test = (np.asarray(a).astype(dtype, copy=False) for a in (x_train, x_test))
     y_train, y_test = (np.asarray(a).astype(np.int32) for a in (y_train, y_test))
     if len(x_train) != len(y_train) or len(x_test) != len(y_test):

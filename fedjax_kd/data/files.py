@@ -40,6 +40,7 @@ import lzma
 import os
 import pickle
 import sqlite3
+import zipfile
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -143,6 +144,7 @@ def _unpickle(path: Path) -> dict:
         with open(path, "rb") as f:
             entry = pickle.load(f, encoding="latin1")
     except (
+        OSError,
         pickle.UnpicklingError,
         EOFError,
         ValueError,
@@ -207,7 +209,7 @@ def read_leaf_dir(directory: str | os.PathLike) -> tuple[list[str], dict, list]:
             users, data = content["users"], content["user_data"]
             for u in users:
                 data[u]["x"], data[u]["y"]  # noqa: B018 (checks that both exist)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
             raise CorruptFile(f"{path}: not valid JSON ({e})") from None
         except (KeyError, TypeError) as e:
             raise CorruptFile(f"{path}: not LEAF JSON (missing {e})") from None
@@ -264,7 +266,9 @@ def read_fedjax_sqlite(path: str | os.PathLike) -> list[tuple[str, dict]]:
             examples = msgpack.unpackb(zlib.decompress(blob), ext_hook=_ext_hook, raw=False)
         except (zlib.error, ValueError, TypeError, msgpack.UnpackException) as e:
             raise CorruptFile(f"{path}: client {cid!r} does not decode ({e})") from None
-        lengths = {len(v) for v in examples.values()}
+        if not isinstance(examples, dict):
+            raise CorruptFile(f"{path}: client {cid!r} is not a dict of features")
+        lengths = {len(v) if hasattr(v, "__len__") else -1 for v in examples.values()}
         if lengths != {num}:
             raise CorruptFile(f"{path}: client {cid!r} has {sorted(lengths)} rows, says {num}")
         clients.append((cid, examples))
@@ -285,16 +289,28 @@ def read_tff_h5(path: str | os.PathLike) -> list[tuple[str, dict]]:
             if "examples" not in f:
                 raise CorruptFile(f"{path}: no 'examples' group (not a TFF HDF5 client file)")
             group = f["examples"]
-            return [
-                (cid, {name: np.asarray(data[()]) for name, data in group[cid].items()})
-                for cid in sorted(group)
-            ]
+            clients = []
+            for cid in sorted(group):
+                if not isinstance(group[cid], h5py.Group):
+                    raise CorruptFile(f"{path}: examples/{cid} is not a client group")
+                clients.append(
+                    (cid, {name: np.asarray(data[()]) for name, data in group[cid].items()})
+                )
+            return clients
     except OSError as e:
         raise CorruptFile(f"{path}: not an HDF5 file ({e})") from None
 
 
+def _parser_version() -> str:
+    """A hash of the parsers' source (this module and the dataset builders): a parsing
+    change rebuilds every cache."""
+    here = Path(__file__).parent
+    text = b"".join((here / n).read_bytes() for n in ("files.py", "benchmarks.py"))
+    return hashlib.sha256(text).hexdigest()[:16]
+
+
 def _stamp(sources: Sequence[Path], key: str) -> str:
-    parts = [str(_CACHE_VERSION), key]
+    parts = [str(_CACHE_VERSION), _parser_version(), key]
     for s in sources:
         st = s.stat()
         parts.append(f"{s.resolve()}:{st.st_size}:{st.st_mtime_ns}")
@@ -307,9 +323,11 @@ def cached(
     """``parse()``'s arrays, cached as ``.npz`` next to the first source.
 
     The cache file ``<dir>/.fedjax_kd_cache/<key>.npz`` stores a stamp of every
-    source's path, size and modification time; a cache whose stamp differs
-    (a source changed) is rebuilt. A directory that cannot be written is read
-    without a cache.
+    source's path, size and modification time and of the parsers' source code;
+    a cache whose stamp differs (a source or the parser changed) is rebuilt. A
+    file replaced by one of the same size and modification time (``cp -p``)
+    is not noticed: delete the cache folder then. A directory that cannot be
+    written is read without a cache.
 
     Args:
       sources: the files ``parse`` reads (their changes invalidate the cache).
@@ -324,12 +342,12 @@ def cached(
             with np.load(cache) as z:
                 if str(z["__stamp__"]) == stamp:
                     return {k: z[k] for k in z.files if k != "__stamp__"}
-        except (OSError, ValueError, KeyError, zlib.error):
+        except (OSError, ValueError, KeyError, EOFError, zlib.error, zipfile.BadZipFile):
             pass  # an unreadable cache is rebuilt
     arrays = parse()
     try:
         cache.parent.mkdir(exist_ok=True)
-        tmp = cache.with_suffix(".tmp.npz")
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")  # one per process
         np.savez(tmp, __stamp__=np.array(stamp), **arrays)
         os.replace(tmp, cache)
     except OSError:
