@@ -57,9 +57,7 @@ def _image_dataset():
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (120, 8, 8)).astype(np.uint8)
     y = (x[:, :4].mean((1, 2)) > x[:, 4:].mean((1, 2))).astype(np.int32)
-    return from_arrays(
-        x[:90], y[:90], x[90:], y[90:], num_classes=2, num_clients=6, compact=True
-    )
+    return from_arrays(x[:90], y[:90], x[90:], y[90:], num_classes=2, num_clients=6, compact=True)
 
 
 def test_cohort_augments_each_client_with_its_own_key():
