@@ -47,6 +47,13 @@ set and 200 distillation steps beside FedAvg on the same 70% of the data)::
 
     fedjax-kd sweep --config experiments/configs/kd_mnist1d.py:settings \
         --workdir runs/kd_mnist1d_settings --parallel 3
+
+and ``kd_mnist1d.py:long`` (FedAvg, FedNTD and FedKD, the two closest to
+separating, for 200 rounds at alpha 0.5: does a gap open nearer
+convergence?)::
+
+    fedjax-kd sweep --config experiments/configs/kd_mnist1d.py:long \
+        --workdir runs/kd_mnist1d_long --parallel 3
 """
 
 import ml_collections
@@ -99,8 +106,12 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         c.eval_every = 1
         c.client.epochs = 1
         c.server.distill_steps = 2
+    elif variant == "long":
+        c.rounds = 200
+        c.eval_every = 20
+        c.data.alpha = 0.5
     elif variant not in (None, "settings"):
-        raise ValueError(f"unknown variant {variant!r} (known: smoke, settings)")
+        raise ValueError(f"unknown variant {variant!r} (known: smoke, settings, long)")
     return c
 
 
@@ -124,6 +135,8 @@ def get_sweep(variant: str | None = None) -> dict:
     smoke = variant == "smoke"
     if variant == "settings":
         return {"grid": SETTINGS, "seeds": [0, 1, 2]}
+    if variant == "long":
+        return {"grid": {"algorithm.name": ["fedavg", "fedntd", "fedkd"]}, "seeds": [0, 1, 2]}
     return {
         "grid": {"algorithm.name": ALGORITHMS, "data.alpha": [0.5] if smoke else ALPHAS},
         "seeds": [0] if smoke else [0, 1, 2],
