@@ -31,7 +31,7 @@ BAD_OVERRIDES = [
     (["--config.server.optimizer=rmsprop"], "'server.optimizer' must be one of"),
     (["--config.data.name=cifar"], "'data.name' must be one of digits, synthetic"),
     (["--config.data.partition=weird"], "'data.partition' must be one of"),
-    (["--config.model.student=resnet"], "'model.student': unknown model 'resnet'"),
+    (["--config.model.student=resnot"], "'model.student': unknown model 'resnot'"),
     (["--config.model.teacher=mlp-x"], "'model.teacher': bad model name"),
     (["--config.model.student=cnn-8", "--config.data.name=synthetic"], "'model.student'"),
     (["--config.data.num_clients=5000"], "data (digits"),
