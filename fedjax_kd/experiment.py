@@ -952,8 +952,6 @@ def run(
         raise ConfigError("--workdir: the path is empty; give a directory (or leave it out)")
     config = resolve(config)
     dataset, algorithm = build_run(config)
-    if progress and jax.process_index() == 0:
-        print(describe_run(config, dataset), file=sys.stderr, flush=True)
     if workdir is not None and jax.process_index() != 0:
         workdir = None  # multi-host: process 0 writes the files
     if workdir is None:
@@ -1068,7 +1066,9 @@ def run_settings(config: ml_collections.ConfigDict) -> dict:
 
 
 def _simulate(config, dataset, algorithm, *, progress, **callbacks) -> simulate.RunResult:
-    """``simulate.run`` with the run settings of ``config``."""
+    """``simulate.run`` with the run settings of ``config`` (after the start-up line)."""
+    if progress and jax.process_index() == 0:
+        print(describe_run(config, dataset), file=sys.stderr, flush=True)
     return simulate.run(
         algorithm, dataset, seed=config.seed, progress=progress, **run_settings(config), **callbacks
     )
