@@ -705,7 +705,18 @@ def _check_inputs(name: str, dataset: FederatedDataset, key: str) -> None:
             f"config key '{key}': {name} takes int32 token ids, and {dataset.name} holds "
             f"{dataset.train.x.dtype} features (token datasets: shakespeare)"
         )
-    if spec.inputs == "tokens":
+
+
+def _check_vocabulary(names: list[tuple[str, str]], dataset: FederatedDataset) -> None:
+    """ConfigError when token ids leave the token models' vocabulary (the classes).
+
+    ``names`` holds the run's ``(config key, model name)`` pairs; the token
+    range is read once (a pass over the population), for the first token
+    model only (every built-in token model's vocabulary is the classes).
+    """
+    for key, name in names:
+        if models.is_import_path(name) or models.parse_name(name)[0].inputs != "tokens":
+            continue
         arrays = [dataset.train.x, dataset.test_x, dataset.proxy_x]
         arrays = [np.asarray(a) for a in arrays if a is not None and np.size(a)]
         largest = max((int(a.max()) for a in arrays), default=0)
@@ -716,6 +727,7 @@ def _check_inputs(name: str, dataset: FederatedDataset, key: str) -> None:
                 f"classes (next-token tasks), and {dataset.name}'s token ids lie in "
                 f"[{smallest}, {largest}]"
             )
+        return
 
 
 def _create_model(name: str, dataset: FederatedDataset, key: str):
@@ -752,6 +764,11 @@ def build_algorithm(
         )
     c, s = config.client, config.server
     student = _build_model(config, dataset, "student")
+    run_models = [("model.student", config.model.student)]
+    if spec.teacher:
+        run_models.append(("model.teacher", config.model.teacher))
+    if spec.groups:
+        run_models += [("model.student_groups", n) for n in _group_names(config)]
     client_optimizer = optimizers.client_optimizer(c.optimizer, lr=c.lr, momentum=c.momentum)
     ctx = BuildContext(
         hp=dict(config[spec.name]) if spec.hypers else {},
@@ -786,6 +803,7 @@ def build_algorithm(
             distill_batch_size=s.distill_batch_size,
         ),
     )
+    _check_vocabulary(run_models, dataset)
     try:
         return spec.build(ctx)
     except ValueError as e:

@@ -30,13 +30,14 @@ EMNIST and CIFAR readers, LEAF ``models/utils/model_utils.py`` and
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 
 from fedjax_kd.data import files
 from fedjax_kd.data.datasets import from_arrays
-from fedjax_kd.data.federated import FederatedDataset, pack, pack_ragged
+from fedjax_kd.data.federated import FederatedDataset, pack_auto
 from fedjax_kd.data.mnist1d import make_mnist1d
 from fedjax_kd.data.partition import PARTITIONERS
 from fedjax_kd.spec import DataContext, DatasetSpec, Hyper
@@ -172,14 +173,18 @@ def _cifar_arrays(directory: Path, name: str, labels: str = "fine") -> dict:
     return files.cached([*train, *test], f"{name}{labels if name == 'cifar100' else ''}", parse)
 
 
-def _pooled(ctx: DataContext, name: str, arrays: dict, num_classes: int) -> FederatedDataset:
-    for split in ("train", "test"):
-        y = arrays[f"y_{split}"]
+def _check_labels(ctx: DataContext, name: str, num_classes: int, **splits) -> None:
+    """CorruptFile naming ``data.dir`` when a split's labels leave ``[0, num_classes)``."""
+    for split, y in splits.items():
         if len(y) and (y.min() < 0 or y.max() >= num_classes):
             raise files.CorruptFile(
                 f"{name} {split} labels in {ctx.data_dir} lie in [{y.min()}, {y.max()}], "
                 f"outside [0, {num_classes})"
             )
+
+
+def _pooled(ctx: DataContext, name: str, arrays: dict, num_classes: int) -> FederatedDataset:
+    _check_labels(ctx, name, num_classes, train=arrays["y_train"], test=arrays["y_test"])
     return from_arrays(
         arrays["x_train"],
         arrays["y_train"],
@@ -229,10 +234,12 @@ def _build_mnist1d(ctx: DataContext) -> FederatedDataset:
 # ---------------------------------------------------------------- natural datasets
 
 
+_CHAR_IDS = {c: i for i, c in enumerate(SHAKESPEARE_LETTERS)}
+
+
 def char_tokens(text: str) -> np.ndarray:
     """LEAF's character ids of ``text`` (int32), unknown characters as token 80."""
-    lookup = {c: i for i, c in enumerate(SHAKESPEARE_LETTERS)}
-    return np.fromiter((lookup.get(c, _OOV) for c in text), np.int32, len(text))
+    return np.fromiter((_CHAR_IDS.get(c, _OOV) for c in text), np.int32, len(text))
 
 
 def _windows(text: str) -> tuple[np.ndarray, np.ndarray]:
@@ -253,7 +260,7 @@ def _stack_clients(clients: list[tuple[str, np.ndarray, np.ndarray]], split: str
         raise files.CorruptFile(f"the {split} split holds no clients")
     return {
         f"{split}_x": np.concatenate(xs),
-        f"{split}_y": np.concatenate(ys).astype(np.int32) if ys else np.zeros(0, np.int32),
+        f"{split}_y": np.concatenate(ys).astype(np.int32),
         f"{split}_counts": np.array([len(y) for y in ys], np.int64),
         f"{split}_ids": np.array([cid for cid, _, _ in clients], dtype=str),
     }
@@ -288,9 +295,8 @@ def _leaf_clients(directory: Path, split: str, task: str) -> list:
             x = x if len(x) else np.zeros((0, 28, 28), np.uint8)
             y = np.asarray(raw["y"], np.int64)
         else:  # shakespeare: x holds 80-character strings, y the next character
-            x = np.stack([char_tokens(s) for s in raw["x"]]) if raw["x"] else None
-            if x is None:
-                x = np.zeros((0, _WINDOW), np.int32)
+            rows = [char_tokens(s) for s in raw["x"]]
+            x = np.stack(rows) if rows else np.zeros((0, _WINDOW), np.int32)
             if x.shape[1:] != (_WINDOW,):
                 raise files.CorruptFile(
                     f"{directory / split}: client {cid!r} has inputs of {x.shape[1:]} "
@@ -387,12 +393,7 @@ def _natural(ctx: DataContext, name: str, arrays: dict, num_classes: int) -> Fed
             rows = np.isin(owner, np.flatnonzero(np.isin(test_ids, ids)))
             test_x, test_y = test_x[rows], test_y[rows]
             test_counts = test_counts[np.isin(test_ids, ids)]
-    for split, labels in (("train", y), ("test", test_y)):
-        if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-            raise files.CorruptFile(
-                f"{name} {split} labels in {ctx.data_dir} lie in [{labels.min()}, "
-                f"{labels.max()}], outside [0, {num_classes})"
-            )
+    _check_labels(ctx, name, num_classes, train=y, test=test_y)
     if not len(y):
         raise ValueError(f"{name}: the files hold no training examples")
     test_client = np.repeat(np.arange(len(test_counts), dtype=np.int32), test_counts)
@@ -427,21 +428,10 @@ def _natural(ctx: DataContext, name: str, arrays: dict, num_classes: int) -> Fed
             compact=True,
             **ctx.partition_kwargs,
         )
-        return FederatedDataset(
-            name=name,
-            train=pooled.train,
-            test_x=pooled.test_x,
-            test_y=pooled.test_y,
-            num_classes=num_classes,
-            proxy_x=pooled.proxy_x,
-            test_client=test_client,
-        )
-    largest = max((len(p) for p in parts), default=0)
-    padded = len(parts) * largest * int(np.prod(x.shape[1:])) * x.dtype.itemsize
-    train = pack_ragged(x, y, parts) if padded > 2**30 else pack(x, y, parts)
+        return dataclasses.replace(pooled, test_client=test_client)
     return FederatedDataset(
         name=name,
-        train=train,
+        train=pack_auto(x, y, parts),
         test_x=np.ascontiguousarray(test_x),
         test_y=test_y.astype(np.int32),
         num_classes=num_classes,

@@ -36,11 +36,13 @@ from typing import NamedTuple
 import numpy as np
 
 from fedjax_kd.data.federated import (
+    RAGGED_ABOVE_BYTES,
     FederatedDataset,
     aligned_empty,
     feature_dtype,
     pack,
     pack_ragged,
+    padded_nbytes,
 )
 from fedjax_kd.data.partition import PARTITIONERS
 from fedjax_kd.spec import DataContext, DatasetSpec, Hyper
@@ -369,8 +371,8 @@ def synthetic(
     if layout not in ("auto", "padded", "ragged"):
         raise ValueError(f"layout must be auto, padded or ragged; got {layout!r}.")
     largest = max((len(p) for p in train_parts), default=0)
-    padded_bytes = len(train_parts) * largest * _SYNTHETIC_DIM * 4
-    ragged = layout == "ragged" or (layout == "auto" and padded_bytes > 2**30)
+    padded_bytes = padded_nbytes(arrays.x, len(train_parts), largest)
+    ragged = layout == "ragged" or (layout == "auto" and padded_bytes > RAGGED_ABOVE_BYTES)
     # The test and proxy rows are copied out first: a ragged natural partition
     # then packs the training rows in place, so the population is held once.
     test_x, test_y = arrays.x[test_rows], arrays.y[test_rows]

@@ -49,7 +49,9 @@ __all__ = [
     "gather_clients",
     "gather_cohort",
     "pack",
+    "pack_auto",
     "pack_ragged",
+    "padded_nbytes",
     "sample_clients",
 ]
 
@@ -425,6 +427,27 @@ def check_cohort(cohort) -> None:
         )
 
 
+#: Padded client arrays larger than this are stored ragged when the layout is
+#: chosen automatically (:func:`pack_auto`; Synthetic's ``layout="auto"``).
+RAGGED_ABOVE_BYTES = 2**30
+
+
+def padded_nbytes(x, num_clients: int, length: int) -> int:
+    """Bytes of ``num_clients`` clients' features padded to ``length`` examples each."""
+    per_example = int(np.prod(np.shape(x)[1:], dtype=np.int64)) * feature_dtype(x).itemsize
+    return num_clients * length * per_example
+
+
+def pack_auto(x: np.ndarray, y: np.ndarray, client_indices: Sequence[np.ndarray], **kwargs):
+    """:func:`pack`, or :func:`pack_ragged` when the padded arrays would exceed
+    :data:`RAGGED_ABOVE_BYTES` (heavy-tailed client sizes); ``kwargs`` go to
+    ``pack_ragged`` (``in_place``)."""
+    largest = max((len(i) for i in client_indices), default=0)
+    if padded_nbytes(x, len(client_indices), largest) > RAGGED_ABOVE_BYTES:
+        return pack_ragged(x, y, client_indices, **kwargs)
+    return pack(x, y, client_indices)
+
+
 def pack(
     x: np.ndarray,
     y: np.ndarray,
@@ -476,7 +499,7 @@ def pack(
         raise ValueError(f"pad_to={pad_to} is smaller than the largest client ({max_size}).")
     num_clients = len(indices)
     dtype = feature_dtype(x)
-    padded_bytes = num_clients * n * int(np.prod(x.shape[1:], dtype=np.int64)) * dtype.itemsize
+    padded_bytes = padded_nbytes(x, num_clients, n)
     if padded_bytes > max_bytes:
         raise ValueError(
             f"padded client arrays would take {padded_bytes / 2**30:.1f} GiB ({num_clients} "
