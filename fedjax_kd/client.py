@@ -128,7 +128,9 @@ def sum_batches(fn: Callable, examples: dict[str, jax.Array], count, *, batch_si
 
     Like :func:`map_batches` (blocks of ``b = min(batch_size, N)`` rows), but
     ``fn`` reduces its block (``valid`` is the bool ``[b]`` mask of real
-    examples, positions ``< count``) and the block results are added one after
+    examples, positions ``< count``; with per-position labels ``y`` ``[b, T]``
+    it is the ``[b, T]`` mask of real targets, :func:`_targets_valid`) and the
+    block results are added one after
     another: padded blocks add exact zeros when ``fn`` masks them out, so the
     sum is bit-identical across paddings ``N, N' > batch_size``, which a
     reduction over the whole ``N`` axis is not.
@@ -150,10 +152,12 @@ def sum_batches(fn: Callable, examples: dict[str, jax.Array], count, *, batch_si
     valid = (position < count) & (position < num_examples)
 
     def add(total, inputs):
-        return jax.tree.map(jnp.add, total, fn(*inputs)), None
+        blk, ok = inputs
+        return jax.tree.map(jnp.add, total, fn(blk, _targets_valid(blk, ok))), None
 
     one_block = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), blocks)
-    out = jax.eval_shape(fn, one_block, jax.ShapeDtypeStruct((block,), jnp.bool_))
+    ok_shape = one_block["y"].shape if "y" in one_block else (block,)
+    out = jax.eval_shape(fn, one_block, jax.ShapeDtypeStruct(ok_shape, jnp.bool_))
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out)
     total, _ = jax.lax.scan(add, zeros, (blocks, valid))
     return total
@@ -167,6 +171,19 @@ def batched_apply(apply_fn: ApplyFn, params: Params, x: jax.Array, *, batch_size
     with this, in the training batch's shape: see :func:`map_batches`.
     """
     return map_batches(lambda b: apply_fn(params, b["x"]), {"x": x}, batch_size=batch_size)
+
+
+def _targets_valid(batch: dict, valid: jax.Array) -> jax.Array:
+    """``valid`` (real examples, ``[B]``) as the mask ``loss_fn`` gets.
+
+    With labels ``batch["y"]`` of shape ``[B, T]`` (next-token targets) it is
+    the ``[B, T]`` mask of real targets (:func:`fedjax_kd.losses.target_mask`:
+    padding positions carry no loss); otherwise ``valid`` itself.
+    """
+    y = batch.get("y")
+    if y is None or y.ndim == valid.ndim:
+        return valid
+    return losses.target_mask(y, valid)
 
 
 def _tree_sq_norm(tree: Params) -> jax.Array:
@@ -196,8 +213,10 @@ def local_train(
       loss_fn: ``loss_fn(params, batch, valid) -> (loss, task_sum)`` where
         ``batch`` holds the ``examples`` entries indexed by the minibatch
         (``[B, ...]`` each), ``valid`` is the bool ``[B]`` mask of real
-        examples, ``loss`` is the scalar to minimise and ``task_sum`` the sum
-        of a per-example monitoring loss over the real examples.
+        examples (``[B, T]``, the real targets, when ``examples["y"]`` holds
+        per-position targets ``[N, T]``), ``loss`` is the scalar to minimise
+        and ``task_sum`` the sum of a per-example (per-target) monitoring loss
+        over the real examples (targets).
       params: initial parameters (any pytree).
       optimizer: optax optimizer; its state starts fresh.
       examples: per-example arrays with a leading axis ``N`` (e.g. ``x``,
@@ -212,8 +231,8 @@ def local_train(
 
     Returns:
       ``(final_params, metrics)`` with metrics ``train_loss`` (mean of the
-      monitoring loss over the examples seen) and ``local_steps`` (steps with
-      at least one real example).
+      monitoring loss over the examples, or targets, seen) and ``local_steps``
+      (steps with at least one real example).
     """
     num_examples = jax.tree.leaves(examples)[0].shape[0]
     # A batch larger than the client is the whole client: no need to pad past N.
@@ -236,6 +255,7 @@ def local_train(
         local, opt_state, loss_sum = carry
         idx, valid = inputs
         batch = jax.tree.map(lambda a: a[idx], examples)
+        valid = _targets_valid(batch, valid)
         grads, task_sum = grad_fn(local, batch, valid)
         updates, new_opt_state = optimizer.update(grads, opt_state, local)
         new_local = optax.apply_updates(local, updates)
@@ -243,12 +263,13 @@ def local_train(
         keep = lambda new, old: jnp.where(has_real, new, old)  # noqa: E731
         local = jax.tree.map(keep, new_local, local)
         opt_state = jax.tree.map(keep, new_opt_state, opt_state)
-        return (local, opt_state, loss_sum + task_sum), has_real
+        seen = jnp.sum(valid, dtype=jnp.int32)
+        return (local, opt_state, loss_sum + task_sum), (has_real, seen)
 
     init = (params, optimizer.init(params), jnp.zeros((), jnp.float32))
-    (local, _, loss_sum), has_real = jax.lax.scan(step, init, (batch_idx, batch_valid))
-    run_epochs = epochs if num_epochs is None else jnp.clip(num_epochs, 0, epochs)
-    seen = jnp.maximum(count * run_epochs, 1).astype(jnp.float32)
+    (local, _, loss_sum), (has_real, seen) = jax.lax.scan(step, init, (batch_idx, batch_valid))
+    # Real examples (targets) over the steps run: count * epochs for labels [N].
+    seen = jnp.maximum(jnp.sum(seen), 1).astype(jnp.float32)
     metrics = {
         "train_loss": loss_sum / seen,
         "local_steps": jnp.sum(has_real).astype(jnp.int32),

@@ -13,6 +13,7 @@ schema: a config may only use its keys, with values of the same type.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import json
 import math
@@ -733,17 +734,41 @@ def _check_vocabulary(names: list[tuple[str, str]], dataset: FederatedDataset) -
 def _create_model(name: str, dataset: FederatedDataset, key: str):
     """A built-in model by name, or a user's by import path (``models.from_import_path``)."""
     user = models.is_import_path(name)
-    make = models.from_import_path if user else models.create
+    shapes = dict(feature_shape=dataset.feature_shape, num_classes=dataset.num_classes)
     if not user:
         _check_inputs(name, dataset, key)
+        make = functools.partial(models.create, per_position=bool(dataset.target_shape))
+    else:
+        make = models.from_import_path
     try:
-        return make(name, feature_shape=dataset.feature_shape, num_classes=dataset.num_classes)
+        model = make(name, **shapes)
     except ValueError as e:
         raise ConfigError(f"config key '{key}': {e}") from None
     except Exception as e:  # a user's model function failed: say so in one line
         if not user:
             raise
         raise ConfigError(f"config key '{key}': {name} raised {type(e).__name__}: {e}") from None
+    if user and dataset.target_shape:
+        _check_per_position(model, dataset, key)
+    return model
+
+
+def _check_per_position(model, dataset: FederatedDataset, key: str) -> None:
+    """ConfigError unless a user's model gives ``[B, T, C]`` logits for per-position targets."""
+    x = jax.ShapeDtypeStruct((2, *dataset.feature_shape), dataset.train.x.dtype)
+    try:
+        params = jax.eval_shape(model.init, jax.random.key(0))
+        out = jax.eval_shape(model.apply, params, x).shape
+    except Exception as e:
+        raise ConfigError(
+            f"config key '{key}': {model.name} raised {type(e).__name__}: {e}"
+        ) from None
+    want = (2, *dataset.target_shape, dataset.num_classes)
+    if tuple(out) != want:
+        raise ConfigError(
+            f"config key '{key}': {model.name} gives logits of shape {tuple(out)} for 2 "
+            f"examples; {dataset.name}'s targets are per position, so it must give {want}"
+        )
 
 
 def build_algorithm(
@@ -998,7 +1023,8 @@ def describe_run(config: ml_collections.ConfigDict, dataset: FederatedDataset) -
     params)``; with a teacher (``AlgorithmSpec.teacher``) its size too.
     """
     x = dataset.train.x
-    per_example = math.prod(dataset.feature_shape) * np.dtype(x.dtype).itemsize + 4
+    labels = math.prod(dataset.target_shape)  # 1, or T per-position targets
+    per_example = math.prod(dataset.feature_shape) * np.dtype(x.dtype).itemsize + 4 * labels
     count = int(np.sum(np.asarray(dataset.train.count)))
     test_clients = (
         int(np.count_nonzero(np.bincount(dataset.test_client)))
@@ -1010,7 +1036,8 @@ def describe_run(config: ml_collections.ConfigDict, dataset: FederatedDataset) -
         f"{len(dataset.test_y):,} test examples"
         + (f" ({test_clients:,} test clients)" if test_clients else "")
         + f" of {tuple(dataset.feature_shape)} {np.dtype(x.dtype).name}"
-        f" ({per_example:,} B each with its label)"
+        + (f" with {labels} targets each" if dataset.target_shape else "")
+        + f" ({per_example:,} B each with its label{'s' * bool(dataset.target_shape)})"
     )
     student = config.model.student
     line += f"; model: {student} ({_count_params(student, dataset, 'model.student'):,} params"

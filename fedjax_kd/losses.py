@@ -4,6 +4,14 @@ Every loss here returns one value per example (shape ``[batch]``); callers
 reduce with :func:`masked_mean` so that padded examples contribute exactly
 nothing.
 
+Next-token tasks have per-position targets: logits ``[batch, T, C]`` against
+labels ``[batch, T]``, where a label below 0 (:data:`NO_TARGET`) marks a
+position without a target (padding after a short sequence). Every loss here
+keeps such leading axes (``[batch, T]`` values), and :func:`target_mask` turns
+the ``[batch]`` mask of real examples into the ``[batch, T]`` mask of real
+targets, so :func:`masked_mean` gives the mean over non-padding tokens: the
+same number as flattening the positions into ``batch * T`` examples.
+
 Distillation follows Hinton, Vinyals & Dean, "Distilling the Knowledge in a
 Neural Network" (arXiv 1503.02531): soft targets ``softmax(z_t / T)`` and the
 soft term multiplied by ``T**2`` so its gradient scale does not depend on T.
@@ -17,18 +25,39 @@ import jax
 import jax.numpy as jnp
 import optax
 
+#: The label of a position without a target (labels ``< 0`` carry no loss).
+NO_TARGET = -1
 
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Softmax cross-entropy with integer labels, per example.
+
+def target_mask(labels: jax.Array, valid: jax.Array) -> jax.Array:
+    """The bool mask of real targets: ``valid`` broadcast to ``labels``, and ``labels >= 0``.
 
     Args:
-      logits: ``[batch, num_classes]``.
-      labels: ``[batch]`` integer class ids.
+      labels: ``[batch]`` class ids, or ``[batch, T]`` per-position targets
+        (:data:`NO_TARGET` where a position has none).
+      valid: bool ``[batch]`` real examples (padded ones are False).
 
     Returns:
-      ``[batch]`` losses.
+      bool of ``labels``' shape: for ``[batch]`` labels (never negative) this
+      is ``valid`` itself.
     """
-    return optax.losses.softmax_cross_entropy_with_integer_labels(logits, labels)
+    expand = valid.reshape(valid.shape + (1,) * (labels.ndim - valid.ndim))
+    return expand & (labels >= 0)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Softmax cross-entropy with integer labels, per example (or per position).
+
+    Args:
+      logits: ``[batch, num_classes]`` (or ``[batch, T, num_classes]``).
+      labels: ``[batch]`` integer class ids (or ``[batch, T]``; a negative
+        label gives a finite value that :func:`target_mask` masks away).
+
+    Returns:
+      ``[batch]`` (or ``[batch, T]``) losses.
+    """
+    safe = jnp.maximum(labels, 0)
+    return optax.losses.softmax_cross_entropy_with_integer_labels(logits, safe)
 
 
 def distillation_loss(
@@ -53,18 +82,32 @@ def distillation_loss(
     return temperature**2 * kl
 
 
+def _expand(mask: jax.Array, values: jax.Array) -> jax.Array:
+    """``mask`` with trailing axes to broadcast against ``values`` (``[B]`` to ``[B, T]``)."""
+    mask = mask.reshape(mask.shape + (1,) * (values.ndim - mask.ndim))
+    return jnp.broadcast_to(mask, values.shape)
+
+
+def masked_sum(values: jax.Array, mask: jax.Array) -> jax.Array:
+    """Sum of ``values`` over entries where ``mask`` is true (see :func:`masked_mean`)."""
+    return jnp.sum(jnp.where(_expand(mask, values), values, 0.0))
+
+
 def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
     """Mean of ``values`` over entries where ``mask`` is true; 0 if none are.
 
     Padded entries are selected away (``jnp.where``), so they change nothing,
-    even when they hold Inf or NaN.
+    even when they hold Inf or NaN. A ``[B]`` mask against per-position values
+    ``[B, T]`` (inputs without targets, e.g. a public set of sequences)
+    counts every position of a real example.
     """
+    mask = _expand(mask, values)
     total = jnp.sum(jnp.where(mask, values, 0.0))
     return total / jnp.maximum(jnp.sum(mask.astype(values.dtype)), 1.0)
 
 
 def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Per-example 0/1 correctness of ``argmax(logits)`` as float32."""
+    """Per-example (or per-position) 0/1 correctness of ``argmax(logits)`` as float32."""
     return (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
 
 
@@ -91,10 +134,11 @@ def not_true_logits(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Drops each example's true-class logit: ``[B, C] -> [B, C - 1]``.
 
     The remaining classes keep their order (FedNTD's ``refine_as_not_true``).
+    Per-position logits ``[B, T, C]`` with labels ``[B, T]`` give ``[B, T, C - 1]``.
     """
     num_classes = logits.shape[-1]
-    others = jnp.arange(num_classes - 1)[None, :]
-    idx = others + (others >= labels[:, None])
+    others = jnp.arange(num_classes - 1)
+    idx = others + (others >= labels[..., None])
     return jnp.take_along_axis(logits, idx, axis=-1)
 
 

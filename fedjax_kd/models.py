@@ -220,10 +220,13 @@ class CharLSTM(nnx.Module):
     ``stacked_lstm.py`` likewise predicts only the character after the
     80-character window). The LSTM is written out (gates i, f, g, o; forget
     bias 0) and scanned over time; token ids index the embedding (vocabulary
-    = the number of classes, as in next-token tasks).
+    = the number of classes, as in next-token tasks). With ``per_position``
+    the head runs on every step's output: logits ``[B, T, V]`` for
+    per-position targets (TFF's Shakespeare and StackOverflow tasks).
     """
 
-    def __init__(self, vocab: int, embed: int, widths: Sequence[int], *, rngs):
+    def __init__(self, vocab: int, embed: int, widths: Sequence[int], *, per_position=False, rngs):
+        self.per_position = per_position
         self.embed = nnx.Embed(vocab, embed, rngs=rngs)
         dims = [embed, *widths]
         self.widths = tuple(widths)
@@ -249,7 +252,7 @@ class CharLSTM(nnx.Module):
             zeros = jnp.zeros((x.shape[0], width), gates_in.dtype)
             _, h = jax.lax.scan(step, (zeros, zeros), jnp.swapaxes(gates_in, 0, 1))
             h = jnp.swapaxes(h, 0, 1)
-        return self.head(h[:, -1])
+        return self.head(h if self.per_position else h[:, -1])
 
 
 class CausalTransformer(nnx.Module):
@@ -259,10 +262,15 @@ class CausalTransformer(nnx.Module):
     (causal multi-head self-attention with H heads, then a 4D ReLU MLP, each
     with a residual), a final LayerNorm and a linear head on the last position
     (Vaswani et al. 2017, arXiv 1706.03762; GPT-2's pre-norm layout).
-    ``transformer-64-2-4``: D = 64, L = 2, H = 4.
+    ``transformer-64-2-4``: D = 64, L = 2, H = 4. With ``per_position`` the
+    head runs on every position (logits ``[B, T, V]``, each position seeing
+    only itself and earlier ones).
     """
 
-    def __init__(self, length: int, vocab: int, width: int, layers: int, heads: int, *, rngs):
+    def __init__(
+        self, length, vocab, width, layers, heads, *, per_position=False, rngs
+    ):  # fmt: skip
+        self.per_position = per_position
         self.heads = heads
         self.tok = nnx.Embed(vocab, width, rngs=rngs)
         self.pos = nnx.Embed(length, width, rngs=rngs)
@@ -291,7 +299,8 @@ class CausalTransformer(nnx.Module):
             h = h + getattr(self, f"out{i}")(att)
             m = getattr(self, f"ln_m{i}")(h)
             h = h + getattr(self, f"down{i}")(nnx.relu(getattr(self, f"up{i}")(m)))
-        return self.head(self.ln_f(h)[:, -1])
+        h = self.ln_f(h)
+        return self.head(h if self.per_position else h[:, -1])
 
 
 def _fedavg_cnn(sizes: tuple[int, ...], feature_shape: tuple[int, ...], num_classes: int):
@@ -326,15 +335,17 @@ def _cnn1d(sizes: tuple[int, ...], feature_shape: tuple[int, ...], num_classes: 
     return lambda rngs: CNN1D(length, sizes, num_classes, rngs=rngs)
 
 
-def _lstm(sizes: tuple[int, ...], feature_shape: tuple[int, ...], num_classes: int):
+def _lstm(sizes, feature_shape, num_classes, per_position=False):
     if len(sizes) < 2:
         raise ValueError("lstm takes an embedding width and LSTM widths, e.g. lstm-8-256-256")
     if len(feature_shape) != 1:
         raise ValueError(f"lstm takes token sequences [T]; got feature shape {feature_shape}")
-    return lambda rngs: CharLSTM(num_classes, sizes[0], sizes[1:], rngs=rngs)
+    return lambda rngs: CharLSTM(
+        num_classes, sizes[0], sizes[1:], per_position=per_position, rngs=rngs
+    )
 
 
-def _transformer(sizes: tuple[int, ...], feature_shape: tuple[int, ...], num_classes: int):
+def _transformer(sizes, feature_shape, num_classes, per_position=False):
     if len(sizes) != 3 or sizes[0] % sizes[2]:
         raise ValueError(
             "transformer takes width D, layers L and heads H (H divides D), e.g. transformer-64-2-4"
@@ -343,7 +354,9 @@ def _transformer(sizes: tuple[int, ...], feature_shape: tuple[int, ...], num_cla
         raise ValueError(
             f"transformer takes token sequences [T]; got feature shape {feature_shape}"
         )
-    return lambda rngs: CausalTransformer(feature_shape[0], num_classes, *sizes, rngs=rngs)
+    return lambda rngs: CausalTransformer(
+        feature_shape[0], num_classes, *sizes, per_position=per_position, rngs=rngs
+    )
 
 
 def _mlp(sizes: tuple[int, ...], feature_shape: tuple[int, ...], num_classes: int):
@@ -452,7 +465,9 @@ def _image_shape(feature_shape: tuple[int, ...], family: str = "cnn") -> tuple[i
     )
 
 
-def create(name: str, *, feature_shape: Sequence[int], num_classes: int) -> Model:
+def create(
+    name: str, *, feature_shape: Sequence[int], num_classes: int, per_position: bool = False
+) -> Model:
     """Builds the model called ``name`` for inputs of ``feature_shape``.
 
     Args:
@@ -460,6 +475,10 @@ def create(name: str, *, feature_shape: Sequence[int], num_classes: int) -> Mode
         ``mlp-W1[-W2...]`` or ``cnn-C1[-C2...]``.
       feature_shape: shape of one example (without the batch axis).
       num_classes: number of output logits.
+      per_position: logits for every position of a token sequence
+        (``[B, T, C]``, next-token targets per position); only the token
+        families (``lstm``, ``transformer``), whose ``build`` then gets
+        ``per_position=True``.
 
     Returns:
       A :class:`Model` with pure ``init`` and ``apply``.
@@ -472,7 +491,15 @@ def create(name: str, *, feature_shape: Sequence[int], num_classes: int) -> Mode
     """
     spec, sizes = parse_name(name)
     feature_shape = tuple(int(d) for d in feature_shape)
-    return from_nnx(spec.build(sizes, feature_shape, num_classes), name=name)
+    if not per_position:
+        return from_nnx(spec.build(sizes, feature_shape, num_classes), name=name)
+    if spec.inputs != "tokens":
+        raise ValueError(
+            f"{name} gives one prediction per example, and the targets are per position "
+            "(next-token task): use a sequence model (lstm, transformer)"
+        )
+    build = spec.build(sizes, feature_shape, num_classes, per_position=True)
+    return from_nnx(build, name=name)
 
 
 def prepare_inputs(x: jax.Array) -> jax.Array:

@@ -200,7 +200,9 @@ def _make_round_step(
     return step
 
 
-def _make_evaluate(build: Callable, *, batch_size: int, test_clients: int = 0) -> Callable:
+def _make_evaluate(
+    build: Callable, *, batch_size: int, test_clients: int = 0, accuracy_ignore=()
+) -> Callable:
     """Returns ``evaluate(hp, state, x, y, mask[, client]) -> {name: results}``.
 
     ``results`` is ``(accuracy, loss)``, plus ``per_client`` with test clients.
@@ -214,25 +216,37 @@ def _make_evaluate(build: Callable, *, batch_size: int, test_clients: int = 0) -
     test client, and each model's result also holds its number of correct
     examples per test client (float32 ``[test_clients]``), for
     :func:`client_accuracies`.
+
+    Labels ``[B]`` take logits ``[B, C]``; per-position targets ``[B, T]``
+    (next-token tasks) take ``[B, T, C]``, and then the loss is the mean over
+    the real targets (labels ``>= 0``) and the accuracy the fraction of
+    correct ones among the targets not in ``accuracy_ignore`` (the
+    StackOverflow papers' accuracy without out-of-vocabulary and end tokens).
+    Logits with more leading axes are several models (e.g. one per client):
+    their accuracy and loss are averaged.
     """
+    ignore = tuple(int(t) for t in accuracy_ignore)
 
     def evaluate(hp, state, x, y, mask, client=None):
         results = {}
+        targets = losses.target_mask(y, mask)
+        counted = accuracy_mask(y, targets, ignore)
         for name, (apply_fn, params) in build(hp).eval_models(state).items():
 
             def body(carry, batch, apply_fn=apply_fn, params=params):
-                xb, yb, mb = batch[:3]
+                xb, yb, tb, cb = batch[:4]
                 logits = apply_fn(params, xb)
-                # Extra leading axes are several models (e.g. per-client): average them.
-                num_models = math.prod(logits.shape[:-2])
+                # Leading axes before the labels' are several models: average them.
+                num_models = math.prod(logits.shape[: logits.ndim - yb.ndim - 1])
                 labels = jnp.broadcast_to(yb, logits.shape[:-1])
-                hits = jnp.where(mb, losses.accuracy(logits, labels), 0.0)
+                hits = jnp.where(cb, losses.accuracy(logits, labels), 0.0)
                 correct = jnp.sum(hits)
-                loss = jnp.sum(jnp.where(mb, losses.cross_entropy(logits, labels), 0.0))
+                loss = jnp.sum(jnp.where(tb, losses.cross_entropy(logits, labels), 0.0))
                 out = (carry[0] + correct / num_models, carry[1] + loss / num_models)
                 if test_clients:
-                    per_example = jnp.sum(hits.reshape(-1, hits.shape[-1]), 0) / num_models
-                    per_client = jax.ops.segment_sum(per_example, batch[3], test_clients)
+                    per_example = hits.reshape(-1, *yb.shape).sum(0) / num_models
+                    per_example = per_example.reshape(yb.shape[0], -1).sum(1)
+                    per_client = jax.ops.segment_sum(per_example, batch[4], test_clients)
                     out = (*out, carry[2] + per_client)
                 return out, None
 
@@ -240,13 +254,39 @@ def _make_evaluate(build: Callable, *, batch_size: int, test_clients: int = 0) -
             init = (zero, zero)
             if test_clients:
                 init = (*init, jnp.zeros((test_clients,), jnp.float32))
-            arrays = (x, y, mask) if client is None else (x, y, mask, client)
+            arrays = (x, y, targets, counted) + (() if client is None else (client,))
             sums, _ = jax.lax.scan(body, init, arrays)
-            n = jnp.maximum(jnp.sum(mask), 1).astype(jnp.float32)
-            results[name] = (sums[0] / n, sums[1] / n, *sums[2:])
+            n_acc = jnp.maximum(jnp.sum(counted), 1).astype(jnp.float32)
+            n_loss = jnp.maximum(jnp.sum(targets), 1).astype(jnp.float32)
+            results[name] = (sums[0] / n_acc, sums[1] / n_loss, *sums[2:])
         return results
 
     return evaluate
+
+
+def accuracy_mask(y, targets, accuracy_ignore=()):
+    """The targets that accuracy counts: ``targets`` without the ids in ``accuracy_ignore``.
+
+    Args:
+      y: labels (``[..., B]``) or per-position targets (``[..., B, T]``),
+        NumPy or JAX.
+      targets: bool of ``y``'s shape, the real targets
+        (:func:`fedjax_kd.losses.target_mask`).
+      accuracy_ignore: target ids not counted (out-of-vocabulary, end of
+        sentence); empty = every real target.
+    """
+    xp = np if isinstance(y, np.ndarray) else jnp
+    counted = targets
+    for token in accuracy_ignore:
+        counted = counted & (y != token)
+    return xp.asarray(counted)
+
+
+def counted_per_example(dataset: FederatedDataset) -> np.ndarray:
+    """Per test example, the targets its accuracy counts (1 each for class labels)."""
+    y = np.asarray(dataset.test_y)
+    counted = accuracy_mask(y, y >= 0, dataset.accuracy_ignore)
+    return counted.reshape(len(y), -1).sum(1).astype(np.int64)
 
 
 def client_accuracies(correct: np.ndarray, counts: np.ndarray) -> dict[str, float]:
@@ -290,11 +330,11 @@ def batch_test_set(x: np.ndarray, y: np.ndarray, batch_size: int, client=None):
     nb = math.ceil(n / batch_size)
     # Aligned, so that to_device takes them without another copy.
     xp = aligned_zeros((nb * batch_size, *x.shape[1:]), x.dtype)
-    yp = aligned_zeros((nb * batch_size,), y.dtype)
+    yp = aligned_zeros((nb * batch_size, *y.shape[1:]), y.dtype)
     xp[:n], yp[:n] = x, y
     mask = np.arange(nb * batch_size) < n
     shape = (nb, batch_size)
-    out = (xp.reshape(*shape, *x.shape[1:]), yp.reshape(shape), mask.reshape(shape))
+    out = (xp.reshape(*shape, *x.shape[1:]), yp.reshape(*shape, *y.shape[1:]), mask.reshape(shape))
     if client is None:
         return out
     cp = np.zeros(nb * batch_size, np.int32)
@@ -357,7 +397,8 @@ def dataset_shapes(dataset: FederatedDataset) -> tuple:
     d = dataset
     proxy = None if d.proxy_x is None else d.proxy_x.shape
     return (type(d.train).__name__, d.num_clients, d.feature_shape, d.num_classes,
-            d.test_x.shape, proxy, str(d.train.x.dtype), num_test_clients(d))  # fmt: skip
+            d.test_x.shape, proxy, str(d.train.x.dtype), num_test_clients(d),
+            d.test_y.shape, d.accuracy_ignore)  # fmt: skip
 
 
 def _host_arrays(dataset: FederatedDataset, length: int, eval_batch_size: int):
@@ -679,9 +720,17 @@ def _run_group(
         return step(state, data, server_data, rounds_key, r)
 
     test_clients = num_test_clients(datasets[0])
-    evaluate_fn = _make_evaluate(build, batch_size=eval_batch_size, test_clients=test_clients)
+    evaluate_fn = _make_evaluate(
+        build,
+        batch_size=eval_batch_size,
+        test_clients=test_clients,
+        accuracy_ignore=datasets[0].accuracy_ignore,
+    )
     if test_clients:
-        test_counts = [np.bincount(d.test_client, minlength=test_clients) for d in datasets]
+        test_counts = [
+            np.bincount(d.test_client, counted_per_example(d), test_clients).astype(np.int64)
+            for d in datasets
+        ]
     if batched:
         width = vmap_width(num_points) if width is None else max(1, min(width, num_points))
         step_fn = over_points(step_fn, (0, 0, data_axis, data_axis, 0, None), width)

@@ -136,10 +136,15 @@ def per_label_softmax_sums(
 ) -> tuple[jax.Array, jax.Array]:
     """Per-label sums of ``softmax(logits)`` over the real examples, and counts.
 
+    Per-position targets (logits ``[B, T, C]``, labels and ``mask`` ``[B, T]``)
+    count every real target position as one example.
+
     Returns:
       ``(sums [C, C], counts float [C])``; :func:`per_label_mean_softmax`
       divides them.
     """
+    logits = logits.reshape(-1, logits.shape[-1])
+    labels, mask = labels.reshape(-1), mask.reshape(-1)
     onehot = jax.nn.one_hot(labels, num_classes, dtype=logits.dtype) * mask[:, None]
     # Padded rows are selected away, so that they change nothing even if non-finite.
     probs = jnp.where(mask[:, None], jax.nn.softmax(logits, axis=-1), 0.0)

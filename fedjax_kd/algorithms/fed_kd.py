@@ -249,10 +249,11 @@ def make_mutual_client_update(
         # across paddings, client.sum_batches).
         def mentor_ce_sum(block, valid):
             ce = losses.cross_entropy(mentor.apply(local["mentor"], block["x"]), block["y"])
-            return jnp.sum(jnp.where(valid, ce, 0.0))
+            return jnp.sum(jnp.where(valid, ce, 0.0)), jnp.sum(valid, dtype=jnp.int32)
 
-        ce_sum = sum_batches(mentor_ce_sum, {"x": x, "y": y}, count, batch_size=batch_size)
-        mentor_loss = ce_sum / jnp.maximum(count, 1).astype(jnp.float32)
+        ce_sum, seen = sum_batches(mentor_ce_sum, {"x": x, "y": y}, count, batch_size=batch_size)
+        # seen = count, or the real targets with per-position labels.
+        mentor_loss = ce_sum / jnp.maximum(seen, 1).astype(jnp.float32)
         metrics = {**metrics, "mentor_train_loss": mentor_loss}
         delta = jax.tree.map(jnp.subtract, mentee_params, local["mentee"])
         return ClientOutput(

@@ -125,7 +125,7 @@ def target_loss(apply_fn: ApplyFn, per_example: Callable) -> Callable:
 
     def loss_fn(params, batch, valid):
         values = per_example(apply_fn(params, batch["x"]), batch["targets"])
-        return losses.masked_mean(values, valid), jnp.sum(jnp.where(valid, values, 0.0))
+        return losses.masked_mean(values, valid), losses.masked_sum(values, valid)
 
     return loss_fn
 

@@ -174,12 +174,16 @@ def _cifar_arrays(directory: Path, name: str, labels: str = "fine") -> dict:
 
 
 def _check_labels(ctx: DataContext, name: str, num_classes: int, **splits) -> None:
-    """CorruptFile naming ``data.dir`` when a split's labels leave ``[0, num_classes)``."""
+    """CorruptFile naming ``data.dir`` when a split's labels leave ``[0, num_classes)``.
+
+    Per-position targets (``[N, T]``) may also be -1 (no target).
+    """
     for split, y in splits.items():
-        if len(y) and (y.min() < 0 or y.max() >= num_classes):
+        lowest = -1 if y.ndim > 1 else 0
+        if y.size and (y.min() < lowest or y.max() >= num_classes):
             raise files.CorruptFile(
                 f"{name} {split} labels in {ctx.data_dir} lie in [{y.min()}, {y.max()}], "
-                f"outside [0, {num_classes})"
+                f"outside [{lowest}, {num_classes})"
             )
 
 

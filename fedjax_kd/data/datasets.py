@@ -131,6 +131,7 @@ def from_arrays(
     proxy_fraction: float = 0.0,
     client_indices=None,
     compact: bool = False,
+    accuracy_ignore=(),
     **partition_kwargs,
 ) -> FederatedDataset:
     """A federated dataset from a user's arrays in memory.
@@ -144,7 +145,9 @@ def from_arrays(
     ``client_indices``, which index the arrays as given).
 
     Args:
-      x_train, y_train: ``[n, *feature_shape]`` features and ``[n]`` integer labels.
+      x_train, y_train: ``[n, *feature_shape]`` features and ``[n]`` integer
+        labels, or ``[n, T]`` per-position targets of a next-token task (``-1``
+        where a position has none; partition ``iid`` only, no stratification).
       x_test, y_test: the centralized test set.
       name: the dataset's name in reports.
       num_classes: number of classes (default ``max(label) + 1``).
@@ -157,6 +160,8 @@ def from_arrays(
         round) and int32 features as token ids (for sequence models), as the
         built-in file datasets do; False (the default) casts every feature
         array to float32, so a user's integer features stay plain numbers.
+      accuracy_ignore: target ids that accuracy does not count
+        (:class:`FederatedDataset`).
       **partition_kwargs: the partitioner's arguments (e.g. ``alpha=0.1``).
 
     Returns:
@@ -174,12 +179,21 @@ def from_arrays(
         raise ValueError("features and labels must have the same number of examples")
     if x_train.shape[1:] != x_test.shape[1:]:
         raise ValueError(f"train and test features differ: {x_train.shape} vs {x_test.shape}")
+    per_position = y_train.ndim > 1  # next-token targets [N, T], -1 = none
     if num_classes is None:
         num_classes = int(max(y_train.max(initial=0), y_test.max(initial=0))) + 1
-    if min(y_train.min(initial=0), y_test.min(initial=0)) < 0 or (
+    lowest = -1 if per_position else 0
+    if min(y_train.min(initial=0), y_test.min(initial=0)) < lowest or (
         max(y_train.max(initial=0), y_test.max(initial=0)) >= num_classes
     ):
-        raise ValueError(f"labels must lie in [0, {num_classes})")
+        raise ValueError(
+            f"labels must lie in [0, {num_classes})" + " (or be -1: no target)" * per_position
+        )
+    if per_position and client_indices is None and partition != "iid":
+        raise ValueError(
+            f"partition {partition!r} splits by label, and the targets are per position "
+            "(a next-token task): use partition iid or the dataset's own clients"
+        )
     proxy_x = None
     if client_indices is not None:
         if proxy_fraction:
@@ -196,11 +210,16 @@ def from_arrays(
             from sklearn.model_selection import train_test_split
 
             x_train, proxy_x, y_train, _ = train_test_split(
-                x_train, y_train, test_size=proxy_fraction, stratify=y_train, random_state=0
+                x_train,
+                y_train,
+                test_size=proxy_fraction,
+                stratify=None if per_position else y_train,
+                random_state=0,
             )
         if num_clients is None:
             raise ValueError("from_arrays needs num_clients (or client_indices)")
-        parts = PARTITIONERS[partition](y_train, num_clients, seed=seed, **partition_kwargs)
+        labels = np.zeros(len(y_train), np.int32) if per_position else y_train  # iid: lengths
+        parts = PARTITIONERS[partition](labels, num_clients, seed=seed, **partition_kwargs)
     return FederatedDataset(
         name=name,
         train=pack(x_train, y_train, parts),
@@ -208,6 +227,7 @@ def from_arrays(
         test_y=y_test,
         num_classes=num_classes,
         proxy_x=proxy_x,
+        accuracy_ignore=tuple(int(t) for t in accuracy_ignore),
     )
 
 

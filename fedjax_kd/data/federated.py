@@ -66,7 +66,8 @@ class ClientData(NamedTuple):
 
     Attributes:
       x: float32 ``[C, N, *feature_shape]`` features; padded rows are zero.
-      y: int32 ``[C, N]`` labels; padded entries are 0.
+      y: int32 ``[C, N]`` labels, or ``[C, N, T]`` per-position targets of a
+        next-token task (``-1`` where a position has none); padded rows are 0.
       count: int32 ``[C]`` number of real examples per client; the real examples
         of client ``c`` are ``x[c, :count[c]]``.
     """
@@ -82,8 +83,9 @@ class ClientData(NamedTuple):
         (under ``vmap`` over clients, ``x`` is ``[N, ...]`` and ``count`` a
         scalar, and the mask is ``[N]``).
         """
-        n = self.y.shape[-1]
-        return jnp.arange(n) < jnp.asarray(self.count)[..., None]
+        count = jnp.asarray(self.count)
+        n = self.x.shape[count.ndim]
+        return jnp.arange(n) < count[..., None]
 
     @property
     def num_clients(self) -> int:
@@ -113,7 +115,7 @@ class RaggedClientData(NamedTuple):
     Attributes:
       x: float32 ``[total, *feature_shape]``; client ``c``'s examples are rows
         ``offsets[c] : offsets[c] + count[c]``.
-      y: int32 ``[total]`` labels.
+      y: int32 ``[total]`` labels (``[total, T]`` per-position targets).
       offsets: int32 ``[C]`` first row of each client.
       count: int32 ``[C]`` examples per client.
     """
@@ -307,9 +309,10 @@ def gather_cohort(
         x = jax.vmap(lambda xc, p: jnp.take(xc, p, axis=0))(jnp.take(store.x, ids, axis=0), pos)
         y = jax.vmap(lambda yc, p: jnp.take(yc, p, axis=0))(jnp.take(store.y, ids, axis=0), pos)
     expand = valid.reshape(valid.shape + (1,) * (x.ndim - 2))
+    expand_y = valid.reshape(valid.shape + (1,) * (y.ndim - 2))
     return ClientData(
         x=jnp.where(expand, x, 0).astype(x.dtype),
-        y=jnp.where(valid, y, 0).astype(y.dtype),
+        y=jnp.where(expand_y, y, 0).astype(y.dtype),
         count=kept.astype(jnp.int32),
     )
 
@@ -465,7 +468,8 @@ def pack(
       x: ``[num_examples, *feature_shape]`` features (uint8 pixels and int32
         tokens are kept, any other real dtype is cast to float32:
         :func:`feature_dtype`).
-      y: ``[num_examples]`` integer labels (cast to int32).
+      y: ``[num_examples]`` integer labels, or ``[num_examples, T]``
+        per-position targets (cast to int32).
       client_indices: one integer index array into ``x``/``y`` per client, e.g. the
         output of a partitioner from :mod:`fedjax_kd.data.partition`. Order is
         kept; empty arrays give empty clients.
@@ -487,9 +491,10 @@ def pack(
     """
     x = np.asarray(x)
     y = np.asarray(y)
-    if x.ndim < 1 or y.ndim != 1 or x.shape[0] != y.shape[0]:
+    if x.ndim < 1 or y.ndim not in (1, 2) or x.shape[0] != y.shape[0]:
         raise ValueError(
-            f"x must be [num_examples, ...] and y [num_examples]; got x {x.shape}, y {y.shape}."
+            f"x must be [num_examples, ...] and y [num_examples] (or [num_examples, T]); "
+            f"got x {x.shape}, y {y.shape}."
         )
     indices = [np.asarray(idx, dtype=np.int64).reshape(-1) for idx in client_indices]
     counts = np.array([len(idx) for idx in indices], dtype=np.int32)
@@ -506,7 +511,7 @@ def pack(
             f"clients x {n} examples, the largest client's size); cap the client sizes"
         )
     out_x = aligned_zeros((num_clients, n, *x.shape[1:]), dtype)
-    out_y = aligned_zeros((num_clients, n), np.int32)
+    out_y = aligned_zeros((num_clients, n, *y.shape[1:]), np.int32)
     for c, idx in enumerate(indices):
         out_x[c, : len(idx)] = x[idx]
         out_y[c, : len(idx)] = y[idx]
@@ -563,8 +568,11 @@ class FederatedDataset:
         :class:`RaggedClientData` (heavy-tailed sizes), of NumPy arrays.
       test_x: ``[num_test, *feature_shape]`` centralized test features, of the
         training features' dtype (float32, uint8 pixels or int32 tokens).
-      test_y: int32 ``[num_test]`` centralized test labels.
-      num_classes: number of classes; labels lie in ``[0, num_classes)``.
+      test_y: int32 ``[num_test]`` centralized test labels, or
+        ``[num_test, T]`` per-position targets (next-token tasks: the
+        training labels' shape; ``-1`` marks a position without a target).
+      num_classes: number of classes; labels lie in ``[0, num_classes)``
+        (next-token tasks: the vocabulary).
       proxy_x: optional ``[num_proxy, *feature_shape]`` unlabeled examples
         held by the server (FedDF-style distillation, public sets of FedMD /
         DS-FL), of the same dtype; disjoint from the clients' data and the
@@ -572,6 +580,9 @@ class FederatedDataset:
       test_client: optional int32 ``[num_test]``: the test client each test
         example belongs to (datasets with per-client test data: LEAF, TFF,
         FedJAX files), for the per-client evaluation; None = a pooled test set.
+      accuracy_ignore: target ids that accuracy does not count (next-token
+        tasks: the out-of-vocabulary and end-of-sentence tokens, as the
+        StackOverflow papers report accuracy); the loss still counts them.
     """
 
     name: str
@@ -581,6 +592,7 @@ class FederatedDataset:
     num_classes: int
     proxy_x: np.ndarray | None = None
     test_client: np.ndarray | None = None
+    accuracy_ignore: tuple[int, ...] = ()
 
     def __post_init__(self):
         """Checks dtypes and shapes so that a malformed dataset fails early."""
@@ -597,6 +609,11 @@ class FederatedDataset:
             )
         if self.test_x.shape[0] != self.test_y.shape[0]:
             raise ValueError("test_x and test_y have different lengths.")
+        if tuple(self.test_y.shape[1:]) != self.target_shape or len(self.target_shape) > 1:
+            raise ValueError(
+                f"test_y must be [num_test] or [num_test, T] like the training labels "
+                f"(per example {self.target_shape}), got {self.test_y.shape}."
+            )
         if self.proxy_x is not None and (
             np.dtype(self.proxy_x.dtype) != dtype
             or tuple(self.proxy_x.shape[1:]) != self.feature_shape
@@ -604,7 +621,7 @@ class FederatedDataset:
             raise ValueError(f"proxy_x must be {dtype} with the training feature shape.")
         if self.test_client is not None and (
             np.dtype(self.test_client.dtype) != np.int32
-            or self.test_client.shape != self.test_y.shape
+            or self.test_client.shape != self.test_y.shape[:1]
             or (len(self.test_client) and self.test_client.min() < 0)
         ):
             raise ValueError("test_client must be int32 [num_test] client indices >= 0.")
@@ -619,11 +636,20 @@ class FederatedDataset:
         """Number of training clients."""
         return self.train.num_clients
 
+    @property
+    def target_shape(self) -> tuple[int, ...]:
+        """Shape of one example's labels: ``()``, or ``(T,)`` per-position targets."""
+        lead = 2 if isinstance(self.train, ClientData) else 1
+        return tuple(self.train.y.shape[lead:])
+
     def label_counts(self) -> np.ndarray:
         """Per-client label histogram of the real training examples.
 
+        Per-position targets count each real target position (labels ``>= 0``).
+
         Returns:
-          int64 ``[num_clients, num_classes]``; row ``c`` sums to ``train.count[c]``.
+          int64 ``[num_clients, num_classes]``; row ``c`` sums to ``train.count[c]``
+          (its number of real targets for per-position labels).
         """
         num_clients = self.num_clients
         if isinstance(self.train, RaggedClientData):
@@ -633,6 +659,9 @@ class FederatedDataset:
             mask = np.asarray(self.train.mask())
             y = np.asarray(self.train.y)[mask]
             client = np.broadcast_to(np.arange(num_clients)[:, None], mask.shape)[mask]
+        if y.ndim > 1:  # per-position targets: every real position is one label
+            client = np.broadcast_to(client[:, None], y.shape)[y >= 0]
+            y = y[y >= 0]
         flat = client * self.num_classes + y
         counts = np.bincount(flat, minlength=num_clients * self.num_classes)
         return counts.reshape(num_clients, self.num_classes)
