@@ -42,7 +42,15 @@ from fedjax_kd.data.mnist1d import make_mnist1d
 from fedjax_kd.data.partition import PARTITIONERS
 from fedjax_kd.spec import DataContext, DatasetSpec, Hyper
 
-__all__ = ["BENCHMARK_SPECS", "SHAKESPEARE_LETTERS", "char_tokens", "load"]
+__all__ = [
+    "BENCHMARK_SPECS",
+    "SHAKESPEARE_LETTERS",
+    "char_tokens",
+    "counted_vocabulary",
+    "load",
+    "stackoverflow_tokens",
+    "stackoverflow_vocabulary",
+]
 
 #: LEAF's 80 Shakespeare characters (``models/utils/language_utils.py:ALL_LETTERS``);
 #: token ``i`` is ``SHAKESPEARE_LETTERS[i]`` and token 80 stands for any other character
@@ -69,6 +77,11 @@ _GET = {
     "shakespeare_fedjax": "https://storage.googleapis.com/gresearch/fedjax/shakespeare/",
     "cifar100_fed": "https://storage.googleapis.com/tff-datasets-public/fed_cifar100.tar.bz2 "
     "(extracted)",
+    "stackoverflow_tff": "https://storage.googleapis.com/tff-datasets-public/"
+    "stackoverflow.tar.bz2 (extracted; the vocabulary from stackoverflow.word_count.tar.bz2 "
+    "beside it)",
+    "stackoverflow_fedjax": "https://storage.googleapis.com/gresearch/fedjax/stackoverflow/ "
+    "(and stackoverflow.word_count)",
 }
 
 _EMNIST_CLASSES = {
@@ -380,7 +393,9 @@ def _natural_arrays(directory: Path, task: str, fmt: str) -> dict:
     return files.cached(paths, f"{task}_{fmt}", parse)
 
 
-def _natural(ctx: DataContext, name: str, arrays: dict, num_classes: int) -> FederatedDataset:
+def _natural(
+    ctx: DataContext, name: str, arrays: dict, num_classes: int, accuracy_ignore=()
+) -> FederatedDataset:
     """A natural dataset's FederatedDataset (its clients, or re-partitioned)."""
     hp = ctx.hp
     counts = arrays["train_counts"]
@@ -430,6 +445,7 @@ def _natural(ctx: DataContext, name: str, arrays: dict, num_classes: int) -> Fed
             seed=ctx.seed,
             proxy_fraction=ctx.proxy_fraction,
             compact=True,
+            accuracy_ignore=accuracy_ignore,
             **ctx.partition_kwargs,
         )
         return dataclasses.replace(pooled, test_client=test_client)
@@ -441,7 +457,139 @@ def _natural(ctx: DataContext, name: str, arrays: dict, num_classes: int) -> Fed
         num_classes=num_classes,
         proxy_x=proxy_x,
         test_client=test_client,
+        accuracy_ignore=accuracy_ignore,
     )
+
+
+# ---------------------------------------------------------------- StackOverflow
+
+#: StackOverflow's special token ids, as FedJAX's ``StackoverflowTokenizer``:
+#: padding 0, beginning and end of sentence 1 and 2, the vocabulary's words
+#: ``3 .. k + 2`` (most frequent first) and one out-of-vocabulary bucket ``k + 3``.
+SO_PAD, SO_BOS, SO_EOS = 0, 1, 2
+
+_SO_FILES = {
+    "tff": ("stackoverflow_train.h5", "stackoverflow_test.h5"),
+    "fedjax": ("stackoverflow_train.sqlite", "stackoverflow_test.sqlite"),
+}
+_SO_WORD_COUNT = "stackoverflow.word_count"
+
+
+def stackoverflow_vocabulary(word_count_path, vocab_size: int) -> list[str]:
+    """The first ``vocab_size`` words of a ``stackoverflow.word_count`` file.
+
+    The file (TFF's ``stackoverflow.word_count.tar.bz2``, FedJAX's
+    ``default_vocab``) has one ``word count`` line per word, most frequent
+    first; the vocabulary is its first ``vocab_size`` words.
+    """
+    words = []
+    with open(word_count_path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if len(words) == vocab_size:
+                break
+            parts = line.split()
+            if len(parts) != 2 or not parts[1].isdigit():
+                raise files.CorruptFile(
+                    f"{word_count_path}: line {number} is not 'word count': {line.strip()!r}"
+                )
+            words.append(parts[0])
+    return words
+
+
+def counted_vocabulary(sentences, vocab_size: int) -> list[str]:
+    """The ``vocab_size`` most frequent words of ``sentences`` (ties: alphabetical).
+
+    The fallback when no ``stackoverflow.word_count`` file is in ``data.dir``:
+    top-k over the training clients read (with ``max_clients``, only theirs).
+    """
+    from collections import Counter
+
+    counts = Counter(w for s in sentences for w in s.split(" "))
+    ranked = sorted(counts.items(), key=lambda wc: (-wc[1], wc[0]))
+    return [w for w, _ in ranked[:vocab_size]]
+
+
+def stackoverflow_tokens(sentences, vocab: list[str], seq_len: int, oov: int | None = None):
+    """Next-word examples of StackOverflow sentences, as FedJAX tokenizes them.
+
+    Each sentence is split on single spaces; a word is ``3 + its rank`` in
+    ``vocab`` or the out-of-vocabulary id ``oov`` (default ``3 + len(vocab)``;
+    the dataset passes ``3 + vocab_size`` so that a shorter vocabulary keeps
+    the ids of its classes); the sequence
+    ``[BOS, words..., EOS]`` gives inputs ``x = seq[:-1]`` and targets
+    ``y = seq[1:]``, truncated to ``seq_len`` and padded (``x`` with 0, ``y``
+    with -1: no target) -- FedJAX ``datasets/stackoverflow.py``
+    (``StackoverflowTokenizer.as_preprocess_batch``, whose padded ``y`` of 0
+    its loss masks).
+
+    Returns:
+      int32 ``(x, y)``, each ``[len(sentences), seq_len]``.
+    """
+    index = {w: i + 3 for i, w in enumerate(vocab)}
+    oov = 3 + len(vocab) if oov is None else oov
+    x = np.full((len(sentences), seq_len), SO_PAD, np.int32)
+    y = np.full((len(sentences), seq_len), -1, np.int32)
+    for row, sentence in enumerate(sentences):
+        seq = [SO_BOS, *(index.get(w, oov) for w in sentence.split(" ")), SO_EOS]
+        n = min(len(seq) - 1, seq_len)
+        x[row, :n] = seq[:n]
+        y[row, :n] = seq[1 : n + 1]
+    return x, y
+
+
+def _so_sentences(records, source) -> list[tuple[str, list[str]]]:
+    out = []
+    for cid, features in records:
+        if "tokens" not in features:
+            raise files.CorruptFile(f"{source}: client {cid!r} has no feature 'tokens'")
+        out.append((cid, [_text_of(t) for t in np.asarray(features["tokens"]).ravel()]))
+    return out
+
+
+def _stackoverflow_arrays(ctx: DataContext, directory: Path) -> dict:
+    """StackOverflow's train and test clients, tokenized (cached per options).
+
+    With ``max_clients`` only the first training clients (the file's order)
+    are read, and only their test clients (the splits share user ids).
+    """
+    hp = ctx.hp
+    fmt, limit = hp["format"], hp["max_clients"]
+    get = _GET[f"stackoverflow_{fmt}"]
+    paths = [files.require(directory / n, get=get) for n in _SO_FILES[fmt]]
+    word_count = directory / _SO_WORD_COUNT
+    sources = paths + ([word_count] if word_count.exists() else [])
+
+    def read(path, **kw):
+        if fmt == "tff":
+            return _so_sentences(files.read_tff_h5(path, features=["tokens"], **kw), path)
+        return _so_sentences(files.read_fedjax_sqlite(path, **kw), path)
+
+    def parse():
+        train = read(paths[0], limit=limit)
+        test = read(paths[1], only=[cid for cid, _ in train] if limit else None)
+        if word_count.exists():
+            vocab = stackoverflow_vocabulary(word_count, hp["vocab_size"])
+        else:
+            vocab = counted_vocabulary((s for _, ss in train for s in ss), hp["vocab_size"])
+        out = {}
+        for split, clients in (("train", train), ("test", test)):
+            rows = [
+                (cid, *stackoverflow_tokens(ss, vocab, hp["seq_len"], oov=3 + hp["vocab_size"]))
+                for cid, ss in clients
+            ]
+            out.update(_stack_clients(rows, split))
+        return out
+
+    key = f"stackoverflow_{fmt}_{limit}_{hp['vocab_size']}_{hp['seq_len']}"
+    return files.cached(sources, key, parse)
+
+
+def _build_stackoverflow(ctx: DataContext) -> FederatedDataset:
+    directory = _directory(ctx, "stackoverflow")
+    arrays = _stackoverflow_arrays(ctx, directory)
+    k = ctx.hp["vocab_size"]
+    # Vocabulary k words + PAD, BOS, EOS and one OOV bucket; accuracy skips EOS and OOV.
+    return _natural(ctx, "stackoverflow", arrays, k + 4, accuracy_ignore=(SO_EOS, k + 3))
 
 
 def _build_natural(name: str, num_classes: int):
@@ -551,6 +699,25 @@ BENCHMARK_SPECS = {
             "Shakespeare next character after 80, speaking roles as clients: LEAF, TFF, FedJAX",
             _build_natural("shakespeare", _OOV + 1),
             hypers=_natural_hypers(("leaf", "tff", "fedjax")),
+            partition_option="partition",
+            own_clients=True,
+        ),
+        DatasetSpec(
+            "stackoverflow",
+            "StackOverflow next word (top-k words), its users as clients: TFF HDF5 or FedJAX",
+            _build_stackoverflow,
+            hypers={
+                **_natural_hypers(("tff", "fedjax")),
+                "vocab_size": Hyper(
+                    10000, "words in the vocabulary (k)", check=lambda v: v >= 1, allowed=">= 1"
+                ),
+                "seq_len": Hyper(
+                    20,
+                    "tokens per example (truncated, padded)",
+                    check=lambda v: v >= 1,
+                    allowed=">= 1",
+                ),
+            },
             partition_option="partition",
             own_clients=True,
         ),

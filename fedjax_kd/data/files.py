@@ -241,8 +241,16 @@ def _ext_hook(code: int, payload: bytes):
     return msgpack.ExtType(code, payload)
 
 
-def read_fedjax_sqlite(path: str | os.PathLike) -> list[tuple[str, dict]]:
+def read_fedjax_sqlite(
+    path: str | os.PathLike, *, limit: int = 0, only: Sequence[str] | None = None
+) -> list[tuple[str, dict]]:
     """A FedJAX federated SQLite file: ``[(client id, {feature: array})]`` in rowid order.
+
+    Args:
+      path: the ``.sqlite`` file.
+      limit: read only the first ``limit`` clients (0 = all): StackOverflow's
+        342k clients need not all be decoded for a subsampled run.
+      only: read only these client ids (those present; in rowid order).
 
     Raises:
       CorruptFile: not an SQLite file, no ``federated_data`` table, or a
@@ -251,17 +259,21 @@ def read_fedjax_sqlite(path: str | os.PathLike) -> list[tuple[str, dict]]:
     import msgpack
 
     path = Path(path)
+    query = "SELECT client_id, data, num_examples FROM federated_data ORDER BY rowid"
+    if limit:
+        query += f" LIMIT {int(limit)}"
     try:
         # A file: URI (read-only), percent-encoded so '#', '?' or '%' in the path stay the path.
         with sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True) as db:
-            rows = db.execute(
-                "SELECT client_id, data, num_examples FROM federated_data ORDER BY rowid"
-            ).fetchall()
+            rows = db.execute(query).fetchall()
     except sqlite3.Error as e:
         raise CorruptFile(f"{path}: not a FedJAX SQLite file ({e})") from None
+    wanted = None if only is None else set(only)
     clients = []
     for client_id, blob, num in rows:
         cid = client_id.decode() if isinstance(client_id, bytes) else str(client_id)
+        if wanted is not None and cid not in wanted:
+            continue
         try:
             examples = msgpack.unpackb(zlib.decompress(blob), ext_hook=_ext_hook, raw=False)
         except (zlib.error, ValueError, TypeError, msgpack.UnpackException) as e:
@@ -275,8 +287,20 @@ def read_fedjax_sqlite(path: str | os.PathLike) -> list[tuple[str, dict]]:
     return clients
 
 
-def read_tff_h5(path: str | os.PathLike) -> list[tuple[str, dict]]:
+def read_tff_h5(
+    path: str | os.PathLike,
+    *,
+    limit: int = 0,
+    only: Sequence[str] | None = None,
+    features: Sequence[str] | None = None,
+) -> list[tuple[str, dict]]:
     """A TFF HDF5 client-data file: ``[(client id, {feature: array})]``, ids sorted.
+
+    Args:
+      path: the ``.h5`` file.
+      limit: read only the first ``limit`` clients in sorted order (0 = all).
+      only: read only these client ids (those present; sorted).
+      features: read only these features (default all).
 
     Raises:
       CorruptFile: not an HDF5 file, or no ``examples`` group.
@@ -289,13 +313,20 @@ def read_tff_h5(path: str | os.PathLike) -> list[tuple[str, dict]]:
             if "examples" not in f:
                 raise CorruptFile(f"{path}: no 'examples' group (not a TFF HDF5 client file)")
             group = f["examples"]
+            ids = sorted(group) if only is None else sorted(set(only) & set(group))
             clients = []
-            for cid in sorted(group):
+            for cid in ids[:limit] if limit else ids:
                 if not isinstance(group[cid], h5py.Group):
                     raise CorruptFile(f"{path}: examples/{cid} is not a client group")
-                clients.append(
-                    (cid, {name: np.asarray(data[()]) for name, data in group[cid].items()})
-                )
+                items = group[cid].items()
+                if features is not None:
+                    missing = set(features) - set(group[cid])
+                    if missing:
+                        raise CorruptFile(
+                            f"{path}: client {cid!r} has no feature {sorted(missing)[0]!r}"
+                        )
+                    items = [(n, group[cid][n]) for n in features]
+                clients.append((cid, {name: np.asarray(data[()]) for name, data in items}))
             return clients
     except OSError as e:
         raise CorruptFile(f"{path}: not an HDF5 file ({e})") from None
