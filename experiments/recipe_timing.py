@@ -1,10 +1,11 @@
 """Runtime of the dataset recipes on stand-in files (the real ones cannot be downloaded here).
 
-For FEMNIST (LEAF JSON), Shakespeare (LEAF JSON) and CIFAR-10 (the Python
-pickles) it writes files in exactly the real distributions' layout, but
-subsampled and filled with random content (random pixels or characters, the
-real shapes and label ranges, ``--clients`` writers or speaking roles with
-the real datasets' typical sizes), then runs the recipe's ``fedjax-kd run``
+For FEMNIST (LEAF JSON), Shakespeare (LEAF JSON), CIFAR-10 (the Python
+pickles) and StackOverflow (TFF's HDF5 files and ``stackoverflow.word_count``)
+it writes files in exactly the real distributions' layout, but subsampled and
+filled with random content (random pixels, characters or Zipf-distributed
+words, the real shapes and label ranges, ``--clients`` writers, speaking roles
+or users with the real datasets' typical sizes), then runs the recipe's ``fedjax-kd run``
 command from ``experiments/README.md`` for ``--rounds`` rounds and records
 the first load (parse + cache), the second load (from the ``.npz`` cache),
 ``compile_s`` and the seconds per round. The accuracy of random content is
@@ -69,6 +70,20 @@ RECIPES = {
         "--config.client.augment=crop+flip",
         "--config.eval_every=1000",
     ],
+    "stackoverflow": [
+        "--config.data.name=stackoverflow",
+        "--config.stackoverflow.max_clients=10000",
+        "--config.model.student=lstm-96-670",
+        "--config.clients_per_round=50",
+        "--config.client.epochs=1",
+        "--config.client.batch_size=16",
+        "--config.client.max_examples=1000",
+        "--config.client.lr=0.316",
+        "--config.server.optimizer=adam",
+        "--config.server.lr=0.01",
+        "--config.server.eps=1e-5",
+        "--config.eval_every=1000",
+    ],
 }
 
 
@@ -123,6 +138,36 @@ def write_cifar10(root: Path, per_batch: int, rng) -> None:
             pickle.dump(entry, f, protocol=2)
 
 
+def write_stackoverflow(root: Path, clients: int, rng) -> None:
+    """TFF's StackOverflow HDF5 files: per user ~400 train / ~60 test posts of ~14 words.
+
+    Words are drawn from a Zipf(1.1) law over 20,000 made-up words (the real
+    vocabulary is 10,000 of millions), so the top-10,000 vocabulary and the
+    OOV rate look like real text's; ``stackoverflow.word_count`` lists the
+    words by count.
+    """
+    import h5py
+
+    root.mkdir(parents=True, exist_ok=True)
+    words = np.array([f"w{i}" for i in range(20000)])
+    counts = np.zeros(len(words), np.int64)
+    for split, mean in (("train", 400), ("test", 60)):
+        with h5py.File(root / f"stackoverflow_{split}.h5", "w") as f:
+            for k in range(clients):
+                n = max(1, int(rng.poisson(mean)))
+                posts = []
+                for length in np.maximum(1, rng.poisson(14, n)):
+                    ids = np.minimum(rng.zipf(1.1, length) - 1, len(words) - 1)
+                    counts[ids] += split == "train"
+                    posts.append(" ".join(words[ids]).encode())
+                group = f.create_group(f"examples/{k:08d}")
+                group.create_dataset("tokens", data=posts, dtype=h5py.string_dtype())
+                group.create_dataset("type", data=[b"question"] * n, dtype=h5py.string_dtype())
+    order = np.argsort(-counts, kind="stable")
+    lines = [f"{words[i]} {counts[i]}" for i in order]
+    (root / "stackoverflow.word_count").write_text("\n".join(lines) + "\n")
+
+
 def _run(directory: Path, overrides: list[str], rounds: int, workdir: Path) -> tuple[dict, float]:
     cmd = [sys.executable, "-m", "fedjax_kd.cli", "run", "--no-progress", "--workdir", str(workdir)]
     cmd += [f"--config.data.dir={directory}", f"--config.rounds={rounds}", *overrides]
@@ -162,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
                 write_femnist(data, args.clients, rng)
             elif name == "shakespeare":
                 write_shakespeare(data, args.clients, rng)
+            elif name == "stackoverflow":
+                write_stackoverflow(data, args.clients, rng)
             else:
                 write_cifar10(data, 2000, rng)
             written = time.perf_counter() - start

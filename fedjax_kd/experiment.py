@@ -595,6 +595,7 @@ def _group_names(config: ml_collections.ConfigDict) -> list[str]:
 #: What a user's dataset loader (``data.name=package.module:function``) may return
 #: as a dict: the arrays of :func:`fedjax_kd.data.from_arrays`.
 _USER_DATASET_KEYS = ("x_train", "y_train", "x_test", "y_test")
+_USER_DATASET_OPTIONAL = ("num_classes", "client_indices", "compact", "accuracy_ignore")
 
 
 def _user_dataset(config: ml_collections.ConfigDict, partition_kwargs: dict) -> FederatedDataset:
@@ -603,8 +604,10 @@ def _user_dataset(config: ml_collections.ConfigDict, partition_kwargs: dict) -> 
     The loader is called as ``load(seed=...)`` when it takes ``seed``, else
     ``load()``; it returns a :class:`FederatedDataset` (used as it is) or a
     dict with ``x_train, y_train, x_test, y_test`` (and optionally
-    ``num_classes`` and ``client_indices``, one index array per client),
-    which ``data.partition`` splits over ``data.num_clients``.
+    ``num_classes``, ``client_indices`` -- one index array per client --,
+    ``compact`` and ``accuracy_ignore``, as for ``data.from_arrays``: a
+    next-token task passes ``compact=True`` to keep int32 tokens), which
+    ``data.partition`` splits over ``data.num_clients``.
     """
     import inspect
 
@@ -628,6 +631,12 @@ def _user_dataset(config: ml_collections.ConfigDict, partition_kwargs: dict) -> 
             f"config key 'data.name': {d.name} must return a FederatedDataset or a dict with "
             f"{', '.join(_USER_DATASET_KEYS)}; got {type(loaded).__name__}"
         )
+    unknown = sorted(set(loaded) - set(_USER_DATASET_KEYS) - set(_USER_DATASET_OPTIONAL))
+    if unknown:
+        raise ConfigError(
+            f"config key 'data.name': {d.name} returned unknown keys {unknown}; a loader's "
+            f"dict may hold {', '.join(_USER_DATASET_KEYS + _USER_DATASET_OPTIONAL)}"
+        )
     given = loaded.get("client_indices")
     try:
         return data_lib.from_arrays(
@@ -639,6 +648,8 @@ def _user_dataset(config: ml_collections.ConfigDict, partition_kwargs: dict) -> 
             seed=config.seed,
             proxy_fraction=d.proxy_fraction,
             client_indices=given,
+            compact=bool(loaded.get("compact", False)),
+            accuracy_ignore=loaded.get("accuracy_ignore", ()),
             **({} if given is not None else partition_kwargs),
         )
     except ValueError as e:

@@ -11,7 +11,7 @@ bound from abstract shapes (``jax.eval_shape``: no array is allocated):
 * ``data``: the clients' arrays, the test set and the proxy set, which the
   run places on the device;
 * ``cohort``: one chunk of the round's gathered clients, ``chunk x
-  max_examples x features x 4`` bytes (+ labels);
+  max_examples x features x 4`` bytes (+ labels: T each with per-position targets);
 * ``clients``: what each client of a chunk trains at least, its own
   parameters and their gradient (``2 x`` the client model's bytes each).
 
@@ -111,7 +111,8 @@ def estimate(
     cap = largest if max_local_examples is None else min(max_local_examples, largest)
     chunk = min(client_chunk_size or clients_per_round, clients_per_round)
     features = math.prod(dataset.feature_shape)
-    cohort = chunk * max(cap, 1) * (features * 4 + 4 + 1)  # x float32, y int32, mask
+    labels = math.prod(dataset.target_shape)  # 1, or T per-position targets
+    cohort = chunk * max(cap, 1) * (features * 4 + 4 * labels + 1)  # x float32, y int32, mask
     clients = chunk * 2 * 4 * params  # each client's float32 params and their gradient
     schedule = chunk * max(epochs, 1) * max(cap, 1) * 8  # int32 order + float32 draw
     return Estimate(

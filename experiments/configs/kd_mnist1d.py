@@ -57,6 +57,14 @@ convergence?)::
 
     fedjax-kd sweep --config experiments/configs/kd_mnist1d.py:long \
         --workdir runs/kd_mnist1d_long --parallel 3
+
+and ``kd_mnist1d.py:long_compute`` (the same 200 rounds of FedAvg with
+E = 10 and 20 local epochs instead of 5: FedAvg given the extra local
+computation FedKD spends, to tell whether FedKD's gain is its distillation
+or its extra work)::
+
+    fedjax-kd sweep --config experiments/configs/kd_mnist1d.py:long_compute \
+        --workdir runs/kd_mnist1d_long_compute --parallel 3
 """
 
 import ml_collections
@@ -109,12 +117,14 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         c.eval_every = 1
         c.client.epochs = 1
         c.server.distill_steps = 2
-    elif variant == "long":
+    elif variant in ("long", "long_compute"):
         c.rounds = 200
         c.eval_every = 20
         c.data.alpha = 0.5
     elif variant not in (None, "settings"):
-        raise ValueError(f"unknown variant {variant!r} (known: smoke, settings, long)")
+        raise ValueError(
+            f"unknown variant {variant!r} (known: smoke, settings, long, long_compute)"
+        )
     return c
 
 
@@ -140,6 +150,8 @@ def get_sweep(variant: str | None = None) -> dict:
         return {"grid": SETTINGS, "seeds": [0, 1, 2]}
     if variant == "long":
         return {"grid": {"algorithm.name": ["fedavg", "fedntd", "fedkd"]}, "seeds": [0, 1, 2]}
+    if variant == "long_compute":  # FedAvg given more local work, towards FedKD's compute
+        return {"grid": {"client.epochs": [10, 20]}, "seeds": [0, 1, 2]}
     return {
         "grid": {"algorithm.name": ALGORITHMS, "data.alpha": [0.5] if smoke else ALPHAS},
         "seeds": [0] if smoke else [0, 1, 2],
