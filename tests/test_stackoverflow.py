@@ -225,3 +225,54 @@ def test_cli_label_partition_of_stackoverflow_is_one_error_line(tmp_path, capsys
     assert _run(tmp_path, "--config.stackoverflow.partition=dirichlet") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "per position" in err[0]
+
+
+def test_a_large_population_is_stored_ragged_and_trains_as_padded(tff_dir, monkeypatch):
+    """Above RAGGED_ABOVE_BYTES the users are stored back to back; a round is the same."""
+    import optax
+
+    from fedjax_kd import algorithms, models, simulate
+    from fedjax_kd.data import RaggedClientData, federated
+
+    padded = benchmarks.load("stackoverflow", str(tff_dir), vocab_size=5, seq_len=6)
+    monkeypatch.setattr(federated, "RAGGED_ABOVE_BYTES", 0)
+    ragged = benchmarks.load("stackoverflow", str(tff_dir), vocab_size=5, seq_len=6)
+    assert isinstance(ragged.train, RaggedClientData) and ragged.train.y.shape[1:] == (6,)
+    model = models.create("lstm-4-8", feature_shape=(6,), num_classes=9, per_position=True)
+    algo = algorithms.fed_avg(
+        model,
+        client_optimizer=optax.sgd(0.5),
+        server_optimizer=optax.sgd(1.0),
+        epochs=1,
+        batch_size=2,
+    )
+    runs = [
+        simulate.run(algo, ds, rounds=2, clients_per_round=2, eval_every=1, seed=0, progress=False)
+        for ds in (padded, ragged)
+    ]
+    for a, b in zip(*(jax_leaves(r.state) for r in runs), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert runs[0].history[-1]["test_accuracy"] == runs[1].history[-1]["test_accuracy"]
+
+
+def jax_leaves(tree):
+    import jax
+
+    return [np.asarray(leaf) for leaf in jax.tree.leaves(tree)]
+
+
+@pytest.mark.parametrize("fmt", ["tff", "fedjax"])
+def test_a_file_without_tokens_is_named(tmp_path, fmt):
+    if fmt == "tff":
+        write_tff(tmp_path)
+        with h5py.File(tmp_path / "stackoverflow_train.h5", "a") as f:
+            del f[f"examples/{sorted(TRAIN)[0]}/tokens"]
+        name = "stackoverflow_train.h5"
+    else:
+        write_fedjax(tmp_path)
+        clients = [("u1", {"title": np.array([b"t"], dtype=object)})]
+        (tmp_path / "stackoverflow_train.sqlite").unlink()
+        write_fedjax_sqlite(tmp_path / "stackoverflow_train.sqlite", clients)
+        name = "stackoverflow_train.sqlite"
+    with pytest.raises(CorruptFile, match=f"{name}: client .* has no feature 'tokens'"):
+        benchmarks.load("stackoverflow", str(tmp_path), format=fmt, vocab_size=3)
