@@ -178,12 +178,19 @@ def _targets_valid(batch: dict, valid: jax.Array) -> jax.Array:
 
     With labels ``batch["y"]`` of shape ``[B, T]`` (next-token targets) it is
     the ``[B, T]`` mask of real targets (:func:`fedjax_kd.losses.target_mask`:
-    padding positions carry no loss); otherwise ``valid`` itself.
+    padding positions carry no loss). Without labels but with per-position
+    ``batch["targets"]`` (``[B, T, C]``: a public set of sequences, FedMD's
+    and DS-FL's digest) it is ``valid`` over every position, ``[B, T]``, so
+    the monitoring loss is a mean over positions too. Otherwise ``valid``.
     """
     y = batch.get("y")
-    if y is None or y.ndim == valid.ndim:
-        return valid
-    return losses.target_mask(y, valid)
+    if y is not None:
+        return valid if y.ndim == valid.ndim else losses.target_mask(y, valid)
+    targets = batch.get("targets")
+    if targets is not None and targets.ndim > valid.ndim + 1:
+        shape = targets.shape[:-1]
+        return jnp.broadcast_to(valid.reshape(valid.shape + (1,) * (len(shape) - 1)), shape)
+    return valid
 
 
 def _tree_sq_norm(tree: Params) -> jax.Array:

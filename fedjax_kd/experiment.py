@@ -715,7 +715,7 @@ def _check_inputs(name: str, dataset: FederatedDataset, key: str) -> None:
     if spec.inputs == "tokens" and not tokens:
         raise ConfigError(
             f"config key '{key}': {name} takes int32 token ids, and {dataset.name} holds "
-            f"{dataset.train.x.dtype} features (token datasets: shakespeare)"
+            f"{dataset.train.x.dtype} features (token datasets: shakespeare, stackoverflow)"
         )
 
 
@@ -759,13 +759,17 @@ def _create_model(name: str, dataset: FederatedDataset, key: str):
         if not user:
             raise
         raise ConfigError(f"config key '{key}': {name} raised {type(e).__name__}: {e}") from None
-    if user and dataset.target_shape:
+    if dataset.target_shape:
         _check_per_position(model, dataset, key)
     return model
 
 
 def _check_per_position(model, dataset: FederatedDataset, key: str) -> None:
-    """ConfigError unless a user's model gives ``[B, T, C]`` logits for per-position targets."""
+    """ConfigError unless a model gives ``[B, T, C]`` logits for per-position targets.
+
+    A user's model may not predict per position; a built-in sequence model
+    does, but over the inputs' length, which must be the targets'.
+    """
     x = jax.ShapeDtypeStruct((2, *dataset.feature_shape), dataset.train.x.dtype)
     try:
         params = jax.eval_shape(model.init, jax.random.key(0))

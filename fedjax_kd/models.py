@@ -222,7 +222,9 @@ class CharLSTM(nnx.Module):
     bias 0) and scanned over time; token ids index the embedding (vocabulary
     = the number of classes, as in next-token tasks). With ``per_position``
     the head runs on every step's output: logits ``[B, T, V]`` for
-    per-position targets (TFF's Shakespeare and StackOverflow tasks).
+    per-position targets (StackOverflow's next word; TFF's Shakespeare task
+    is per position too, but this project's Shakespeare loader builds LEAF's
+    one-target windows).
     """
 
     def __init__(self, vocab: int, embed: int, widths: Sequence[int], *, per_position=False, rngs):

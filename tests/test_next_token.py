@@ -374,6 +374,14 @@ USER_MODULE = textwrap.dedent(
         return _load(seed, np.float32, False)
 
 
+    def load_short_targets(seed=0):
+        rng = np.random.default_rng(seed)
+        (x, y), (xt, yt) = _arrays(60, rng, np.int32), _arrays(10, rng, np.int32)
+        return data.from_arrays(
+            x, y[:, :-1], xt, yt[:, :-1], num_clients=6, num_classes=V, compact=True
+        )
+
+
     def load_dict(seed=0):
         rng = np.random.default_rng(seed)
         (x, y), (xt, yt) = _arrays(120, rng, np.int32), _arrays(30, rng, np.int32)
@@ -483,3 +491,35 @@ def test_unknown_keys_of_a_loader_dict_are_one_error_line(capsys, user_module, n
     assert cli.main(argv) == 2
     line = one_error_line(capsys.readouterr().err)
     assert "returned unknown keys ['acuracy_ignore']" in line
+
+
+def test_inputs_longer_than_the_targets_are_one_error_line(capsys, user_module, no_run):
+    """A built-in sequence model predicts at every input position: T inputs need T targets."""
+    argv = ["run", *TINY, f"--config.data.name={user_module}:load_short_targets"]
+    assert cli.main(argv) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"gives logits of shape (2, {T}, {V})" in line and f"must give (2, {T - 1}, {V})" in line
+
+
+def test_public_set_monitoring_loss_is_a_mean_over_positions():
+    """FedMD's / DS-FL's digest on public sequences: uniform logits against soft
+    targets give soft cross-entropy log C at every position, so the mean is log C
+    (a sum over positions would be T log C)."""
+    from fedjax_kd.algorithms.personal import target_loss
+
+    def apply(params, x):
+        return jnp.zeros((*x.shape, V)) + 0.0 * params["w"]
+
+    p, num = 6, 8
+    targets = jax.nn.softmax(jax.random.normal(jax.random.key(0), (num, T, V)), -1)
+    _, metrics = client.local_train(
+        target_loss(apply, losses.soft_cross_entropy),
+        {"w": jnp.zeros(())},
+        optax.sgd(0.1),
+        {"x": jnp.ones((num, T), jnp.int32), "targets": targets},
+        jnp.asarray(p),
+        jax.random.key(1),
+        epochs=1,
+        batch_size=4,
+    )
+    np.testing.assert_allclose(float(metrics["train_loss"]), math.log(V), rtol=1e-6)

@@ -276,3 +276,36 @@ def test_a_file_without_tokens_is_named(tmp_path, fmt):
         name = "stackoverflow_train.sqlite"
     with pytest.raises(CorruptFile, match=f"{name}: client .* has no feature 'tokens'"):
         benchmarks.load("stackoverflow", str(tmp_path), format=fmt, vocab_size=3)
+
+
+def test_empty_words_and_posts_are_out_of_vocabulary():
+    """Splitting on single spaces, as tf.strings.split(sep=' '): "" is a word, never a known one."""
+    x, y = benchmarks.stackoverflow_tokens(["a  b", ""], ["a", "b"], 5)
+    # "a", "", "b" -> 3, OOV 5, 4; the empty post is one empty word.
+    np.testing.assert_array_equal(x, [[1, 3, 5, 4, 0], [1, 5, 0, 0, 0]])
+    np.testing.assert_array_equal(y, [[3, 5, 4, 2, -1], [5, 2, -1, -1, -1]])
+    assert benchmarks.counted_vocabulary(["a  b", "", "b"], 5) == ["b", "a"]
+
+
+def test_a_shorter_vocabulary_keeps_the_oov_id_of_vocab_size(tmp_path):
+    write_tff(tmp_path)
+    (tmp_path / "stackoverflow.word_count").write_text("a 9\nlist 5\n")
+    ds = benchmarks.load("stackoverflow", str(tmp_path), vocab_size=4, seq_len=12)
+    assert ds.num_classes == 8 and ds.accuracy_ignore == (2, 7)
+    _, y = client_rows(ds, 0)
+    want = expected(TRAIN[sorted(TRAIN)[0]], ["a", "list"], 12)[1]
+    np.testing.assert_array_equal(y, np.where(want == 5, 7, want))  # OOV 3 + 2 -> 3 + 4
+
+
+def test_fedjax_max_clients_reads_only_those_users(tmp_path):
+    write_fedjax(tmp_path)
+    ds = benchmarks.load("stackoverflow", str(tmp_path), format="fedjax", max_clients=2)
+    first = list(TRAIN)[:2]  # FedJAX keeps the file's row order
+    assert ds.num_clients == 2
+    assert len(ds.test_y) == sum(len(TEST.get(c, [])) for c in first)
+
+
+def test_users_without_test_posts_are_one_clear_error(tmp_path):
+    write_tff(tmp_path, test={"99999999": ["other user"]})
+    with pytest.raises(CorruptFile, match="none of the 1 users read has test posts"):
+        benchmarks.load("stackoverflow", str(tmp_path), max_clients=1)

@@ -7,9 +7,10 @@ kinds:
 * **Pooled** (``mnist``, ``fashion_mnist``, ``emnist``, ``cifar10``,
   ``cifar100``, ``mnist1d``): the standard train/test split; any partitioner
   (``data.partition``) splits the training part over ``data.num_clients``.
-* **Natural** (``femnist``, ``shakespeare``, ``cifar100_fed``): the files'
-  own clients are the clients (``<name>.partition=natural``, the default), or
-  their pooled training data is re-partitioned by a partitioner. Their test
+* **Natural** (``femnist``, ``shakespeare``, ``cifar100_fed``,
+  ``stackoverflow``): the files' own clients are the clients
+  (``<name>.partition=natural``, the default), or their pooled training data
+  is re-partitioned by a partitioner. Their test
   examples keep their client (``FederatedDataset.test_client``), so runs
   report per-client accuracy as the papers do. ``<name>.max_clients`` keeps
   the first clients (in the file's order) for a quick run.
@@ -299,7 +300,8 @@ def _to_pixels(x, source) -> np.ndarray:
 
 
 def _text_of(value) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+    """A stored string as text; bytes that are not UTF-8 stay distinct (surrogate escapes)."""
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else str(value)
 
 
 def _leaf_clients(directory: Path, split: str, task: str) -> list:
@@ -483,16 +485,19 @@ def stackoverflow_vocabulary(word_count_path, vocab_size: int) -> list[str]:
     first; the vocabulary is its first ``vocab_size`` words.
     """
     words = []
-    with open(word_count_path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if len(words) == vocab_size:
-                break
-            parts = line.split()
-            if len(parts) != 2 or not parts[1].isdigit():
-                raise files.CorruptFile(
-                    f"{word_count_path}: line {number} is not 'word count': {line.strip()!r}"
-                )
-            words.append(parts[0])
+    try:
+        with open(word_count_path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if len(words) == vocab_size:
+                    break
+                parts = line.split()
+                if len(parts) != 2 or not parts[1].isdigit():
+                    raise files.CorruptFile(
+                        f"{word_count_path}: line {number} is not 'word count': {line.strip()!r}"
+                    )
+                words.append(parts[0])
+    except (OSError, UnicodeDecodeError) as e:
+        raise files.CorruptFile(f"{word_count_path}: cannot be read ({e})") from None
     return words
 
 
@@ -504,7 +509,7 @@ def counted_vocabulary(sentences, vocab_size: int) -> list[str]:
     """
     from collections import Counter
 
-    counts = Counter(w for s in sentences for w in s.split(" "))
+    counts = Counter(w for s in sentences for w in s.split(" ") if w)  # "" is no word
     ranked = sorted(counts.items(), key=lambda wc: (-wc[1], wc[0]))
     return [w for w, _ in ranked[:vocab_size]]
 
@@ -567,6 +572,11 @@ def _stackoverflow_arrays(ctx: DataContext, directory: Path) -> dict:
     def parse():
         train = read(paths[0], limit=limit)
         test = read(paths[1], only=[cid for cid, _ in train] if limit else None)
+        if not test:
+            raise files.CorruptFile(
+                f"{paths[1]}: none of the {len(train)} users read has test posts "
+                "(raise stackoverflow.max_clients)"
+            )
         if word_count.exists():
             vocab = stackoverflow_vocabulary(word_count, hp["vocab_size"])
         else:

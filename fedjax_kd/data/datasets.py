@@ -147,7 +147,8 @@ def from_arrays(
     Args:
       x_train, y_train: ``[n, *feature_shape]`` features and ``[n]`` integer
         labels, or ``[n, T]`` per-position targets of a next-token task (``-1``
-        where a position has none; partition ``iid`` only, no stratification).
+        where a position has none; partitions ``iid`` and ``quantity`` only,
+        which use the lengths, and no stratified proxy set).
       x_test, y_test: the centralized test set.
       name: the dataset's name in reports.
       num_classes: number of classes (default ``max(label) + 1``).
@@ -189,10 +190,10 @@ def from_arrays(
         raise ValueError(
             f"labels must lie in [0, {num_classes})" + " (or be -1: no target)" * per_position
         )
-    if per_position and client_indices is None and partition != "iid":
+    if per_position and client_indices is None and partition not in ("iid", "quantity"):
         raise ValueError(
             f"partition {partition!r} splits by label, and the targets are per position "
-            "(a next-token task): use partition iid or the dataset's own clients"
+            "(a next-token task): use partition iid or quantity, or the dataset's own clients"
         )
     proxy_x = None
     if client_indices is not None:
@@ -227,7 +228,7 @@ def from_arrays(
         test_y=y_test,
         num_classes=num_classes,
         proxy_x=proxy_x,
-        accuracy_ignore=tuple(int(t) for t in accuracy_ignore),
+        accuracy_ignore=accuracy_ignore,
     )
 
 

@@ -435,9 +435,15 @@ def check_cohort(cohort) -> None:
 RAGGED_ABOVE_BYTES = 2**30
 
 
-def padded_nbytes(x, num_clients: int, length: int) -> int:
-    """Bytes of ``num_clients`` clients' features padded to ``length`` examples each."""
+def padded_nbytes(x, num_clients: int, length: int, y=None) -> int:
+    """Bytes of ``num_clients`` clients' features padded to ``length`` examples each.
+
+    With per-position labels ``y`` (``[n, T]``) their int32 targets count too
+    (they are as large as token inputs); a label per example is not counted.
+    """
     per_example = int(np.prod(np.shape(x)[1:], dtype=np.int64)) * feature_dtype(x).itemsize
+    if y is not None and np.ndim(y) > 1:
+        per_example += 4 * int(np.prod(np.shape(y)[1:], dtype=np.int64))
     return num_clients * length * per_example
 
 
@@ -446,7 +452,7 @@ def pack_auto(x: np.ndarray, y: np.ndarray, client_indices: Sequence[np.ndarray]
     :data:`RAGGED_ABOVE_BYTES` (heavy-tailed client sizes); ``kwargs`` go to
     ``pack_ragged`` (``in_place``)."""
     largest = max((len(i) for i in client_indices), default=0)
-    if padded_nbytes(x, len(client_indices), largest) > RAGGED_ABOVE_BYTES:
+    if padded_nbytes(x, len(client_indices), largest, y) > RAGGED_ABOVE_BYTES:
         return pack_ragged(x, y, client_indices, **kwargs)
     return pack(x, y, client_indices)
 
@@ -504,7 +510,7 @@ def pack(
         raise ValueError(f"pad_to={pad_to} is smaller than the largest client ({max_size}).")
     num_clients = len(indices)
     dtype = feature_dtype(x)
-    padded_bytes = padded_nbytes(x, num_clients, n)
+    padded_bytes = padded_nbytes(x, num_clients, n, y)
     if padded_bytes > max_bytes:
         raise ValueError(
             f"padded client arrays would take {padded_bytes / 2**30:.1f} GiB ({num_clients} "
@@ -596,6 +602,13 @@ class FederatedDataset:
 
     def __post_init__(self):
         """Checks dtypes and shapes so that a malformed dataset fails early."""
+        try:
+            ignore = tuple(int(t) for t in self.accuracy_ignore)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"accuracy_ignore must be a sequence of target ids, got {self.accuracy_ignore!r}"
+            ) from None
+        object.__setattr__(self, "accuracy_ignore", ignore)  # frozen: a hashable tuple
         dtype = np.dtype(self.train.x.dtype)
         if dtype not in FEATURE_DTYPES:
             raise ValueError(f"train.x must be float32, uint8 or int32, got {dtype}.")

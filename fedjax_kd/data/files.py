@@ -259,13 +259,21 @@ def read_fedjax_sqlite(
     import msgpack
 
     path = Path(path)
-    query = "SELECT client_id, data, num_examples FROM federated_data ORDER BY rowid"
+    query = "SELECT client_id, data, num_examples FROM federated_data"
+    args: tuple = ()
+    if only is not None:
+        # Only the rows asked for are fetched (StackOverflow's test file of 204k users).
+        wanted_ids = [str(c).encode() for c in only]
+        db_ids = ",".join("?" * len(wanted_ids))
+        query += f" WHERE client_id IN ({db_ids}) OR CAST(client_id AS TEXT) IN ({db_ids})"
+        args = (*wanted_ids, *(c.decode() for c in wanted_ids))
+    query += " ORDER BY rowid"
     if limit:
         query += f" LIMIT {int(limit)}"
     try:
         # A file: URI (read-only), percent-encoded so '#', '?' or '%' in the path stay the path.
         with sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True) as db:
-            rows = db.execute(query).fetchall()
+            rows = db.execute(query, args).fetchall() if args or only is None else []
     except sqlite3.Error as e:
         raise CorruptFile(f"{path}: not a FedJAX SQLite file ({e})") from None
     wanted = None if only is None else set(only)
@@ -303,7 +311,9 @@ def read_tff_h5(
       features: read only these features (default all).
 
     Raises:
-      CorruptFile: not an HDF5 file, or no ``examples`` group.
+      CorruptFile: not an HDF5 file, no ``examples`` group, a client that is
+        not a group, a feature that is not an array, or a requested feature
+        missing.
     """
     import h5py
 
@@ -318,7 +328,7 @@ def read_tff_h5(
             for cid in ids[:limit] if limit else ids:
                 if not isinstance(group[cid], h5py.Group):
                     raise CorruptFile(f"{path}: examples/{cid} is not a client group")
-                items = group[cid].items()
+                items = list(group[cid].items())
                 if features is not None:
                     missing = set(features) - set(group[cid])
                     if missing:
@@ -326,6 +336,9 @@ def read_tff_h5(
                             f"{path}: client {cid!r} has no feature {sorted(missing)[0]!r}"
                         )
                     items = [(n, group[cid][n]) for n in features]
+                for name, data in items:
+                    if not isinstance(data, h5py.Dataset):
+                        raise CorruptFile(f"{path}: examples/{cid}/{name} is not an array")
                 clients.append((cid, {name: np.asarray(data[()]) for name, data in items}))
             return clients
     except OSError as e:
