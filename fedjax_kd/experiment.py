@@ -36,6 +36,7 @@ from fedjax_kd import (
     models,
     optimizers,
     resources,
+    robust,
     simulate,
 )
 from fedjax_kd import data as data_lib
@@ -482,6 +483,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
         ("server.b1", 0 <= c.server.b1 < 1, "in [0, 1)"),
         ("server.b2", 0 <= c.server.b2 < 1, "in [0, 1)"),
         ("server.eps", c.server.eps > 0, "> 0"),
+        ("server.trim_beta", 0 <= c.server.trim_beta < 0.5, "in [0, 0.5)"),
+        ("server.krum_f", c.server.krum_f >= 0, ">= 0"),
+        ("server.multi_krum_m", c.server.multi_krum_m >= 0, ">= 0 (0 = K - f)"),
+        ("server.norm_bound", c.server.norm_bound > 0, "> 0"),
+        ("server.clip_tau", c.server.clip_tau > 0, "> 0"),
+        ("server.clip_iters", c.server.clip_iters >= 1, ">= 1"),
+        ("attack.fraction", 0 <= c.attack.fraction < 1, "in [0, 1)"),
+        ("attack.noise_std", c.attack.noise_std >= 0, ">= 0"),
     ]
     flat = _flatten(c)
     for key, value in flat.items():  # integers size int32 arrays and loops
@@ -503,6 +512,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for other in specs.values():  # every namespace in the config, whichever runs
         _check_hypers(other, flat)
     _choice(c, "server.optimizer", optimizers.SERVER_OPTIMIZERS)
+    _choice(c, "server.aggregator", robust.AGGREGATORS)
+    _choice(c, "attack.kind", robust.ATTACKS)
     for key in ("model.student", "model.teacher"):
         _check_model_name(flat[key], key)
     for name in _group_names(c):
@@ -531,6 +542,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"config key 'client.straggler_fraction': {c.client.straggler_fraction} of "
             f"{c.clients_per_round} clients per round would drop every client "
             "(client.drop_stragglers=true); lower it"
+        )
+    misbehaving = c.attack.kind != "none" and c.attack.fraction > 0
+    if (c.server.aggregator != "mean" or misbehaving) and not spec.robust:
+        with_robust = [s.name for s in algorithms.SPECS.values() if s.robust]
+        key = "server.aggregator" if c.server.aggregator != "mean" else "attack.kind"
+        raise ConfigError(
+            f"config key '{key}': algorithm '{name}' aggregates no client updates this way; "
+            f"robust aggregation and attacks work with {', '.join(with_robust)}"
+        )
+    if misbehaving and round(c.attack.fraction * c.clients_per_round) == 0:
+        raise ConfigError(
+            f"config key 'attack.fraction': {c.attack.fraction} of {c.clients_per_round} "
+            "clients per round rounds to no attacker; raise it"
         )
     groups = len(_group_names(c))
     if groups > 1 and not spec.groups:
@@ -842,6 +866,7 @@ def build_algorithm(
             distill_steps=s.distill_steps,
             distill_batch_size=s.distill_batch_size,
         ),
+        robust=_robust_arguments(config, dataset) if spec.robust else {},
     )
     _check_vocabulary(run_models, dataset)
     try:
@@ -883,6 +908,8 @@ def _check_memory(
         max_local_examples=c.client.max_examples or None,
         epochs=c.client.epochs,
         init_key=simulate.seed_keys(c.seed)[0],
+        stacked_updates=c.server.aggregator != "mean"
+        or (c.attack.kind != "none" and c.attack.fraction > 0),
     )
     free, where = resources.available_memory()
     if free is not None and parallel > 1 and need.total * parallel > free:
@@ -901,11 +928,44 @@ def _check_memory(
             f"{where} (model {model}: {need.params:,} params; algorithm state "
             f"{b(need.state)}, data {b(need.data)}, cohort chunk {b(need.cohort)}, "
             f"{chunk} clients training {b(need.clients)}, their schedule of "
-            f"{c.client.epochs} epochs {b(need.schedule)}); use a smaller model, fewer "
+            f"{c.client.epochs} epochs {b(need.schedule)}"
+            + (
+                f", the round's {c.clients_per_round} updates {b(need.stacked)}"
+                if need.stacked
+                else ""
+            )
+            + "); use a smaller model, fewer "
             "epochs or fewer clients at once (clients_per_round, client_chunk_size, "
             "client.max_examples)"
         )
     return need
+
+
+def _robust_arguments(config: ml_collections.ConfigDict, dataset: FederatedDataset) -> dict:
+    """``aggregator`` and ``attack`` of ``server.aggregator`` and ``attack.*`` (None: default)."""
+    s, a = config.server, config.attack
+    aggregator = None
+    if s.aggregator != "mean":
+        aggregator = robust.make_aggregator(
+            s.aggregator,
+            trim_beta=s.trim_beta,
+            krum_f=s.krum_f,
+            multi_krum_m=s.multi_krum_m,
+            norm_bound=s.norm_bound,
+            clip_tau=s.clip_tau,
+            clip_iters=s.clip_iters,
+        )
+    attack = None
+    if a.kind != "none" and a.fraction > 0:
+        attack = robust.Attack(
+            kind=a.kind,
+            fraction=a.fraction,
+            scale=a.scale,
+            noise_std=a.noise_std,
+            epsilon=a.epsilon,
+            num_classes=dataset.num_classes,
+        )
+    return {"aggregator": aggregator, "attack": attack}
 
 
 #: Config keys a checkpointed run may change when it resumes: its length (a larger

@@ -44,6 +44,9 @@ class Estimate(NamedTuple):
       schedule: bytes of the chunk's local-training schedule: every epoch's
         order of every client's examples (an int32 position and the float32
         draw that sorts it, per example and epoch).
+      stacked: bytes of the round's K updates held at once (a robust
+        aggregator or an attack that reads them: ``K x`` the model's float32
+        bytes), 0 for the running sum of FedAvg's mean.
     """
 
     params: int
@@ -52,11 +55,13 @@ class Estimate(NamedTuple):
     cohort: int
     clients: int
     schedule: int = 0
+    stacked: int = 0
 
     @property
     def total(self) -> int:
         """All parts together."""
-        return self.state + self.data + self.cohort + self.clients + self.schedule
+        parts = self.state + self.data + self.cohort + self.clients + self.schedule
+        return parts + self.stacked
 
 
 def tree_bytes(tree) -> int:
@@ -84,6 +89,7 @@ def estimate(
     max_local_examples: int | None = None,
     epochs: int = 1,
     init_key: jax.Array | None = None,
+    stacked_updates: bool = False,
 ) -> Estimate:
     """The memory a run of ``algorithm`` on ``dataset`` needs at least, from shapes.
 
@@ -98,6 +104,8 @@ def estimate(
       max_local_examples: per-round cap on a client's examples (None: the largest client).
       epochs: local epochs (each client's schedule holds every epoch's order).
       init_key: the key ``init`` is traced with (default ``jax.random.key(0)``).
+      stacked_updates: the round keeps its K updates at once (robust
+        aggregation, :mod:`fedjax_kd.robust`).
     """
     key = jax.random.key(0) if init_key is None else init_key
     state = tree_bytes(jax.eval_shape(algorithm.init, key))
@@ -115,8 +123,15 @@ def estimate(
     cohort = chunk * max(cap, 1) * (features * 4 + 4 * labels + 1)  # x float32, y int32, mask
     clients = chunk * 2 * 4 * params  # each client's float32 params and their gradient
     schedule = chunk * max(epochs, 1) * max(cap, 1) * 8  # int32 order + float32 draw
+    stacked = clients_per_round * 4 * params if stacked_updates else 0
     return Estimate(
-        params=params, state=state, data=data, cohort=cohort, clients=clients, schedule=schedule
+        params=params,
+        state=state,
+        data=data,
+        cohort=cohort,
+        clients=clients,
+        schedule=schedule,
+        stacked=stacked,
     )
 
 

@@ -84,6 +84,8 @@ class BuildContext(NamedTuple):
       stragglers: ``straggler_fraction``, ``drop_stragglers``.
       distill: ``distill_optimizer``, ``distill_steps``, ``distill_batch_size``
         (the server's ensemble distillation, ``server.distill_*``).
+      robust: ``aggregator`` and ``attack`` (``server.aggregator``,
+        ``attack.*``: :mod:`fedjax_kd.robust`), for specs with ``robust=True``.
     """
 
     hp: dict
@@ -96,6 +98,7 @@ class BuildContext(NamedTuple):
     personal: dict
     stragglers: dict
     distill: dict
+    robust: dict = {}  # noqa: RUF012 (read-only, never mutated)
 
 
 def _never(config) -> bool:
@@ -127,6 +130,8 @@ class AlgorithmSpec:
         server's proxy set (``data.proxy_fraction > 0``).
       groups: accepts heterogeneous architecture groups (``model.student_groups``).
       stragglers: supports FedProx's stragglers (``client.straggler_fraction``).
+      robust: takes a robust aggregator and attacks (``server.aggregator``,
+        ``attack.*``; its build passes ``**ctx.robust``).
       teacher: builds ``model.teacher`` (a teacher, a mentor).
       rounds_dependent: ``rounds_dependent(config) -> bool``: whether this
         run's schedule spans ``rounds`` (then a finished run cannot be
@@ -144,6 +149,7 @@ class AlgorithmSpec:
     needs_proxy: Callable[[Any], bool] = _never
     groups: bool = False
     stragglers: bool = False
+    robust: bool = False
     teacher: bool = False
     rounds_dependent: Callable[[Any], bool] = _never
     per_client_state: bool = False
@@ -158,6 +164,7 @@ class AlgorithmSpec:
         flags = {
             "groups": self.groups,
             "stragglers": self.stragglers,
+            "robust aggregation, attacks": self.robust,
             "teacher": self.teacher,
             "per-client state": self.per_client_state,
             "a schedule over the run's length (see its keys)": self.rounds_dependent is not _never,

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_kd import aggregate
+from fedjax_kd import aggregate, robust
 from fedjax_kd.client import ClientUpdateFn, make_client_update
 from fedjax_kd.cohort import ClientStore
 from fedjax_kd.compress import tree_bytes
@@ -50,6 +50,8 @@ def fed_avg(
     uniform_weighting: bool = False,
     straggler_fraction: float = 0.0,
     drop_stragglers: bool = False,
+    aggregator: robust.Aggregator | None = None,
+    attack: robust.Attack | None = None,
 ) -> FederatedAlgorithm:
     """Builds FedAvg.
 
@@ -66,6 +68,11 @@ def fed_avg(
         the module docstring); 0 = none.
       drop_stragglers: drop stragglers instead of aggregating their partial
         work.
+      aggregator: a robust aggregation rule
+        (:func:`fedjax_kd.robust.make_aggregator`); None = the weighted mean
+        as a running sum.
+      attack: malicious clients' behaviour (:class:`fedjax_kd.robust.Attack`);
+        None = every client honest.
 
     Returns:
       A :class:`~fedjax_kd.types.FederatedAlgorithm`.
@@ -81,6 +88,8 @@ def fed_avg(
         epochs=epochs,
         straggler_fraction=straggler_fraction,
         drop_stragglers=drop_stragglers,
+        aggregator=aggregator,
+        attack=attack,
     )
 
 
@@ -109,6 +118,8 @@ def straggler_epochs(
 #: ``fold_in(key, 1)`` (teacher_student's and FedDF's distillation);
 #: FedAvg, FedProx and FedNTD draw stragglers from ``fold_in(key, 1)``.
 STRAGGLER_STREAM = 0x57A6
+#: Stream of the attackers' draw (and the noise attack) in the FedAvg family.
+ATTACK_STREAM = 0xA77C
 
 
 def client_inputs(
@@ -193,6 +204,9 @@ def fedavg_step(
     store: ClientStore | None = None,
     uplink: Transform | None = None,
     downlink: Transform | None = None,
+    aggregator: robust.Aggregator | None = None,
+    attack: robust.Attack | None = None,
+    attack_key: jax.Array | None = None,
 ) -> FedAvgStep:
     """The FedAvg family's server side, written once: train, sum, divide, step, count.
 
@@ -235,9 +249,33 @@ def fedavg_step(
         the server applies what it broadcasts (so every client's replica
         equals the server's params) and the downlink counts its bytes
         instead of the params'.
+      aggregator: optional :class:`~fedjax_kd.robust.Aggregator` (median,
+        trimmed mean, Krum, ...) in place of the weighted mean. A robust one
+        keeps the round's K updates (as received) at once, ``K x`` the
+        model's bytes, instead of the running sum of chunks.
+      attack: optional :class:`~fedjax_kd.robust.Attack`: ``round(fraction
+        * K)`` cohort clients, drawn from ``attack_key``, upload attacked
+        updates (label flipping poisons their training data instead); the
+        updates are then kept stacked too.
+      attack_key: the round's key of the attackers' draw and of the noise attack.
     """
 
+    attacking = attack is not None and attack.active
+    stacked = attacking or (aggregator is not None and aggregator.stacked)
+    if attacking:
+        if attack_key is None:
+            raise ValueError("an attack needs the round's attack_key")
+        inputs = {
+            **inputs,
+            "malicious": robust.malicious_rows(
+                jax.random.fold_in(attack_key, 0), cohort.size, attack.fraction
+            ),
+        }
+
     def one_client(client, inputs_k, state_k):
+        if attacking and attack.kind == "label_flip":
+            flipped = robust.flip_labels(client.y, attack.num_classes)
+            client = client._replace(y=jnp.where(inputs_k["malicious"], flipped, client.y))
         targets = None if targets_fn is None else targets_fn(client.x)
         count = client.count
         if "active" in inputs_k:
@@ -281,6 +319,9 @@ def fedavg_step(
         if uplink is not None:
             sums["weighted_delta"] = weighted_sent
         per_client = {"weight": out.weight, "uplink": up, "metrics": out.metrics}
+        if stacked:  # every update as received, and its aggregation weight
+            per_client["delta"] = sent if uplink is not None else out.delta
+            per_client["agg_weight"] = jnp.where(valid, terms["weight"], 0.0)
         if store is not None:
             sums["state_nonfinite"] = jnp.sum(
                 jnp.where(valid, ~jax.vmap(aggregate.tree_all_finite)(out.state), False)
@@ -291,7 +332,16 @@ def fedavg_step(
     new_store, sums, per_client = aggregate.scan_over_chunks(
         chunk_fn, cohort, inputs, store, scan_one=False
     )
-    delta = aggregate.divide(sums["weighted_delta"], sums["weight"])
+    if stacked:
+        deltas, weights = per_client.pop("delta"), per_client.pop("agg_weight")
+        if attacking:
+            deltas = robust.attack_deltas(
+                attack, deltas, weights, inputs["malicious"], jax.random.fold_in(attack_key, 1)
+            )
+        rule = aggregator if aggregator is not None else robust.make_aggregator("mean")
+        delta = rule.fn(deltas, weights)
+    else:
+        delta = aggregate.divide(sums["weighted_delta"], sums["weight"])
     updates, new_opt_state = server_optimizer.update(delta, opt_state, params)
     if downlink is None:
         down = tree_bytes(params)  # the params travel dense
@@ -341,6 +391,8 @@ def from_client_update(
     epochs: int | None = None,
     straggler_fraction: float = 0.0,
     drop_stragglers: bool = False,
+    aggregator: robust.Aggregator | None = None,
+    attack: robust.Attack | None = None,
 ) -> FederatedAlgorithm:
     """FedAvg around any ``client_update`` (FedProx, FedNTD): :func:`fedavg_step` each round.
 
@@ -357,8 +409,13 @@ def from_client_update(
         (:func:`straggler_epochs`); 0 = none, and the round is unchanged.
       drop_stragglers: stragglers are dropped (no training, weight 0, no
         uplink) instead of sending ``U{1..E-1}`` epochs of partial work.
+      aggregator, attack: robust aggregation and malicious clients
+        (:func:`fedavg_step`); the attackers are drawn from
+        ``fold_in(key, ATTACK_STREAM)``.
     """
     check_stragglers(straggler_fraction, epochs)
+    if attack is not None:
+        robust.check_attack(attack)
 
     def init(key: jax.Array) -> ServerState:
         params = model.init(key)
@@ -383,6 +440,9 @@ def from_client_update(
             server_optimizer=server_optimizer,
             uniform_weighting=uniform_weighting,
             targets_fn=None if targets_fn is None else functools.partial(targets_fn, state.params),
+            aggregator=aggregator,
+            attack=attack,
+            attack_key=jax.random.fold_in(key, ATTACK_STREAM),
         )
         metrics = {
             "train_loss": train_loss(step.sums),
@@ -401,7 +461,7 @@ def from_client_update(
 
 
 def _build(ctx: BuildContext) -> FederatedAlgorithm:
-    return fed_avg(ctx.student, **ctx.stragglers, **ctx.common)
+    return fed_avg(ctx.student, **ctx.stragglers, **ctx.common, **ctx.robust)
 
 
 #: How the experiment layer builds FedAvg (``algorithm.name=fedavg``).
@@ -410,4 +470,5 @@ SPEC = AlgorithmSpec(
     help="FedAvg (McMahan et al. 2017); FedAvgM/FedAdam/FedYogi/FedAdagrad via server.optimizer",
     build=_build,
     stragglers=True,
+    robust=True,
 )

@@ -52,6 +52,8 @@ def fed_ntd(
     uniform_weighting: bool = False,
     straggler_fraction: float = 0.0,
     drop_stragglers: bool = False,
+    aggregator=None,
+    attack=None,
 ) -> FederatedAlgorithm:
     """Builds FedNTD.
 
@@ -66,6 +68,8 @@ def fed_ntd(
       uniform_weighting: average deltas uniformly instead of by example count.
       straggler_fraction: fraction of each cohort that are stragglers.
       drop_stragglers: drop stragglers instead of keeping their partial work.
+      aggregator, attack: robust aggregation and malicious clients, as for
+        :func:`fedjax_kd.algorithms.fed_avg`.
     """
     if beta < 0 or tau <= 0:
         raise ValueError(f"FedNTD needs beta >= 0 and tau > 0, got beta={beta}, tau={tau}")
@@ -88,6 +92,8 @@ def fed_ntd(
         epochs=epochs,
         straggler_fraction=straggler_fraction,
         drop_stragglers=drop_stragglers,
+        aggregator=aggregator,
+        attack=attack,
     )
 
 
@@ -98,6 +104,7 @@ def _build(ctx: BuildContext) -> FederatedAlgorithm:
         tau=ctx.hp["temperature"],
         **ctx.stragglers,
         **ctx.common,
+        **ctx.robust,
     )
 
 
@@ -112,4 +119,5 @@ SPEC = AlgorithmSpec(
         "temperature": Hyper(1.0, "distillation temperature tau", **positive()),
     },
     stragglers=True,
+    robust=True,
 )

@@ -30,11 +30,14 @@ def fed_prox(
     uniform_weighting: bool = False,
     straggler_fraction: float = 0.0,
     drop_stragglers: bool = False,
+    aggregator=None,
+    attack=None,
 ) -> FederatedAlgorithm:
     """Builds FedProx with proximal weight ``mu >= 0``.
 
-    Other arguments are those of :func:`fedjax_kd.algorithms.fed_avg`; the
-    paper's FedProx keeps stragglers' partial work (``drop_stragglers=False``).
+    Other arguments (stragglers, ``aggregator``, ``attack``) are those of
+    :func:`fedjax_kd.algorithms.fed_avg`; the paper's FedProx keeps
+    stragglers' partial work (``drop_stragglers=False``).
     """
     if mu < 0:
         raise ValueError(f"FedProx mu must be >= 0, got {mu}")
@@ -49,11 +52,13 @@ def fed_prox(
         epochs=epochs,
         straggler_fraction=straggler_fraction,
         drop_stragglers=drop_stragglers,
+        aggregator=aggregator,
+        attack=attack,
     )
 
 
 def _build(ctx: BuildContext) -> FederatedAlgorithm:
-    return fed_prox(ctx.student, mu=ctx.hp["mu"], **ctx.stragglers, **ctx.common)
+    return fed_prox(ctx.student, mu=ctx.hp["mu"], **ctx.stragglers, **ctx.common, **ctx.robust)
 
 
 #: How the experiment layer builds FedProx (``algorithm.name=fedprox``, keys ``fedprox.*``).
@@ -64,4 +69,5 @@ SPEC = AlgorithmSpec(
     build=_build,
     hypers={"mu": Hyper(0.01, "proximal weight mu of (mu/2) ||w - w_global||^2", **at_least(0))},
     stragglers=True,
+    robust=True,
 )

@@ -126,4 +126,23 @@ def get_config() -> ml_collections.ConfigDict:
     c.server.distill_lr = 1e-3
     c.server.distill_batch_size = 128
     c.server.distill_temperature = 1.0
+    # Robust aggregation for the FedAvg family (fedavg, fedprox, fedntd):
+    # mean | median | trimmed_mean | krum | multi_krum | norm_bound | centered_clip.
+    # Every rule but mean keeps the round's K updates at once (K x the model).
+    c.server.aggregator = "mean"
+    c.server.trim_beta = 0.1  # trimmed_mean: drop this fraction at each end
+    c.server.krum_f = 1  # krum, multi_krum: the attackers assumed
+    c.server.multi_krum_m = 0  # multi_krum: updates averaged (0 = K - f)
+    c.server.norm_bound = 1.0  # norm_bound: the L2 bound M of each update
+    c.server.clip_tau = 1.0  # centered_clip: the radius tau
+    c.server.clip_iters = 3  # centered_clip: iterations
+
+    # Malicious clients (the FedAvg family): round(fraction * K) of each cohort
+    # attack: none | sign_flip | scale | noise | label_flip | alie | ipm.
+    c.attack = ml_collections.ConfigDict()
+    c.attack.kind = "none"
+    c.attack.fraction = 0.0
+    c.attack.scale = 10.0  # scale: the factor
+    c.attack.noise_std = 1.0  # noise: the std of the update sent
+    c.attack.epsilon = 0.1  # ipm: attackers send -epsilon x the benign mean
     return c
