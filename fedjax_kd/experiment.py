@@ -35,6 +35,7 @@ from fedjax_kd import (
     cohort,
     models,
     optimizers,
+    privacy,
     resources,
     robust,
     simulate,
@@ -490,6 +491,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         ("server.clip_tau", c.server.clip_tau > 0, "> 0"),
         ("server.clip_iters", c.server.clip_iters >= 1, ">= 1"),
         ("attack.fraction", 0 <= c.attack.fraction < 1, "in [0, 1)"),
+        ("dp.clip_norm", c.dp.clip_norm >= 0, ">= 0 (0 = no DP)"),
+        ("dp.noise_multiplier", c.dp.noise_multiplier >= 0, ">= 0"),
+        ("dp.delta", 0 < c.dp.delta < 1, "in (0, 1)"),
+        ("dp.epsilon_budget", c.dp.epsilon_budget >= 0, ">= 0 (0 = none)"),
         ("attack.noise_std", c.attack.noise_std >= 0, ">= 0"),
     ]
     flat = _flatten(c)
@@ -544,6 +549,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
             "(client.drop_stragglers=true); lower it"
         )
     misbehaving = c.attack.kind != "none" and c.attack.fraction > 0
+    if c.dp.clip_norm > 0 and not spec.robust:
+        with_dp = [s.name for s in algorithms.SPECS.values() if s.robust]
+        raise ConfigError(
+            f"config key 'dp.clip_norm': DP-FedAvg works with {', '.join(with_dp)}, "
+            f"not algorithm '{name}'"
+        )
+    if c.dp.clip_norm > 0 and (c.server.aggregator != "mean" or misbehaving):
+        raise ConfigError(
+            "config key 'dp.clip_norm': DP-FedAvg averages clipped updates; it does not "
+            "combine with server.aggregator or attack.kind"
+        )
     if (c.server.aggregator != "mean" or misbehaving) and not spec.robust:
         with_robust = [s.name for s in algorithms.SPECS.values() if s.robust]
         key = "server.aggregator" if c.server.aggregator != "mean" else "attack.kind"
@@ -870,7 +886,13 @@ def build_algorithm(
     )
     _check_vocabulary(run_models, dataset)
     try:
-        return spec.build(ctx)
+        algorithm = spec.build(ctx)
+        if ctx.robust.get("dp") is not None:
+            metrics = privacy.host_metrics(
+                ctx.robust["dp"], dataset.num_clients, config.clients_per_round
+            )
+            algorithm = algorithm._replace(host_metrics=metrics)
+        return algorithm
     except ValueError as e:
         keys = [f"{spec.name}.{h}" for h in spec.hypers if h in str(e)]
         where = f"config key '{keys[0]}'" if keys else f"algorithm '{spec.name}'"
@@ -965,7 +987,10 @@ def _robust_arguments(config: ml_collections.ConfigDict, dataset: FederatedDatas
             epsilon=a.epsilon,
             num_classes=dataset.num_classes,
         )
-    return {"aggregator": aggregator, "attack": attack}
+    dp = None
+    if config.dp.clip_norm > 0:
+        dp = privacy.DP(config.dp.clip_norm, config.dp.noise_multiplier, config.dp.delta)
+    return {"aggregator": aggregator, "attack": attack, "dp": dp}
 
 
 #: Config keys a checkpointed run may change when it resumes: its length (a larger
@@ -1169,10 +1194,46 @@ def build_checked_dataset(config: ml_collections.ConfigDict) -> FederatedDataset
     return dataset
 
 
-def run_settings(config: ml_collections.ConfigDict) -> dict:
-    """The keyword arguments of ``simulate.run`` that ``config`` sets (all but the seed)."""
+def dp_rounds(config: ml_collections.ConfigDict, dataset: FederatedDataset | None) -> int:
+    """The rounds a run makes: ``rounds``, or fewer where ``dp.epsilon_budget`` ends it.
+
+    With DP and a budget, the last round whose epsilon (at ``dp.delta``) stays
+    within the budget; the start-up prints the cut. ConfigError when not even
+    one round fits.
+    """
+    d = config.dp
+    if dataset is None or d.clip_norm <= 0 or d.epsilon_budget <= 0:
+        return config.rounds
+    allowed = privacy.rounds_within(
+        d.epsilon_budget, dataset.num_clients, config.clients_per_round, d.noise_multiplier, d.delta
+    )
+    if allowed == 0:
+        eps = privacy.epsilon(
+            dataset.num_clients, config.clients_per_round, d.noise_multiplier, 1, d.delta
+        )
+        raise ConfigError(
+            f"config key 'dp.epsilon_budget': {d.epsilon_budget} is below one round's epsilon "
+            f"{eps:.3g} (at delta {d.delta}); raise it or dp.noise_multiplier"
+        )
+    return min(config.rounds, allowed)
+
+
+def run_settings(config: ml_collections.ConfigDict, dataset=None) -> dict:
+    """The keyword arguments of ``simulate.run`` that ``config`` sets (all but the seed).
+
+    With ``dataset`` and DP's ``dp.epsilon_budget`` the rounds stop at the
+    budget (:func:`dp_rounds`).
+    """
+    rounds = dp_rounds(config, dataset)
+    if rounds < config.rounds:
+        print(
+            f"dp: epsilon budget {config.dp.epsilon_budget} reached after {rounds} of the "
+            f"{config.rounds} rounds; the run stops there",
+            file=sys.stderr,
+            flush=True,
+        )
     return dict(
-        rounds=config.rounds,
+        rounds=rounds,
         clients_per_round=config.clients_per_round,
         eval_every=config.eval_every,
         eval_batch_size=config.eval_batch_size,
@@ -1190,7 +1251,12 @@ def _simulate(config, dataset, algorithm, *, progress, **callbacks) -> simulate.
     if progress and jax.process_index() == 0:
         print(describe_run(config, dataset), file=sys.stderr, flush=True)
     return simulate.run(
-        algorithm, dataset, seed=config.seed, progress=progress, **run_settings(config), **callbacks
+        algorithm,
+        dataset,
+        seed=config.seed,
+        progress=progress,
+        **run_settings(config, dataset),
+        **callbacks,
     )
 
 

@@ -272,7 +272,10 @@ def _simulate_points(configs, datasets, opened, members, traced, progress) -> li
     else:
         print(f"running {len(points)} points as one program", file=sys.stderr, flush=True)
         build = _builder(config, datasets[members[0]], traced)
-        settings = {**experiment.run_settings(config), "progress": progress}
+        settings = {
+            **experiment.run_settings(config, datasets[members[0]]),
+            "progress": progress,
+        }
         out = simulate.run_parallel(build, points, **settings)
     for i, result in zip(members, out, strict=True):
         if opened[i] is not None and not isinstance(result, simulate.NonFiniteError):

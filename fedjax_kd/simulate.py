@@ -681,6 +681,8 @@ def _run_group(
         hp = {k: jnp.float32(points[0].hparams[k]) for k in names_hp}
         (init_key, rounds_key), data_axis = keys[0], None
     one_hp = jax.tree.map(lambda a: a[0], hp) if batched else hp  # point 0's, for shapes
+    # Host-side metrics depend on the round alone (never on the traced hparams).
+    host_metrics = build(one_hp).host_metrics
     num_clients = datasets[0].num_clients
     largest = max(d.train.max_examples for d in datasets)
     cap = largest if max_local_examples is None else min(max_local_examples, largest)
@@ -895,6 +897,8 @@ def _run_group(
                         "cumulative_downlink_bytes": cum_down[k],
                         "wall_s": round(time.perf_counter() - starts_at[k], 3),
                     }
+                    if host_metrics is not None:
+                        record.update(host_metrics(r))
                     for metric, value in metrics.items():
                         # Algorithm-specific scalars (compute counters, distillation loss).
                         if metric not in RESERVED_METRICS and np.ndim(value) == 1:
@@ -937,6 +941,8 @@ def _run_group(
             for key, v in record.items()
             if key.endswith("test_accuracy") or key.endswith("test_loss")
         }
+        if host_metrics is not None:
+            summary.update(host_metrics(rounds))
         summary.update(
             rounds=rounds,
             train_loss=record["train_loss"],

@@ -74,6 +74,10 @@ class FederatedAlgorithm(NamedTuple):
         :func:`fedjax_kd.client.make_client_update` function (FedAvg, FedProx,
         FedNTD, teacher_student): that very function, so that baselines (the
         benchmark's per-client loop) run exactly the algorithm's local update.
+      host_metrics: optional ``host_metrics(round) -> {name: float}``:
+        metrics known on the host from the number of rounds run alone (DP's
+        ``dp_epsilon``), added to every evaluation record and to the
+        summary; it must not depend on traced hyperparameters.
     """
 
     init: Callable[[jax.Array], PyTree]
@@ -81,3 +85,4 @@ class FederatedAlgorithm(NamedTuple):
     eval_models: Callable[[PyTree], Mapping[str, tuple[ApplyFn, Params]]]
     sample_cohort: Callable[[jax.Array, int, int], jax.Array] | None = None
     client_update: Callable[..., Any] | None = None
+    host_metrics: Callable[[int], dict] | None = None

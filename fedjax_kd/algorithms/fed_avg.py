@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_kd import aggregate, robust
+from fedjax_kd import aggregate, privacy, robust
 from fedjax_kd.client import ClientUpdateFn, make_client_update
 from fedjax_kd.cohort import ClientStore
 from fedjax_kd.compress import tree_bytes
@@ -52,6 +52,7 @@ def fed_avg(
     drop_stragglers: bool = False,
     aggregator: robust.Aggregator | None = None,
     attack: robust.Attack | None = None,
+    dp: privacy.DP | None = None,
 ) -> FederatedAlgorithm:
     """Builds FedAvg.
 
@@ -73,6 +74,8 @@ def fed_avg(
         as a running sum.
       attack: malicious clients' behaviour (:class:`fedjax_kd.robust.Attack`);
         None = every client honest.
+      dp: DP-FedAvg's clipping and noise (:class:`fedjax_kd.privacy.DP`);
+        None = no privacy.
 
     Returns:
       A :class:`~fedjax_kd.types.FederatedAlgorithm`.
@@ -90,6 +93,7 @@ def fed_avg(
         drop_stragglers=drop_stragglers,
         aggregator=aggregator,
         attack=attack,
+        dp=dp,
     )
 
 
@@ -120,6 +124,8 @@ def straggler_epochs(
 STRAGGLER_STREAM = 0x57A6
 #: Stream of the attackers' draw (and the noise attack) in the FedAvg family.
 ATTACK_STREAM = 0xA77C
+#: Stream of DP-FedAvg's Gaussian noise.
+DP_STREAM = 0xD9
 
 
 def client_inputs(
@@ -207,6 +213,8 @@ def fedavg_step(
     aggregator: robust.Aggregator | None = None,
     attack: robust.Attack | None = None,
     attack_key: jax.Array | None = None,
+    dp: privacy.DP | None = None,
+    dp_key: jax.Array | None = None,
 ) -> FedAvgStep:
     """The FedAvg family's server side, written once: train, sum, divide, step, count.
 
@@ -258,7 +266,18 @@ def fedavg_step(
         updates (label flipping poisons their training data instead); the
         updates are then kept stacked too.
       attack_key: the round's key of the attackers' draw and of the noise attack.
+      dp: optional :class:`~fedjax_kd.privacy.DP`: DP-FedAvg's per-client
+        clipping to ``clip_norm`` (inside each chunk) and Gaussian noise on
+        the sum (once per round, from ``dp_key``), divided by the cohort size
+        (uniform weighting, fixed denominator); ``sums`` then also holds
+        ``dp_clipped``, the clients whose update was clipped.
+      dp_key: the round's key of the DP noise.
     """
+    if dp is not None and (aggregator is not None or attack is not None or uplink is not None):
+        raise ValueError(
+            "DP-FedAvg takes the mean of clipped updates: no robust aggregator, "
+            "attack or uplink transform with it"
+        )
 
     attacking = attack is not None and attack.active
     stacked = attacking or (aggregator is not None and aggregator.stacked)
@@ -315,6 +334,10 @@ def fedavg_step(
             weighted_sent = jax.tree.map(lambda x: jnp.tensordot(w, x, axes=1), sent)
         if "active" in inputs_c:
             up = jnp.where(inputs_c["active"], up, 0)  # dropped stragglers send nothing
+        if dp is not None:  # each client's update clipped to S, every client weight 1
+            clipped, norms = jax.vmap(lambda d: privacy.clip_update(d, dp.clip_norm))(out.delta)
+            terms["weighted_delta"] = clipped
+            terms["dp_clipped"] = (norms > dp.clip_norm).astype(jnp.float32)
         sums = aggregate.masked_sum({**terms, **extra}, valid)
         if uplink is not None:
             sums["weighted_delta"] = weighted_sent
@@ -340,6 +363,10 @@ def fedavg_step(
             )
         rule = aggregator if aggregator is not None else robust.make_aggregator("mean")
         delta = rule.fn(deltas, weights)
+    elif dp is not None:
+        if dp_key is None:
+            raise ValueError("DP-FedAvg needs the round's dp_key")
+        delta = privacy.noised_mean(sums["weighted_delta"], dp_key, dp, cohort.size)
     else:
         delta = aggregate.divide(sums["weighted_delta"], sums["weight"])
     updates, new_opt_state = server_optimizer.update(delta, opt_state, params)
@@ -393,6 +420,7 @@ def from_client_update(
     drop_stragglers: bool = False,
     aggregator: robust.Aggregator | None = None,
     attack: robust.Attack | None = None,
+    dp: privacy.DP | None = None,
 ) -> FederatedAlgorithm:
     """FedAvg around any ``client_update`` (FedProx, FedNTD): :func:`fedavg_step` each round.
 
@@ -412,10 +440,14 @@ def from_client_update(
       aggregator, attack: robust aggregation and malicious clients
         (:func:`fedavg_step`); the attackers are drawn from
         ``fold_in(key, ATTACK_STREAM)``.
+      dp: DP-FedAvg (:func:`fedavg_step`), its noise from ``fold_in(key,
+        DP_STREAM)``; the round's metrics then hold ``dp_clipped_fraction``.
     """
     check_stragglers(straggler_fraction, epochs)
     if attack is not None:
         robust.check_attack(attack)
+    if dp is not None:
+        privacy.check_dp(dp)
 
     def init(key: jax.Array) -> ServerState:
         params = model.init(key)
@@ -443,6 +475,8 @@ def from_client_update(
             aggregator=aggregator,
             attack=attack,
             attack_key=jax.random.fold_in(key, ATTACK_STREAM),
+            dp=dp,
+            dp_key=jax.random.fold_in(key, DP_STREAM),
         )
         metrics = {
             "train_loss": train_loss(step.sums),
@@ -450,6 +484,8 @@ def from_client_update(
             "downlink_bytes": step.downlink,
             "finite": step.finite,
         }
+        if dp is not None:
+            metrics["dp_clipped_fraction"] = step.sums["dp_clipped"] / cohort.size
         return ServerState(params=step.params, opt_state=step.opt_state), metrics
 
     def eval_models(state: ServerState):

@@ -54,6 +54,7 @@ def fed_ntd(
     drop_stragglers: bool = False,
     aggregator=None,
     attack=None,
+    dp=None,
 ) -> FederatedAlgorithm:
     """Builds FedNTD.
 
@@ -68,8 +69,8 @@ def fed_ntd(
       uniform_weighting: average deltas uniformly instead of by example count.
       straggler_fraction: fraction of each cohort that are stragglers.
       drop_stragglers: drop stragglers instead of keeping their partial work.
-      aggregator, attack: robust aggregation and malicious clients, as for
-        :func:`fedjax_kd.algorithms.fed_avg`.
+      aggregator, attack, dp: robust aggregation, malicious clients and
+        DP-FedAvg, as for :func:`fedjax_kd.algorithms.fed_avg`.
     """
     if beta < 0 or tau <= 0:
         raise ValueError(f"FedNTD needs beta >= 0 and tau > 0, got beta={beta}, tau={tau}")
@@ -94,6 +95,7 @@ def fed_ntd(
         drop_stragglers=drop_stragglers,
         aggregator=aggregator,
         attack=attack,
+        dp=dp,
     )
 
 

@@ -32,10 +32,11 @@ def fed_prox(
     drop_stragglers: bool = False,
     aggregator=None,
     attack=None,
+    dp=None,
 ) -> FederatedAlgorithm:
     """Builds FedProx with proximal weight ``mu >= 0``.
 
-    Other arguments (stragglers, ``aggregator``, ``attack``) are those of
+    Other arguments (stragglers, ``aggregator``, ``attack``, ``dp``) are those of
     :func:`fedjax_kd.algorithms.fed_avg`; the paper's FedProx keeps
     stragglers' partial work (``drop_stragglers=False``).
     """
@@ -54,6 +55,7 @@ def fed_prox(
         drop_stragglers=drop_stragglers,
         aggregator=aggregator,
         attack=attack,
+        dp=dp,
     )
 
 

@@ -145,4 +145,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.attack.scale = 10.0  # scale: the factor
     c.attack.noise_std = 1.0  # noise: the std of the update sent
     c.attack.epsilon = 0.1  # ipm: attackers send -epsilon x the benign mean
+
+    # User-level DP-FedAvg (fedavg, fedprox, fedntd): every client's update clipped
+    # to dp.clip_norm, Gaussian noise of std noise_multiplier x clip_norm on the sum;
+    # epsilon at dp.delta in every record (RDP, fixed-size sampling, replace-one).
+    c.dp = ml_collections.ConfigDict()
+    c.dp.clip_norm = 0.0  # 0 = no DP
+    c.dp.noise_multiplier = 1.0
+    c.dp.delta = 1e-5
+    c.dp.epsilon_budget = 0.0  # > 0: stop at the last round within this epsilon
     return c
