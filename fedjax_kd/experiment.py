@@ -567,10 +567,42 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"config key '{key}': algorithm '{name}' aggregates no client updates this way; "
             f"robust aggregation and attacks work with {', '.join(with_robust)}"
         )
-    if misbehaving and round(c.attack.fraction * c.clients_per_round) == 0:
+    attackers = round(c.attack.fraction * c.clients_per_round)
+    if misbehaving and attackers == 0:
         raise ConfigError(
             f"config key 'attack.fraction': {c.attack.fraction} of {c.clients_per_round} "
             "clients per round rounds to no attacker; raise it"
+        )
+    if misbehaving and attackers >= c.clients_per_round:
+        raise ConfigError(
+            f"config key 'attack.fraction': {c.attack.fraction} of {c.clients_per_round} "
+            "clients per round leaves no honest client; lower it"
+        )
+    if c.attack.kind != "none" and c.attack.fraction == 0:
+        raise ConfigError(
+            f"config key 'attack.fraction': attack.kind={c.attack.kind} with fraction 0 "
+            "attacks nobody; set attack.fraction (e.g. 0.2) or attack.kind=none"
+        )
+    if c.attack.kind == "alie" and misbehaving and 2 * attackers >= c.clients_per_round:
+        raise ConfigError(
+            f"config key 'attack.fraction': ALIE assumes fewer than half the clients attack, "
+            f"got {attackers} of {c.clients_per_round}"
+        )
+    if c.server.aggregator in ("krum", "multi_krum"):
+        if c.clients_per_round < 2 * c.server.krum_f + 3:
+            raise ConfigError(
+                f"config key 'server.krum_f': Krum needs clients_per_round > 2 f + 2; "
+                f"{c.clients_per_round} clients per round allow f <= "
+                f"{max((c.clients_per_round - 3) // 2, 0)}, got {c.server.krum_f}"
+            )
+        if c.server.multi_krum_m > c.clients_per_round:
+            raise ConfigError(
+                f"config key 'server.multi_krum_m': {c.server.multi_krum_m} is more than the "
+                f"{c.clients_per_round} clients per round"
+            )
+    if c.dp.epsilon_budget > 0 and c.dp.clip_norm <= 0:
+        raise ConfigError(
+            "config key 'dp.epsilon_budget': a budget needs DP (set dp.clip_norm > 0)"
         )
     groups = len(_group_names(c))
     if groups > 1 and not spec.groups:
@@ -931,7 +963,7 @@ def _check_memory(
         epochs=c.client.epochs,
         init_key=simulate.seed_keys(c.seed)[0],
         stacked_updates=c.server.aggregator != "mean"
-        or (c.attack.kind != "none" and c.attack.fraction > 0),
+        or (c.attack.kind not in ("none", "label_flip") and c.attack.fraction > 0),
     )
     free, where = resources.available_memory()
     if free is not None and parallel > 1 and need.total * parallel > free:
@@ -1262,7 +1294,14 @@ def _simulate(config, dataset, algorithm, *, progress, **callbacks) -> simulate.
 
 def _run_in_workdir(workdir: Path, config, dataset, algorithm, progress, overwrite, resume):
     """The run of :func:`run` in a held workdir: restore or start, write as it goes."""
-    opened = open_workdir(workdir, config, algorithm, overwrite=overwrite, resume=resume)
+    opened = open_workdir(
+        workdir,
+        config,
+        algorithm,
+        overwrite=overwrite,
+        resume=resume,
+        rounds=dp_rounds(config, dataset),
+    )
     result = _simulate(
         config,
         dataset,
@@ -1294,7 +1333,13 @@ class OpenWorkdir(NamedTuple):
 
 
 def open_workdir(
-    workdir: Path, config, algorithm, *, overwrite: bool = False, resume: bool = False
+    workdir: Path,
+    config,
+    algorithm,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    rounds: int | None = None,
 ) -> OpenWorkdir:
     """Restores or starts the run of ``config`` in the held ``workdir`` (:func:`run`'s files).
 
@@ -1304,12 +1349,14 @@ def open_workdir(
     kept (:func:`fedjax_kd.workdir.reconcile_metrics`). An OS error while
     writing (a full disk) is a :class:`~fedjax_kd.workdir.WorkdirError`
     naming the file; the checkpoints and metrics written before stay, so the
-    same command resumes.
+    same command resumes. ``rounds``: the rounds the run makes when fewer
+    than ``config.rounds`` (DP's epsilon budget, :func:`dp_rounds`).
     """
+    rounds = config.rounds if rounds is None else rounds
     checkpoints: Path | None = workdir / "checkpoints"
     metrics_path = workdir / "metrics.jsonl"
     restored, repaired = None, ""
-    evaluated = lambda r: r % config.eval_every == 0 or r == config.rounds  # noqa: E731
+    evaluated = lambda r: r % config.eval_every == 0 or r == rounds  # noqa: E731
     try:
         if jax.process_count() > 1:
             # Every process would have to restore the same checkpoint; not supported.
@@ -1331,11 +1378,15 @@ def open_workdir(
                     "into this config's state (corrupt, or another model/algorithm); "
                     "pass --overwrite to start from scratch"
                 )
-            if restored.round > config.rounds:
+            if restored.round > rounds:
+                where = (
+                    f"config.rounds={config.rounds}"
+                    if rounds == config.rounds
+                    else f"the {rounds} rounds within dp.epsilon_budget={config.dp.epsilon_budget}"
+                )
                 raise ConfigError(
                     f"--workdir {workdir} has a checkpoint after round {restored.round}, "
-                    f"past config.rounds={config.rounds}; pass --overwrite to start from "
-                    "scratch"
+                    f"past {where}; pass --overwrite to start from scratch"
                 )
         elif not overwrite and (metrics_path.is_file() or (workdir / "summary.json").exists()):
             print(f"note: {workdir} has no checkpoint; starting from scratch", file=sys.stderr)

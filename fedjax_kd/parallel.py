@@ -49,6 +49,18 @@ _DATA_SECTIONS = ("data", *DATASET_SPECS)
 _RUN_KEYS = (
     "seed",
     "rounds",
+    # Static in the program or in the run's length: never traced hyperparameters.
+    "attack.fraction",
+    "attack.scale",
+    "attack.noise_std",
+    "attack.epsilon",
+    "dp.clip_norm",
+    "dp.noise_multiplier",
+    "dp.delta",
+    "dp.epsilon_budget",
+    "server.trim_beta",
+    "server.norm_bound",
+    "server.clip_tau",
     "clients_per_round",
     "eval_every",
     "eval_batch_size",
@@ -182,12 +194,15 @@ def run_group(
     try:
         with contextlib.ExitStack() as held:
             opened = []
-            for config, workdir in zip(configs, workdirs, strict=True):
+            for i, (config, workdir) in enumerate(zip(configs, workdirs, strict=True)):
                 if workdir is None:
                     opened.append(None)
                     continue
                 held.enter_context(workdir_lib.hold(workdir))
-                opened.append(experiment.open_workdir(Path(workdir), config, algorithm))
+                rounds = experiment.dp_rounds(config, datasets[i])
+                opened.append(
+                    experiment.open_workdir(Path(workdir), config, algorithm, rounds=rounds)
+                )
             for members in shape_groups:
                 for same_start in _split_by(members, lambda i: _resume_round(opened[i])):
                     _run_members(

@@ -18,11 +18,20 @@ size run in the same bounded memory as plain FedAvg.
 Accounting (:func:`epsilon`) uses Google's ``dp-accounting`` package for the
 sampling this simulator actually performs: a fixed-size cohort of ``K`` of
 the ``N`` clients drawn uniformly *without replacement* every round
-(``fedjax_kd.data.sample_clients``), i.e. ``SampledWithoutReplacementDpEvent
-(N, K, GaussianDpEvent(z))`` composed over the rounds, under the
-**replace-one** neighbouring relation (a dataset differs in one client's
-data), with the RDP accountant: dp-accounting's PLD accountant does not
-support sampling without replacement, so no PLD value is reported for it.
+(``fedjax_kd.data.sample_clients``), under the **replace-one** neighbouring
+relation (a dataset differs in one client's data), with the RDP accountant:
+dp-accounting's PLD accountant does not support sampling without
+replacement, so no PLD value is reported for it. Replacing one client
+changes the sum of clipped updates by up to ``2 S`` (``||a - b|| <= 2 S``),
+while dp-accounting's Gaussian event counts its noise multiplier against a
+sensitivity of ``S`` (at ``K = N`` its replace-one RDP is ``alpha / (2
+z^2)``, the add/remove value; google/differential-privacy issue 378), so the
+event is ``SampledWithoutReplacementDpEvent(N, K, GaussianDpEvent(z / 2))``:
+the noise measured against the replace-one sensitivity.
+
+The epsilon covers what the server releases, the model updates; the
+simulator's own metrics (``train_loss``, ``dp_clipped_fraction``, the
+accuracies) are not privatised.
 Poisson sampling (add/remove-one, RDP and PLD) and adaptive clipping are not
 implemented yet.
 """
@@ -87,34 +96,52 @@ def noised_mean(total: PyTree, key: jax.Array, dp: DP, cohort_size: int) -> PyTr
     return jax.tree.unflatten(tree, noisy)
 
 
+def round_event(num_clients: int, cohort_size: int, noise_multiplier: float):
+    """One round's ``dp_accounting`` event: ``K`` of ``N`` without replacement, noise ``z / 2``.
+
+    ``z / 2``: the noise's std ``z S`` measured against the replace-one
+    sensitivity ``2 S`` of the sum of clipped updates (module docstring).
+    """
+    import dp_accounting
+
+    return dp_accounting.SampledWithoutReplacementDpEvent(
+        num_clients, cohort_size, dp_accounting.GaussianDpEvent(noise_multiplier / 2)
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _one_round_rdp(num_clients: int, cohort_size: int, noise_multiplier: float):
+    """The RDP orders and one round's RDP values (the accountant's, computed once)."""
+    import dp_accounting
+    from dp_accounting import rdp
+
+    accountant = rdp.RdpAccountant(
+        neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE
+    )
+    accountant.compose(round_event(num_clients, cohort_size, noise_multiplier))
+    return tuple(accountant._orders), tuple(float(v) for v in accountant._rdp)
+
+
 @functools.lru_cache(maxsize=4096)
 def epsilon(
     num_clients: int, cohort_size: int, noise_multiplier: float, rounds: int, delta: float
 ) -> float:
     """``epsilon`` after ``rounds`` rounds of DP-FedAvg with fixed-size sampling (RDP).
 
-    ``SelfComposedDpEvent(SampledWithoutReplacementDpEvent(N, K,
-    GaussianDpEvent(z)), rounds)`` under replace-one adjacency; ``inf`` without
-    noise, 0 before the first round.
+    The RDP of :func:`round_event` composed ``rounds`` times (RDP adds up over
+    rounds), under replace-one adjacency, converted to ``(epsilon, delta)`` by
+    dp-accounting's ``compute_epsilon``; ``inf`` without noise, 0 before the
+    first round.
     """
     if rounds <= 0:
         return 0.0
     if noise_multiplier <= 0:
         return float("inf")
-    import dp_accounting
-    from dp_accounting import rdp
+    from dp_accounting.rdp import rdp_privacy_accountant
 
-    event = dp_accounting.SelfComposedDpEvent(
-        dp_accounting.SampledWithoutReplacementDpEvent(
-            num_clients, cohort_size, dp_accounting.GaussianDpEvent(noise_multiplier)
-        ),
-        rounds,
-    )
-    accountant = rdp.RdpAccountant(
-        neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE
-    )
-    accountant.compose(event)
-    return float(accountant.get_epsilon(delta))
+    orders, rdp = _one_round_rdp(num_clients, cohort_size, noise_multiplier)
+    eps, _ = rdp_privacy_accountant.compute_epsilon(orders, [rounds * v for v in rdp], delta)
+    return float(eps)
 
 
 def rounds_within(

@@ -45,8 +45,9 @@ class Estimate(NamedTuple):
         order of every client's examples (an int32 position and the float32
         draw that sorts it, per example and epoch).
       stacked: bytes of the round's K updates held at once (a robust
-        aggregator or an attack that reads them: ``K x`` the model's float32
-        bytes), 0 for the running sum of FedAvg's mean.
+        aggregator or an attack that reads them), with as much again for the
+        rule's sorting or distances: ``2 K x`` the model's float32 bytes, a
+        lower bound; 0 for the running sum of FedAvg's mean.
     """
 
     params: int
@@ -123,7 +124,7 @@ def estimate(
     cohort = chunk * max(cap, 1) * (features * 4 + 4 * labels + 1)  # x float32, y int32, mask
     clients = chunk * 2 * 4 * params  # each client's float32 params and their gradient
     schedule = chunk * max(epochs, 1) * max(cap, 1) * 8  # int32 order + float32 draw
-    stacked = clients_per_round * 4 * params if stacked_updates else 0
+    stacked = 2 * clients_per_round * 4 * params if stacked_updates else 0
     return Estimate(
         params=params,
         state=state,

@@ -3,8 +3,10 @@
 The FedAvg family's server averages the cohort's updates as a running sum,
 chunk by chunk, in memory that does not grow with the cohort. A robust
 aggregator needs every update of the round at once: **the K updates, K x the
-model's bytes** (``fedjax_kd.resources.estimate`` counts them as ``stacked``
-and a run that would not fit is refused before it compiles). Each aggregator
+model's bytes**, and its sorting or distances about as much again
+(``fedjax_kd.resources.estimate`` counts ``2 K`` model copies as ``stacked``,
+a lower bound; a run whose estimate does not fit is refused before it
+compiles). Each aggregator
 is a pure function ``aggregate(deltas, weights) -> delta`` of the stacked
 updates (a pytree of ``[K, ...]`` leaves) and their weights ``[K]`` (example
 counts; a client of weight 0 -- no data, or padding -- takes no part), jit-
@@ -82,10 +84,20 @@ def _expand(mask: jax.Array, leaf: jax.Array) -> jax.Array:
 
 
 def weighted_mean(deltas: PyTree, weights: jax.Array) -> PyTree:
-    """``sum_k w_k x_k / sum_k w_k`` over the client axis (0 when no weight)."""
+    """``sum_k w_k x_k / sum_k w_k`` over the client axis (0 when no weight).
+
+    Rows of weight 0 are selected away, so a non-participant's update (even
+    NaN or Inf) changes nothing.
+    """
     w = weights.astype(jnp.float32)
     total = jnp.maximum(jnp.sum(w), jnp.finfo(jnp.float32).tiny)
-    return jax.tree.map(lambda x: jnp.tensordot(w, x, axes=1) / total, deltas)
+    keep = _participating(weights)
+
+    def one(x):
+        x = jnp.where(_expand(keep, x), x, 0.0)
+        return jnp.tensordot(w, x, axes=1) / total
+
+    return jax.tree.map(one, deltas)
 
 
 def _sorted_participants(x: jax.Array, mask: jax.Array) -> jax.Array:
@@ -135,15 +147,20 @@ def _flat(deltas: PyTree) -> jax.Array:
 def krum_scores(deltas: PyTree, weights: jax.Array, *, f: int) -> jax.Array:
     """Krum's score of each update: squared distances to its ``n - f - 2`` nearest others.
 
-    Non-participants score ``+inf`` and are nobody's neighbour; with fewer
-    than ``f + 3`` participants every participant scores 0 (Krum's condition
-    ``n > 2f + 2`` is the caller's to choose; here it degrades to the mean of
-    the participants' best).
+    Non-participants score ``+inf`` and are nobody's neighbour. With ``n <=
+    f + 2`` participants there are no neighbours to sum and every participant
+    scores 0 (the lowest row wins): Krum needs ``n > 2f + 2``, which the
+    experiment layer requires of ``clients_per_round``. Distances come from
+    the rows centred on the participants' mean (the same distances, without
+    float32's cancellation of large norms).
     """
     mask = _participating(weights)
-    x = _flat(deltas)
+    x = jnp.where(mask[:, None], _flat(deltas), 0.0)
+    centre = jnp.sum(x, axis=0) / jnp.maximum(jnp.sum(mask), 1)
+    x = jnp.where(mask[:, None], x - centre, 0.0)
     sq = jnp.sum(x * x, axis=1)
-    dist = jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * (x @ x.T), 0.0)
+    gram = jnp.matmul(x, x.T, precision=jax.lax.Precision.HIGHEST)
+    dist = jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * gram, 0.0)
     k = x.shape[0]
     others = mask[None, :] & mask[:, None] & ~jnp.eye(k, dtype=bool)
     dist = jnp.where(others, dist, jnp.inf)

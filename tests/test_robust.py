@@ -20,6 +20,7 @@ import pytest
 from helpers import one_error_line
 
 from fedjax_kd import algorithms, cli, models, robust, simulate
+from fedjax_kd import client as client_lib
 
 # ----------------------------------------------------------------------------- references
 
@@ -146,7 +147,7 @@ def test_aggregators_ignore_non_participants_bit_for_bit(updates):
     """A weight-0 row (padding, a client without data) may hold anything."""
     x, w = updates
     y = x.copy()
-    y[8] = 1e30  # the weight-0 client
+    y[8] = np.nan  # the weight-0 client: even NaN changes nothing
     for name in robust.AGGREGATORS:
         agg = robust.make_aggregator(name, norm_bound=2.0)
         a = flat_of(agg.fn(tree_of(x), jnp.asarray(w)))
@@ -256,6 +257,46 @@ def test_an_attack_of_fraction_zero_is_plain_fedavg_bit_for_bit(digits_small):
         np.testing.assert_array_equal(a, b)
 
 
+def test_label_flippers_train_on_flipped_labels(digits_small):
+    """Two formulations: the label_flip attack in the round, and a plain round on a
+    cohort whose malicious clients' labels were flipped by hand beforehand."""
+    from fedjax_kd.algorithms.fed_avg import ATTACK_STREAM, client_inputs, fedavg_step
+    from fedjax_kd.data import Cohort, gather_clients
+
+    model = models.create("mlp-16", feature_shape=digits_small.feature_shape, num_classes=10)
+    update = client_lib.make_client_update(model.apply, optax.sgd(0.1), epochs=1, batch_size=8)
+    params = model.init(jax.random.key(0))
+    ids = jnp.arange(8)
+    data = gather_clients(jax.tree.map(jnp.asarray, digits_small.train), ids)
+    key = jax.random.key(5)
+    attack_key = jax.random.fold_in(key, ATTACK_STREAM)
+    attack = robust.Attack("label_flip", fraction=0.25, num_classes=10)
+    common = dict(client_update=update, server_optimizer=optax.sgd(1.0))
+    opt = optax.sgd(1.0).init(params)
+    attacked = fedavg_step(
+        params, opt, Cohort.from_data(data, ids), client_inputs(key, 8),
+        attack=attack, attack_key=attack_key, **common,
+    )  # fmt: skip
+    bad = np.asarray(robust.malicious_rows(jax.random.fold_in(attack_key, 0), 8, 0.25))
+    assert bad.sum() == 2
+    flipped_y = np.where(bad[:, None], 9 - np.asarray(data.y), np.asarray(data.y))
+    poisoned = data._replace(y=jnp.asarray(flipped_y, jnp.int32))
+    by_hand = fedavg_step(
+        params, opt, Cohort.from_data(poisoned, ids), client_inputs(key, 8), **common
+    )
+    for a, b in zip(jax.tree.leaves(attacked.delta), jax.tree.leaves(by_hand.delta), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_alie_round_is_the_same_in_chunks(digits_small):
+    run = dict(rounds=2, clients_per_round=6, eval_every=2, seed=0, progress=False)
+    algo = _fedavg(digits_small, attack=robust.Attack("alie", fraction=1 / 3))
+    whole = simulate.run(algo, digits_small, **run)
+    chunked = simulate.run(algo, digits_small, client_chunk_size=4, **run)
+    for a, b in zip(_params(whole), _params(chunked), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_median_round_is_the_same_in_chunks(digits_small):
     run = dict(rounds=2, clients_per_round=6, eval_every=2, seed=0, progress=False)
     algo = _fedavg(digits_small, aggregator=robust.make_aggregator("median"))
@@ -302,6 +343,10 @@ def test_scaled_attack_breaks_the_mean_and_not_the_median(tmp_path):
         (["--config.attack.kind=ipm", "--config.attack.fraction=0.01"], "rounds to no attacker"),
         (["--config.server.aggregator=geomedian"], "config key 'server.aggregator'"),
         (["--config.server.trim_beta=0.5"], "config key 'server.trim_beta'"),
+        (["--config.server.aggregator=krum", "--config.server.krum_f=4"], "allow f <= 3"),
+        (["--config.attack.kind=sign_flip"], "attacks nobody"),
+        (["--config.attack.kind=alie", "--config.attack.fraction=0.5"], "fewer than half"),
+        (["--config.attack.kind=scale", "--config.attack.fraction=0.96"], "no honest client"),
     ],
 )  # fmt: skip
 def test_mistakes_are_one_error_line(capsys, no_run, extra, message):
@@ -318,5 +363,6 @@ def test_memory_estimate_counts_the_stacked_updates(digits_small):
     plain = resources.estimate(algo, digits_small, **common)
     stacked = resources.estimate(algo, digits_small, stacked_updates=True, **common)
     params = 64 * 16 + 16 + 16 * 10 + 10
-    assert plain.stacked == 0 and stacked.stacked == 10 * 4 * params
-    assert stacked.total == plain.total + 10 * 4 * params
+    # The K updates and as much again for the rule's sorting or distances.
+    assert plain.stacked == 0 and stacked.stacked == 2 * 10 * 4 * params
+    assert stacked.total == plain.total + 2 * 10 * 4 * params

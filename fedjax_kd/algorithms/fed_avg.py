@@ -280,7 +280,10 @@ def fedavg_step(
         )
 
     attacking = attack is not None and attack.active
-    stacked = attacking or (aggregator is not None and aggregator.stacked)
+    # Label flipping poisons data only: the mean of its updates stays a running sum.
+    stacked = (attacking and attack.kind != "label_flip") or (
+        aggregator is not None and aggregator.stacked
+    )
     if attacking:
         if attack_key is None:
             raise ValueError("an attack needs the round's attack_key")
@@ -357,7 +360,7 @@ def fedavg_step(
     )
     if stacked:
         deltas, weights = per_client.pop("delta"), per_client.pop("agg_weight")
-        if attacking:
+        if attacking and attack.kind != "label_flip":
             deltas = robust.attack_deltas(
                 attack, deltas, weights, inputs["malicious"], jax.random.fold_in(attack_key, 1)
             )
