@@ -37,16 +37,8 @@ attack for the tests.
 import ml_collections
 
 from fedjax_kd.configs import default
+from fedjax_kd.robust import AGGREGATORS
 
-AGGREGATORS = [
-    "mean",
-    "median",
-    "trimmed_mean",
-    "krum",
-    "multi_krum",
-    "norm_bound",
-    "centered_clip",
-]
 FRACTIONS = [0.1, 0.2, 0.3]
 
 
@@ -80,9 +72,9 @@ def get_sweep(variant: str | None = None) -> dict:
         return {"grid": {"server.aggregator": ["median"]}, "seeds": [0]}
     return {
         "grid": [
-            {"server.aggregator": AGGREGATORS, "attack.fraction": [0.0]},
+            {"server.aggregator": list(AGGREGATORS), "attack.fraction": [0.0]},
             {
-                "server.aggregator": AGGREGATORS,
+                "server.aggregator": list(AGGREGATORS),
                 "attack.kind": ["scale", "alie"],
                 "attack.fraction": FRACTIONS,
             },
