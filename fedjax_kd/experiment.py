@@ -549,6 +549,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
             "(client.drop_stragglers=true); lower it"
         )
     misbehaving = c.attack.kind != "none" and c.attack.fraction > 0
+    if c.server.drop_nonfinite and not spec.robust:
+        with_drop = [s.name for s in algorithms.SPECS.values() if s.robust]
+        raise ConfigError(
+            f"config key 'server.drop_nonfinite': algorithm '{name}' cannot drop clients' "
+            f"updates; dropping non-finite updates works with {', '.join(with_drop)}"
+        )
     if c.dp.clip_norm > 0 and not spec.robust:
         with_dp = [s.name for s in algorithms.SPECS.values() if s.robust]
         raise ConfigError(
@@ -1022,7 +1028,10 @@ def _robust_arguments(config: ml_collections.ConfigDict, dataset: FederatedDatas
     dp = None
     if config.dp.clip_norm > 0:
         dp = privacy.DP(config.dp.clip_norm, config.dp.noise_multiplier, config.dp.delta)
-    return {"aggregator": aggregator, "attack": attack, "dp": dp}
+    out = {"aggregator": aggregator, "attack": attack, "dp": dp}
+    if s.drop_nonfinite:
+        out["drop_nonfinite"] = True
+    return out
 
 
 #: Config keys a checkpointed run may change when it resumes: its length (a larger

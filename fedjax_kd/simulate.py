@@ -45,6 +45,10 @@ from fedjax_kd.types import FederatedAlgorithm
 # Round metrics with a fixed meaning; every other scalar metric is recorded as is.
 RESERVED_METRICS = ("train_loss", "uplink_bytes", "downlink_bytes", "finite")
 
+#: Per-round counts that are also summed over the run (``cumulative_<name>`` in
+#: every record, ``<name>`` in the summary; kept across a resume).
+CUMULATIVE_METRICS = ("dropped_nonfinite",)
+
 #: The most rounds one compiled loop runs between host syncs (``rounds_per_call``
 #: is clipped to it: its metrics buffer has one row per round). Grouping rounds
 #: into blocks changes no bit, so the clip changes only the number of dispatches.
@@ -835,11 +839,14 @@ def _run_group(
 
     histories: list[list[dict]] = [[] for _ in points]
     cum_up, cum_down = [0] * num_points, [0] * num_points
+    counted = {name: [0] * num_points for name in CUMULATIVE_METRICS}
     records: list[dict] = [{} for _ in points]
     for i, p in enumerate(points):
         if p.resume is not None:
             cum_up[i] = int(p.resume.extra.get("uplink_bytes", 0))
             cum_down[i] = int(p.resume.extra.get("downlink_bytes", 0))
+            for name in CUMULATIVE_METRICS:
+                counted[name][i] = int(p.resume.extra.get(name, 0))
             records[i] = dict(p.resume.extra.get("last_record") or {})
     errors: list[NonFiniteError | None] = [None] * num_points
     up, down = [0] * num_points, [0] * num_points
@@ -873,6 +880,9 @@ def _run_group(
                     down[k] = int(np.sum(np.asarray(metrics["downlink_bytes"][k], np.int64)))
                     cum_up[k] += up[k]
                     cum_down[k] += down[k]
+                    for name in CUMULATIVE_METRICS:
+                        if name in metrics:
+                            counted[name][k] += int(np.asarray(metrics[name][k]))
             bar.update(len(per_round))
             r += len(per_round)
             live = [k for k in range(num_points) if errors[k] is None]
@@ -899,6 +909,9 @@ def _run_group(
                     }
                     if host_metrics is not None:
                         record.update(host_metrics(r))
+                    for name in CUMULATIVE_METRICS:
+                        if name in metrics:
+                            record[f"cumulative_{name}"] = counted[name][k]
                     for metric, value in metrics.items():
                         # Algorithm-specific scalars (compute counters, distillation loss).
                         if metric not in RESERVED_METRICS and np.ndim(value) == 1:
@@ -924,6 +937,7 @@ def _run_group(
                         "uplink_bytes": cum_up[k],
                         "downlink_bytes": cum_down[k],
                         "wall_s": round(time.perf_counter() - starts_at[k], 3),
+                        **{name: counted[name][k] for name in CUMULATIVE_METRICS},
                     }
                     points[k].on_checkpoint(
                         r, point_state(state, k), {**extra, "last_record": records[k] or None}
@@ -951,5 +965,8 @@ def _run_group(
             uplink_bytes=cum_up[k],
             downlink_bytes=cum_down[k],
         )
+        for name in CUMULATIVE_METRICS:
+            if f"cumulative_{name}" in record:
+                summary[name] = counted[name][k]
         out.append(RunResult(state=point_state(state, k), history=histories[k], summary=summary))
     return out

@@ -347,6 +347,10 @@ def test_scaled_attack_breaks_the_mean_and_not_the_median(tmp_path):
         (["--config.attack.kind=sign_flip"], "attacks nobody"),
         (["--config.attack.kind=alie", "--config.attack.fraction=0.5"], "fewer than half"),
         (["--config.attack.kind=scale", "--config.attack.fraction=0.96"], "no honest client"),
+        (
+            ["--config.algorithm.name=fedkd", "--config.server.drop_nonfinite=true"],
+            "config key 'server.drop_nonfinite': algorithm 'fedkd'",
+        ),
     ],
 )  # fmt: skip
 def test_mistakes_are_one_error_line(capsys, no_run, extra, message):
@@ -366,3 +370,47 @@ def test_memory_estimate_counts_the_stacked_updates(digits_small):
     # The K updates and as much again for the rule's sorting or distances.
     assert plain.stacked == 0 and stacked.stacked == 2 * 10 * 4 * params
     assert stacked.total == plain.total + 2 * 10 * 4 * params
+
+
+def test_non_finite_updates_are_dropped_and_counted(digits_small):
+    """Two formulations: a client whose features are NaN (its update is NaN) dropped,
+    and the same round with that client holding no data (weight 0)."""
+    from fedjax_kd.algorithms.fed_avg import client_inputs, fedavg_step
+    from fedjax_kd.data import Cohort, gather_clients
+
+    model = models.create("mlp-16", feature_shape=digits_small.feature_shape, num_classes=10)
+    update = client_lib.make_client_update(model.apply, optax.sgd(0.1), epochs=1, batch_size=8)
+    params = model.init(jax.random.key(0))
+    ids = jnp.arange(6)
+    data = gather_clients(jax.tree.map(jnp.asarray, digits_small.train), ids)
+    broken = data._replace(x=data.x.at[2].set(jnp.nan))
+    empty = data._replace(count=data.count.at[2].set(0))
+    common = dict(client_update=update, server_optimizer=optax.sgd(1.0))
+    opt = optax.sgd(1.0).init(params)
+
+    def step(d, **kw):
+        inputs = client_inputs(jax.random.key(1), 6)
+        return fedavg_step(params, opt, Cohort.from_data(d, ids), inputs, **common, **kw)
+
+    assert not bool(step(broken).finite)  # without dropping the round is not finite
+    dropped = step(broken, drop_nonfinite=True)
+    assert bool(dropped.finite) and int(dropped.sums["dropped_nonfinite"]) == 1
+    for a, b in zip(
+        jax.tree.leaves(dropped.delta), jax.tree.leaves(step(empty).delta), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+    assert int(step(data, drop_nonfinite=True).sums["dropped_nonfinite"]) == 0
+
+
+def test_dropped_updates_are_counted_per_round_and_over_the_run(digits_small):
+    import dataclasses
+
+    x = np.array(digits_small.train.x)
+    x[0] = np.nan  # client 0's data is broken: every round it takes part, it is dropped
+    ds = dataclasses.replace(digits_small, train=digits_small.train._replace(x=x))
+    k = ds.num_clients  # every client every round
+    run = dict(rounds=3, clients_per_round=k, eval_every=1, seed=0, progress=False)
+    result = simulate.run(_fedavg(ds, drop_nonfinite=True), ds, **run)
+    assert [r["dropped_nonfinite"] for r in result.history] == [1, 1, 1]
+    assert [r["cumulative_dropped_nonfinite"] for r in result.history] == [1, 2, 3]
+    assert result.summary["dropped_nonfinite"] == 3 and np.isfinite(result.summary["test_loss"])

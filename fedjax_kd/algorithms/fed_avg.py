@@ -53,6 +53,7 @@ def fed_avg(
     aggregator: robust.Aggregator | None = None,
     attack: robust.Attack | None = None,
     dp: privacy.DP | None = None,
+    drop_nonfinite: bool = False,
 ) -> FederatedAlgorithm:
     """Builds FedAvg.
 
@@ -76,6 +77,8 @@ def fed_avg(
         None = every client honest.
       dp: DP-FedAvg's clipping and noise (:class:`fedjax_kd.privacy.DP`);
         None = no privacy.
+      drop_nonfinite: leave clients with a NaN/Inf update out of the
+        aggregate and count them (``dropped_nonfinite``) instead of stopping.
 
     Returns:
       A :class:`~fedjax_kd.types.FederatedAlgorithm`.
@@ -94,6 +97,7 @@ def fed_avg(
         aggregator=aggregator,
         attack=attack,
         dp=dp,
+        drop_nonfinite=drop_nonfinite,
     )
 
 
@@ -215,6 +219,7 @@ def fedavg_step(
     attack_key: jax.Array | None = None,
     dp: privacy.DP | None = None,
     dp_key: jax.Array | None = None,
+    drop_nonfinite: bool = False,
 ) -> FedAvgStep:
     """The FedAvg family's server side, written once: train, sum, divide, step, count.
 
@@ -272,6 +277,9 @@ def fedavg_step(
         (uniform weighting, fixed denominator); ``sums`` then also holds
         ``dp_clipped``, the clients whose update was clipped.
       dp_key: the round's key of the DP noise.
+      drop_nonfinite: a client whose update or train loss holds NaN or Inf
+        is left out of the aggregate (weight 0, update 0) instead of making
+        the round non-finite; ``sums["dropped_nonfinite"]`` counts them.
     """
     if dp is not None and (aggregator is not None or attack is not None or uplink is not None):
         raise ValueError(
@@ -320,6 +328,18 @@ def fedavg_step(
     def chunk_fn(store, clients, inputs_c, valid):
         rows = None if store is None else store.gather(inputs_c["id"])
         out, extra = jax.vmap(one_client)(clients, inputs_c, rows)
+        if drop_nonfinite:
+            ok = jax.vmap(aggregate.tree_all_finite)(out.delta)
+            ok = ok & jnp.isfinite(out.metrics["train_loss"])
+            zero = lambda d: jnp.where(ok.reshape(ok.shape + (1,) * (d.ndim - 1)), d, 0)  # noqa: E731
+            out = out._replace(
+                delta=jax.tree.map(zero, out.delta),
+                weight=jnp.where(ok, out.weight, 0.0),
+                metrics={
+                    **out.metrics,
+                    "train_loss": jnp.where(ok, out.metrics["train_loss"], 0.0),
+                },
+            )
         contribution = functools.partial(aggregate.fedavg_contribution, uniform=uniform_weighting)
         terms = jax.vmap(contribution)(out)
         up = jnp.full(valid.shape, tree_bytes(params), jnp.int32)  # the delta, dense
@@ -341,6 +361,8 @@ def fedavg_step(
             clipped, norms = jax.vmap(lambda d: privacy.clip_update(d, dp.clip_norm))(out.delta)
             terms["weighted_delta"] = clipped
             terms["dp_clipped"] = (norms > dp.clip_norm).astype(jnp.float32)
+        if drop_nonfinite:
+            terms["dropped_nonfinite"] = (~ok).astype(jnp.int32)
         sums = aggregate.masked_sum({**terms, **extra}, valid)
         if uplink is not None:
             sums["weighted_delta"] = weighted_sent
@@ -424,6 +446,7 @@ def from_client_update(
     aggregator: robust.Aggregator | None = None,
     attack: robust.Attack | None = None,
     dp: privacy.DP | None = None,
+    drop_nonfinite: bool = False,
 ) -> FederatedAlgorithm:
     """FedAvg around any ``client_update`` (FedProx, FedNTD): :func:`fedavg_step` each round.
 
@@ -445,6 +468,8 @@ def from_client_update(
         ``fold_in(key, ATTACK_STREAM)``.
       dp: DP-FedAvg (:func:`fedavg_step`), its noise from ``fold_in(key,
         DP_STREAM)``; the round's metrics then hold ``dp_clipped_fraction``.
+      drop_nonfinite: clients with a non-finite update are dropped and
+        counted (``dropped_nonfinite`` in the metrics; :func:`fedavg_step`).
     """
     check_stragglers(straggler_fraction, epochs)
     if attack is not None:
@@ -480,6 +505,7 @@ def from_client_update(
             attack_key=jax.random.fold_in(key, ATTACK_STREAM),
             dp=dp,
             dp_key=jax.random.fold_in(key, DP_STREAM),
+            drop_nonfinite=drop_nonfinite,
         )
         metrics = {
             "train_loss": train_loss(step.sums),
@@ -489,6 +515,8 @@ def from_client_update(
         }
         if dp is not None:
             metrics["dp_clipped_fraction"] = step.sums["dp_clipped"] / cohort.size
+        if drop_nonfinite:
+            metrics["dropped_nonfinite"] = step.sums["dropped_nonfinite"]
         return ServerState(params=step.params, opt_state=step.opt_state), metrics
 
     def eval_models(state: ServerState):

@@ -55,6 +55,7 @@ def fed_ntd(
     aggregator=None,
     attack=None,
     dp=None,
+    drop_nonfinite=False,
 ) -> FederatedAlgorithm:
     """Builds FedNTD.
 
@@ -69,8 +70,9 @@ def fed_ntd(
       uniform_weighting: average deltas uniformly instead of by example count.
       straggler_fraction: fraction of each cohort that are stragglers.
       drop_stragglers: drop stragglers instead of keeping their partial work.
-      aggregator, attack, dp: robust aggregation, malicious clients and
-        DP-FedAvg, as for :func:`fedjax_kd.algorithms.fed_avg`.
+      aggregator, attack, dp, drop_nonfinite: robust aggregation, malicious
+        clients, DP-FedAvg and dropping non-finite updates, as for
+        :func:`fedjax_kd.algorithms.fed_avg`.
     """
     if beta < 0 or tau <= 0:
         raise ValueError(f"FedNTD needs beta >= 0 and tau > 0, got beta={beta}, tau={tau}")
@@ -96,6 +98,7 @@ def fed_ntd(
         aggregator=aggregator,
         attack=attack,
         dp=dp,
+        drop_nonfinite=drop_nonfinite,
     )
 
 

@@ -33,10 +33,12 @@ def fed_prox(
     aggregator=None,
     attack=None,
     dp=None,
+    drop_nonfinite=False,
 ) -> FederatedAlgorithm:
     """Builds FedProx with proximal weight ``mu >= 0``.
 
-    Other arguments (stragglers, ``aggregator``, ``attack``, ``dp``) are those of
+    Other arguments (stragglers, ``aggregator``, ``attack``, ``dp``,
+    ``drop_nonfinite``) are those of
     :func:`fedjax_kd.algorithms.fed_avg`; the paper's FedProx keeps
     stragglers' partial work (``drop_stragglers=False``).
     """
@@ -56,6 +58,7 @@ def fed_prox(
         aggregator=aggregator,
         attack=attack,
         dp=dp,
+        drop_nonfinite=drop_nonfinite,
     )
 
 

@@ -136,6 +136,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.server.norm_bound = 1.0  # norm_bound: the L2 bound M of each update
     c.server.clip_tau = 1.0  # centered_clip: the radius tau
     c.server.clip_iters = 3  # centered_clip: iterations
+    # Leave a client whose update is NaN/Inf out of the round (counted as
+    # dropped_nonfinite) instead of stopping the run (fedavg, fedprox, fedntd).
+    c.server.drop_nonfinite = False
 
     # Malicious clients (the FedAvg family): round(fraction * K) of each cohort
     # attack: none | sign_flip | scale | noise | label_flip | alie | ipm.
