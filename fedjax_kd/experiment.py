@@ -1206,9 +1206,52 @@ def build_run(config: ml_collections.ConfigDict, parallel: int = 1):
     return dataset, algorithm
 
 
+def _all_finite(a) -> bool:
+    """Whether a float array holds no NaN or Inf (block by block: no full-size mask)."""
+    a = np.asarray(a)
+    if not np.issubdtype(a.dtype, np.floating) or a.size == 0:
+        return True
+    flat = a.reshape(len(a), -1) if a.ndim > 1 else a.reshape(-1, 1)
+    step = max(1, (1 << 24) // max(flat.shape[1], 1))
+    return all(np.isfinite(flat[i : i + step]).all() for i in range(0, len(flat), step))
+
+
+def check_data_values(dataset: FederatedDataset, name: str | None = None) -> None:
+    """ConfigError naming the dataset when its values cannot be trained on.
+
+    NaN or Inf in the training, test or proxy features; labels outside
+    ``[0, num_classes)`` (``-1`` allowed for per-position targets); a
+    population whose clients hold no example at all. Runs on the host
+    before anything compiles. ``name``: how the error names the data
+    (default ``dataset.name``; the run passes ``data.name``).
+    """
+    name = dataset.name if name is None else name
+    for what, array in (
+        ("training features", dataset.train.x),
+        ("test features", dataset.test_x),
+        ("proxy features", dataset.proxy_x),
+    ):
+        if array is not None and not _all_finite(array):
+            raise ConfigError(
+                f"data ({name}): its {what} hold NaN or Inf; clean or impute them first"
+            )
+    lowest = -1 if dataset.target_shape else 0
+    for what, y in (("training", dataset.train.y), ("test", dataset.test_y)):
+        y = np.asarray(y)
+        if y.size and (y.min() < lowest or y.max() >= dataset.num_classes):
+            raise ConfigError(
+                f"data ({name}): its {what} labels lie in [{y.min()}, {y.max()}], outside "
+                f"[{lowest}, {dataset.num_classes}) (num_classes {dataset.num_classes})"
+            )
+    if int(np.sum(np.asarray(dataset.train.count))) == 0:
+        raise ConfigError(f"data ({name}): every client is empty (no training example)")
+
+
 def build_checked_dataset(config: ml_collections.ConfigDict) -> FederatedDataset:
-    """:func:`build_dataset`, refusing a cohort larger than the dataset or its model groups."""
+    """:func:`build_dataset`, refusing a cohort larger than the dataset or its model groups,
+    and data it cannot train on (:func:`check_data_values`)."""
     dataset = build_dataset(config)
+    check_data_values(dataset, config.data.name)
     if config.client.augment != "none" and len(dataset.feature_shape) not in (2, 3):
         raise ConfigError(
             f"config key 'client.augment': {config.client.augment} needs images "
