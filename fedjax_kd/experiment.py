@@ -492,6 +492,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         ("server.clip_iters", c.server.clip_iters >= 1, ">= 1"),
         ("attack.fraction", 0 <= c.attack.fraction < 1, "in [0, 1)"),
         ("dp.clip_norm", c.dp.clip_norm >= 0, ">= 0 (0 = no DP)"),
+        ("client.quantize_bits", 0 <= c.client.quantize_bits <= 16, "in [0, 16] (0 = off)"),
         ("dp.noise_multiplier", c.dp.noise_multiplier >= 0, ">= 0"),
         ("dp.delta", 0 < c.dp.delta < 1, "in (0, 1)"),
         ("dp.epsilon_budget", c.dp.epsilon_budget >= 0, ">= 0 (0 = none)"),
@@ -549,6 +550,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
             "(client.drop_stragglers=true); lower it"
         )
     misbehaving = c.attack.kind != "none" and c.attack.fraction > 0
+    if c.client.quantize_bits and not spec.robust:
+        with_codec = [s.name for s in algorithms.SPECS.values() if s.robust]
+        raise ConfigError(
+            f"config key 'client.quantize_bits': algorithm '{name}' sends no dense update to "
+            f"quantize here; quantization works with {', '.join(with_codec)}"
+        )
+    if c.client.quantize_bits and c.dp.clip_norm > 0:
+        raise ConfigError(
+            "config key 'client.quantize_bits': DP-FedAvg's clipping bound does not survive "
+            "quantization; use one or the other"
+        )
     if c.server.drop_nonfinite and not spec.robust:
         with_drop = [s.name for s in algorithms.SPECS.values() if s.robust]
         raise ConfigError(
@@ -1031,6 +1043,8 @@ def _robust_arguments(config: ml_collections.ConfigDict, dataset: FederatedDatas
     out = {"aggregator": aggregator, "attack": attack, "dp": dp}
     if s.drop_nonfinite:
         out["drop_nonfinite"] = True
+    if config.client.quantize_bits:
+        out["quantize_bits"] = config.client.quantize_bits
     return out
 
 

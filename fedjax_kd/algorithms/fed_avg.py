@@ -34,7 +34,7 @@ import optax
 from fedjax_kd import aggregate, privacy, robust
 from fedjax_kd.client import ClientUpdateFn, make_client_update
 from fedjax_kd.cohort import ClientStore
-from fedjax_kd.compress import tree_bytes
+from fedjax_kd.compress import quantize_tree, tree_bytes
 from fedjax_kd.data.federated import check_cohort
 from fedjax_kd.spec import AlgorithmSpec, BuildContext
 from fedjax_kd.types import FederatedAlgorithm, PyTree, ServerState
@@ -54,6 +54,7 @@ def fed_avg(
     attack: robust.Attack | None = None,
     dp: privacy.DP | None = None,
     drop_nonfinite: bool = False,
+    quantize_bits: int = 0,
 ) -> FederatedAlgorithm:
     """Builds FedAvg.
 
@@ -79,6 +80,10 @@ def fed_avg(
         None = no privacy.
       drop_nonfinite: leave clients with a NaN/Inf update out of the
         aggregate and count them (``dropped_nonfinite``) instead of stopping.
+      quantize_bits: send each update with unbiased stochastic
+        ``quantize_bits``-bit quantization
+        (:func:`fedjax_kd.compress.quantize_tree`; bytes counted from the
+        encoding); 0 = dense float32.
 
     Returns:
       A :class:`~fedjax_kd.types.FederatedAlgorithm`.
@@ -98,6 +103,7 @@ def fed_avg(
         attack=attack,
         dp=dp,
         drop_nonfinite=drop_nonfinite,
+        quantize_bits=quantize_bits,
     )
 
 
@@ -130,6 +136,8 @@ STRAGGLER_STREAM = 0x57A6
 ATTACK_STREAM = 0xA77C
 #: Stream of DP-FedAvg's Gaussian noise.
 DP_STREAM = 0xD9
+#: Stream of a client's randomized uplink codec (stochastic quantization).
+CODEC_STREAM = 0xC0DE
 
 
 def client_inputs(
@@ -220,6 +228,7 @@ def fedavg_step(
     dp: privacy.DP | None = None,
     dp_key: jax.Array | None = None,
     drop_nonfinite: bool = False,
+    uplink_codec=None,
 ) -> FedAvgStep:
     """The FedAvg family's server side, written once: train, sum, divide, step, count.
 
@@ -280,8 +289,15 @@ def fedavg_step(
       drop_nonfinite: a client whose update or train loss holds NaN or Inf
         is left out of the aggregate (weight 0, update 0) instead of making
         the round non-finite; ``sums["dropped_nonfinite"]`` counts them.
+      uplink_codec: optional ``codec(delta, key) -> (received, int32 bytes)``
+        of each client's update with a key of its own (``fold_in(client key,
+        CODEC_STREAM)``; e.g. :func:`fedjax_kd.compress.quantize_tree`): like
+        ``uplink``, but randomized.
     """
-    if dp is not None and (aggregator is not None or attack is not None or uplink is not None):
+    encodes = uplink is not None or uplink_codec is not None
+    if uplink is not None and uplink_codec is not None:
+        raise ValueError("fedavg_step takes an uplink transform or an uplink codec, not both")
+    if dp is not None and (aggregator is not None or attack is not None or encodes):
         raise ValueError(
             "DP-FedAvg takes the mean of clipped updates: no robust aggregator, "
             "attack or uplink transform with it"
@@ -347,8 +363,12 @@ def fedavg_step(
             # With count 0 the delta is exactly 0; only a uniform weight (1)
             # would still count a dropped client in the denominator.
             terms["weight"] = jnp.where(inputs_c["active"], terms["weight"], 0.0)
-        if uplink is not None:
-            sent, up = jax.lax.map(uplink, out.delta)
+        if encodes:
+            if uplink_codec is not None:  # keyed (stochastic) codec, a stream per client
+                keys = jax.vmap(lambda k: jax.random.fold_in(k, CODEC_STREAM))(inputs_c["key"])
+                sent, up = jax.lax.map(lambda a: uplink_codec(*a), (out.delta, keys))
+            else:
+                sent, up = jax.lax.map(uplink, out.delta)
             # The server sums what it reconstructs: the chunk's weights dotted
             # with the stacked messages (FedKD's sum since it was written; a
             # reduce of per-client products rounds differently in the last bit).
@@ -364,11 +384,11 @@ def fedavg_step(
         if drop_nonfinite:
             terms["dropped_nonfinite"] = (~ok).astype(jnp.int32)
         sums = aggregate.masked_sum({**terms, **extra}, valid)
-        if uplink is not None:
+        if encodes:
             sums["weighted_delta"] = weighted_sent
         per_client = {"weight": out.weight, "uplink": up, "metrics": out.metrics}
         if stacked:  # every update as received, and its aggregation weight
-            per_client["delta"] = sent if uplink is not None else out.delta
+            per_client["delta"] = sent if encodes else out.delta
             per_client["agg_weight"] = jnp.where(valid, terms["weight"], 0.0)
         if store is not None:
             sums["state_nonfinite"] = jnp.sum(
@@ -447,6 +467,7 @@ def from_client_update(
     attack: robust.Attack | None = None,
     dp: privacy.DP | None = None,
     drop_nonfinite: bool = False,
+    quantize_bits: int = 0,
 ) -> FederatedAlgorithm:
     """FedAvg around any ``client_update`` (FedProx, FedNTD): :func:`fedavg_step` each round.
 
@@ -470,7 +491,18 @@ def from_client_update(
         DP_STREAM)``; the round's metrics then hold ``dp_clipped_fraction``.
       drop_nonfinite: clients with a non-finite update are dropped and
         counted (``dropped_nonfinite`` in the metrics; :func:`fedavg_step`).
+      quantize_bits: unbiased stochastic quantization of the uplink (0 = off).
     """
+    codec = None
+    if quantize_bits:
+        if not 1 <= quantize_bits <= 16:
+            raise ValueError(f"quantize_bits must be in [1, 16], got {quantize_bits}")
+        if dp is not None:
+            raise ValueError("DP-FedAvg's clipping bound does not survive quantization")
+
+        def codec(delta, k):
+            return quantize_tree(delta, k, quantize_bits)
+
     check_stragglers(straggler_fraction, epochs)
     if attack is not None:
         robust.check_attack(attack)
@@ -506,6 +538,7 @@ def from_client_update(
             dp=dp,
             dp_key=jax.random.fold_in(key, DP_STREAM),
             drop_nonfinite=drop_nonfinite,
+            uplink_codec=codec,
         )
         metrics = {
             "train_loss": train_loss(step.sums),

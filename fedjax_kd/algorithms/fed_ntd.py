@@ -56,6 +56,7 @@ def fed_ntd(
     attack=None,
     dp=None,
     drop_nonfinite=False,
+    quantize_bits=0,
 ) -> FederatedAlgorithm:
     """Builds FedNTD.
 
@@ -70,8 +71,9 @@ def fed_ntd(
       uniform_weighting: average deltas uniformly instead of by example count.
       straggler_fraction: fraction of each cohort that are stragglers.
       drop_stragglers: drop stragglers instead of keeping their partial work.
-      aggregator, attack, dp, drop_nonfinite: robust aggregation, malicious
-        clients, DP-FedAvg and dropping non-finite updates, as for
+      aggregator, attack, dp, drop_nonfinite, quantize_bits: robust
+        aggregation, malicious clients, DP-FedAvg, dropping non-finite
+        updates and uplink quantization, as for
         :func:`fedjax_kd.algorithms.fed_avg`.
     """
     if beta < 0 or tau <= 0:
@@ -99,6 +101,7 @@ def fed_ntd(
         attack=attack,
         dp=dp,
         drop_nonfinite=drop_nonfinite,
+        quantize_bits=quantize_bits,
     )
 
 

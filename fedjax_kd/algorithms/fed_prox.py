@@ -34,11 +34,12 @@ def fed_prox(
     attack=None,
     dp=None,
     drop_nonfinite=False,
+    quantize_bits=0,
 ) -> FederatedAlgorithm:
     """Builds FedProx with proximal weight ``mu >= 0``.
 
     Other arguments (stragglers, ``aggregator``, ``attack``, ``dp``,
-    ``drop_nonfinite``) are those of
+    ``drop_nonfinite``, ``quantize_bits``) are those of
     :func:`fedjax_kd.algorithms.fed_avg`; the paper's FedProx keeps
     stragglers' partial work (``drop_stragglers=False``).
     """
@@ -59,6 +60,7 @@ def fed_prox(
         attack=attack,
         dp=dp,
         drop_nonfinite=drop_nonfinite,
+        quantize_bits=quantize_bits,
     )
 
 

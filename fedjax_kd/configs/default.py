@@ -139,6 +139,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Leave a client whose update is NaN/Inf out of the round (counted as
     # dropped_nonfinite) instead of stopping the run (fedavg, fedprox, fedntd).
     c.server.drop_nonfinite = False
+    # Unbiased stochastic b-bit quantization of the clients' uplink updates
+    # (fedavg, fedprox, fedntd; bytes from the encoding); 0 = dense float32.
+    c.client.quantize_bits = 0
 
     # Malicious clients (the FedAvg family): round(fraction * K) of each cohort
     # attack: none | sign_flip | scale | noise | label_flip | alie | ipm.
