@@ -164,7 +164,7 @@ class AlgorithmSpec:
         flags = {
             "groups": self.groups,
             "stragglers": self.stragglers,
-            "robust aggregation, attacks": self.robust,
+            "robust aggregation, attacks, DP, quantization": self.robust,
             "teacher": self.teacher,
             "per-client state": self.per_client_state,
             "a schedule over the run's length (see its keys)": self.rounds_dependent is not _never,
