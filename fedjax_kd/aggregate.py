@@ -22,14 +22,21 @@ def weighted_mean(stacked: PyTree, weights: jax.Array) -> PyTree:
     Args:
       stacked: pytree whose leaves are ``[K, ...]``.
       weights: ``[K]`` non-negative weights (e.g. example counts); if they sum
-        to 0 the result is 0.
+        to 0 the result is 0. Rows of weight 0 are selected away, so their
+        values (even NaN or Inf: a non-participant's update) change nothing.
 
     Returns:
       Pytree of the leaves' weighted means (client axis removed).
     """
+    keep = weights > 0
     weights = weights.astype(jnp.float32)
     total = jnp.maximum(jnp.sum(weights), jnp.finfo(jnp.float32).tiny)
-    return jax.tree.map(lambda x: jnp.tensordot(weights, x, axes=1) / total, stacked)
+
+    def one(x):
+        x = jnp.where(keep.reshape(keep.shape + (1,) * (x.ndim - 1)), x, 0)
+        return jnp.tensordot(weights, x, axes=1) / total
+
+    return jax.tree.map(one, stacked)
 
 
 def divide(tree: PyTree, total: jax.Array) -> PyTree:

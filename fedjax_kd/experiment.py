@@ -550,40 +550,42 @@ def validate(config: ml_collections.ConfigDict) -> None:
             "(client.drop_stragglers=true); lower it"
         )
     misbehaving = c.attack.kind != "none" and c.attack.fraction > 0
-    if c.client.quantize_bits and not spec.robust:
-        with_codec = [s.name for s in algorithms.SPECS.values() if s.robust]
-        raise ConfigError(
-            f"config key 'client.quantize_bits': algorithm '{name}' sends no dense update to "
-            f"quantize here; quantization works with {', '.join(with_codec)}"
-        )
+    if not spec.robust:  # the FedAvg family's server-side options, each refused in one line
+        takes = ", ".join(s.name for s in algorithms.SPECS.values() if s.robust)
+        option = "server.aggregator" if c.server.aggregator != "mean" else "attack.kind"
+        refusals = [
+            (
+                c.client.quantize_bits,
+                f"config key 'client.quantize_bits': algorithm '{name}' sends no dense update "
+                f"to quantize here; quantization works with {takes}",
+            ),
+            (
+                c.server.drop_nonfinite,
+                f"config key 'server.drop_nonfinite': algorithm '{name}' cannot drop clients' "
+                f"updates; dropping non-finite updates works with {takes}",
+            ),
+            (
+                c.dp.clip_norm > 0,
+                f"config key 'dp.clip_norm': DP-FedAvg works with {takes}, not algorithm '{name}'",
+            ),
+            (
+                c.server.aggregator != "mean" or misbehaving,
+                f"config key '{option}': algorithm '{name}' aggregates no client updates this "
+                f"way; robust aggregation and attacks work with {takes}",
+            ),
+        ]
+        for refused, message in refusals:
+            if refused:
+                raise ConfigError(message)
     if c.client.quantize_bits and c.dp.clip_norm > 0:
         raise ConfigError(
             "config key 'client.quantize_bits': DP-FedAvg's clipping bound does not survive "
             "quantization; use one or the other"
         )
-    if c.server.drop_nonfinite and not spec.robust:
-        with_drop = [s.name for s in algorithms.SPECS.values() if s.robust]
-        raise ConfigError(
-            f"config key 'server.drop_nonfinite': algorithm '{name}' cannot drop clients' "
-            f"updates; dropping non-finite updates works with {', '.join(with_drop)}"
-        )
-    if c.dp.clip_norm > 0 and not spec.robust:
-        with_dp = [s.name for s in algorithms.SPECS.values() if s.robust]
-        raise ConfigError(
-            f"config key 'dp.clip_norm': DP-FedAvg works with {', '.join(with_dp)}, "
-            f"not algorithm '{name}'"
-        )
     if c.dp.clip_norm > 0 and (c.server.aggregator != "mean" or misbehaving):
         raise ConfigError(
             "config key 'dp.clip_norm': DP-FedAvg averages clipped updates; it does not "
             "combine with server.aggregator or attack.kind"
-        )
-    if (c.server.aggregator != "mean" or misbehaving) and not spec.robust:
-        with_robust = [s.name for s in algorithms.SPECS.values() if s.robust]
-        key = "server.aggregator" if c.server.aggregator != "mean" else "attack.kind"
-        raise ConfigError(
-            f"config key '{key}': algorithm '{name}' aggregates no client updates this way; "
-            f"robust aggregation and attacks work with {', '.join(with_robust)}"
         )
     attackers = round(c.attack.fraction * c.clients_per_round)
     if misbehaving and attackers == 0:
@@ -971,6 +973,7 @@ def _check_memory(
     """
     c = config
     client_models = [_create_model(n, dataset, "model.student") for n in _group_names(c)]
+    options = _robust_arguments(c, dataset)
     need = resources.estimate(
         algorithm,
         dataset,
@@ -980,8 +983,7 @@ def _check_memory(
         max_local_examples=c.client.max_examples or None,
         epochs=c.client.epochs,
         init_key=simulate.seed_keys(c.seed)[0],
-        stacked_updates=c.server.aggregator != "mean"
-        or (c.attack.kind not in ("none", "label_flip") and c.attack.fraction > 0),
+        stacked_updates=robust.keeps_updates(options["aggregator"], options["attack"]),
     )
     free, where = resources.available_memory()
     if free is not None and parallel > 1 and need.total * parallel > free:

@@ -59,6 +59,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from fedjax_kd.aggregate import weighted_mean
+from fedjax_kd.privacy import clip_update
 from fedjax_kd.types import PyTree
 
 #: The aggregators by ``server.aggregator`` name.
@@ -81,23 +83,6 @@ def _participating(weights: jax.Array) -> jax.Array:
 
 def _expand(mask: jax.Array, leaf: jax.Array) -> jax.Array:
     return mask.reshape(mask.shape + (1,) * (leaf.ndim - 1))
-
-
-def weighted_mean(deltas: PyTree, weights: jax.Array) -> PyTree:
-    """``sum_k w_k x_k / sum_k w_k`` over the client axis (0 when no weight).
-
-    Rows of weight 0 are selected away, so a non-participant's update (even
-    NaN or Inf) changes nothing.
-    """
-    w = weights.astype(jnp.float32)
-    total = jnp.maximum(jnp.sum(w), jnp.finfo(jnp.float32).tiny)
-    keep = _participating(weights)
-
-    def one(x):
-        x = jnp.where(_expand(keep, x), x, 0.0)
-        return jnp.tensordot(w, x, axes=1) / total
-
-    return jax.tree.map(one, deltas)
 
 
 def _sorted_participants(x: jax.Array, mask: jax.Array) -> jax.Array:
@@ -183,23 +168,16 @@ def multi_krum(deltas: PyTree, weights: jax.Array, *, f: int, m: int) -> PyTree:
     return weighted_mean(deltas, jnp.where(chosen, weights, 0.0))
 
 
-def _norms(deltas: PyTree) -> jax.Array:
-    return jnp.sqrt(
-        sum(jnp.sum(x.reshape(x.shape[0], -1) ** 2, 1) for x in jax.tree.leaves(deltas))
-    )
-
-
-def _scale_rows(deltas: PyTree, factor: jax.Array) -> PyTree:
-    return jax.tree.map(lambda x: x * _expand(factor, x).astype(x.dtype), deltas)
+def _clip_rows(deltas: PyTree, bound: float) -> PyTree:
+    """Every client's update (a row of the stacked leaves) clipped to L2 norm ``bound``."""
+    return jax.vmap(lambda d: clip_update(d, bound)[0])(deltas)
 
 
 def norm_bounded_mean(deltas: PyTree, weights: jax.Array, *, bound: float) -> PyTree:
     """Each update scaled to L2 norm ``<= bound``, then the weighted mean."""
     if bound <= 0:
         raise ValueError(f"norm_bound needs a bound > 0, got {bound}")
-    norms = _norms(deltas)
-    factor = jnp.minimum(1.0, bound / jnp.maximum(norms, jnp.finfo(jnp.float32).tiny))
-    return weighted_mean(_scale_rows(deltas, factor), weights)
+    return weighted_mean(_clip_rows(deltas, bound), weights)
 
 
 def centered_clip(deltas: PyTree, weights: jax.Array, *, tau: float, iters: int) -> PyTree:
@@ -209,10 +187,7 @@ def centered_clip(deltas: PyTree, weights: jax.Array, *, tau: float, iters: int)
     v = jax.tree.map(lambda x: jnp.zeros(x.shape[1:], x.dtype), deltas)
     for _ in range(iters):
         diff = jax.tree.map(lambda x, c: x - c[None], deltas, v)
-        norms = _norms(diff)
-        factor = jnp.minimum(1.0, tau / jnp.maximum(norms, jnp.finfo(jnp.float32).tiny))
-        step = weighted_mean(_scale_rows(diff, factor), weights)
-        v = jax.tree.map(jnp.add, v, step)
+        v = jax.tree.map(jnp.add, v, weighted_mean(_clip_rows(diff, tau), weights))
     return v
 
 
@@ -248,7 +223,8 @@ def make_aggregator(
     if name == "median":
         return Aggregator(name, coordinate_median)
     if name == "trimmed_mean":
-        trimmed_mean(jnp.zeros((1, 1)), jnp.ones(1), beta=trim_beta)  # checks beta
+        if not 0.0 <= trim_beta < 0.5:
+            raise ValueError(f"trimmed_mean needs 0 <= beta < 0.5, got {trim_beta}")
         return Aggregator(name, lambda d, w: trimmed_mean(d, w, beta=trim_beta))
     if name in ("krum", "multi_krum"):
         if krum_f < 0 or multi_krum_m < 0:
@@ -301,9 +277,18 @@ class Attack(NamedTuple):
         return self.kind != "none" and self.fraction > 0
 
     @property
-    def needs_benign(self) -> bool:
-        """ALIE and IPM read the round's benign updates: they need them stacked."""
-        return self.active and self.kind in ("alie", "ipm")
+    def updates_attacked(self) -> bool:
+        """Whether malicious clients send other updates (label flipping poisons data only)."""
+        return self.active and self.kind != "label_flip"
+
+
+def keeps_updates(aggregator: Aggregator | None, attack: Attack | None) -> bool:
+    """Whether a round keeps its K updates at once: a robust rule, or an attack on updates.
+
+    Otherwise the FedAvg family's mean stays a running sum over chunks.
+    """
+    rule = aggregator is not None and aggregator.stacked
+    return rule or (attack is not None and attack.updates_attacked)
 
 
 def check_attack(attack: Attack) -> None:
@@ -351,7 +336,7 @@ def attack_deltas(
     benign statistics of ALIE and IPM are over the participating honest
     clients (weight > 0).
     """
-    if not attack.active or attack.kind == "label_flip":
+    if not attack.updates_attacked:
         return deltas
     bad = lambda x: _expand(malicious, x)  # noqa: E731
     if attack.kind == "sign_flip":

@@ -304,10 +304,7 @@ def fedavg_step(
         )
 
     attacking = attack is not None and attack.active
-    # Label flipping poisons data only: the mean of its updates stays a running sum.
-    stacked = (attacking and attack.kind != "label_flip") or (
-        aggregator is not None and aggregator.stacked
-    )
+    stacked = robust.keeps_updates(aggregator, attack)
     if attacking:
         if attack_key is None:
             raise ValueError("an attack needs the round's attack_key")
@@ -402,7 +399,7 @@ def fedavg_step(
     )
     if stacked:
         deltas, weights = per_client.pop("delta"), per_client.pop("agg_weight")
-        if attacking and attack.kind != "label_flip":
+        if attacking:  # label flipping already poisoned the training data
             deltas = robust.attack_deltas(
                 attack, deltas, weights, inputs["malicious"], jax.random.fold_in(attack_key, 1)
             )
