@@ -85,7 +85,11 @@ class BuildContext(NamedTuple):
       distill: ``distill_optimizer``, ``distill_steps``, ``distill_batch_size``
         (the server's ensemble distillation, ``server.distill_*``).
       robust: ``aggregator`` and ``attack`` (``server.aggregator``,
-        ``attack.*``: :mod:`fedjax_kd.robust`), for specs with ``robust=True``.
+        ``attack.*``: :mod:`fedjax_kd.robust`), for specs with ``robust=True``;
+        for specs with ``private_outputs=True``: ``output_dp`` (a
+        :class:`fedjax_kd.privacy.DP` for the published outputs, or None) and
+        ``dp`` (the same for model updates, where the algorithm also sends
+        them: teacher_student, FedDF).
     """
 
     hp: dict
@@ -132,6 +136,9 @@ class AlgorithmSpec:
       stragglers: supports FedProx's stragglers (``client.straggler_fraction``).
       robust: takes a robust aggregator and attacks (``server.aggregator``,
         ``attack.*``; its build passes ``**ctx.robust``).
+      private_outputs: clips and noises what its clients publish for
+        distillation (logits, soft labels, per-label means) with
+        ``dp.output_clip_norm`` (its build passes ``ctx.robust["output_dp"]``).
       teacher: builds ``model.teacher`` (a teacher, a mentor).
       rounds_dependent: ``rounds_dependent(config) -> bool``: whether this
         run's schedule spans ``rounds`` (then a finished run cannot be
@@ -150,6 +157,7 @@ class AlgorithmSpec:
     groups: bool = False
     stragglers: bool = False
     robust: bool = False
+    private_outputs: bool = False
     teacher: bool = False
     rounds_dependent: Callable[[Any], bool] = _never
     per_client_state: bool = False
@@ -165,6 +173,7 @@ class AlgorithmSpec:
             "groups": self.groups,
             "stragglers": self.stragglers,
             "robust aggregation, attacks, DP, quantization": self.robust,
+            "DP on published outputs": self.private_outputs,
             "teacher": self.teacher,
             "per-client state": self.per_client_state,
             "a schedule over the run's length (see its keys)": self.rounds_dependent is not _never,
