@@ -493,9 +493,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
         ("attack.fraction", 0 <= c.attack.fraction < 1, "in [0, 1)"),
         ("dp.clip_norm", c.dp.clip_norm >= 0, ">= 0 (0 = no DP)"),
         ("client.quantize_bits", 0 <= c.client.quantize_bits <= 16, "in [0, 16] (0 = off)"),
+        ("client.topk_fraction", 0 <= c.client.topk_fraction <= 1, "in [0, 1] (0 = off)"),
+        ("client.svd_energy", 0 <= c.client.svd_energy <= 1, "in [0, 1] (0 = off)"),
         ("dp.noise_multiplier", c.dp.noise_multiplier >= 0, ">= 0"),
         ("dp.delta", 0 < c.dp.delta < 1, "in (0, 1)"),
         ("dp.epsilon_budget", c.dp.epsilon_budget >= 0, ">= 0 (0 = none)"),
+        ("dp.sampling", c.dp.sampling in privacy.SAMPLINGS, f"one of {privacy.SAMPLINGS}"),
+        ("dp.accountant", c.dp.accountant in privacy.ACCOUNTANTS, f"one of {privacy.ACCOUNTANTS}"),
+        ("dp.max_cohort", c.dp.max_cohort >= 0, ">= 0 (0 = automatic)"),
+        ("dp.target_quantile", 0 < c.dp.target_quantile < 1, "in (0, 1)"),
+        ("dp.clip_learning_rate", c.dp.clip_learning_rate > 0, "> 0"),
+        ("dp.count_stddev", c.dp.count_stddev >= 0, ">= 0 (0 = clients_per_round / 20)"),
+        ("dp.output_clip_norm", c.dp.output_clip_norm >= 0, ">= 0 (0 = off)"),
         ("attack.noise_std", c.attack.noise_std >= 0, ">= 0"),
     ]
     flat = _flatten(c)
@@ -551,13 +560,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
         )
     misbehaving = c.attack.kind != "none" and c.attack.fraction > 0
     if not spec.robust:  # the FedAvg family's server-side options, each refused in one line
-        takes = ", ".join(s.name for s in algorithms.SPECS.values() if s.robust)
+        specs = algorithms.SPECS.values()
+        takes = ", ".join(s.name for s in specs if s.robust)
         option = "server.aggregator" if c.server.aggregator != "mean" else "attack.kind"
+        codec = _codec_key(c)
         refusals = [
             (
-                c.client.quantize_bits,
-                f"config key 'client.quantize_bits': algorithm '{name}' sends no dense update "
-                f"to quantize here; quantization works with {takes}",
+                codec is not None,
+                f"config key '{codec}': algorithm '{name}' sends no dense update to "
+                f"compress here; uplink codecs work with {takes}",
             ),
             (
                 c.server.drop_nonfinite,
@@ -565,8 +576,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 f"updates; dropping non-finite updates works with {takes}",
             ),
             (
-                c.dp.clip_norm > 0,
-                f"config key 'dp.clip_norm': DP-FedAvg works with {takes}, not algorithm '{name}'",
+                c.dp.clip_norm > 0 and not spec.private_updates,
+                "config key 'dp.clip_norm': DP-FedAvg works with "
+                f"{', '.join(s.name for s in specs if s.private_updates or s.robust)}, "
+                f"not algorithm '{name}'",
+            ),
+            (
+                c.dp.sampling != "fixed",
+                f"config key 'dp.sampling': Poisson sampling works with {takes}, "
+                f"not algorithm '{name}'",
             ),
             (
                 c.server.aggregator != "mean" or misbehaving,
@@ -577,10 +595,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
         for refused, message in refusals:
             if refused:
                 raise ConfigError(message)
-    if c.client.quantize_bits and c.dp.clip_norm > 0:
+    codec = _codec_key(c)
+    codecs = [k for k in ("quantize_bits", "topk_fraction", "svd_energy") if c.client[k]]
+    if len(codecs) > 1:
         raise ConfigError(
-            "config key 'client.quantize_bits': DP-FedAvg's clipping bound does not survive "
-            "quantization; use one or the other"
+            f"config key 'client.{codecs[1]}': choose one uplink codec, not "
+            f"{' and '.join('client.' + k for k in codecs)}"
+        )
+    if codec is not None and c.dp.clip_norm > 0:
+        raise ConfigError(
+            f"config key '{codec}': DP-FedAvg's clipping bound does not survive a lossy "
+            "uplink codec; use one or the other"
+        )
+    if c.client.error_feedback and codec is None:
+        raise ConfigError(
+            "config key 'client.error_feedback': it feeds back what an uplink codec leaves "
+            "out; set client.topk_fraction, client.svd_energy or client.quantize_bits"
         )
     if c.dp.clip_norm > 0 and (c.server.aggregator != "mean" or misbehaving):
         raise ConfigError(
@@ -620,10 +650,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 f"config key 'server.multi_krum_m': {c.server.multi_krum_m} is more than the "
                 f"{c.clients_per_round} clients per round"
             )
-    if c.dp.epsilon_budget > 0 and c.dp.clip_norm <= 0:
-        raise ConfigError(
-            "config key 'dp.epsilon_budget': a budget needs DP (set dp.clip_norm > 0)"
-        )
+    _check_dp(c, spec)
     groups = len(_group_names(c))
     if groups > 1 and not spec.groups:
         with_groups = [s.name for s in algorithms.SPECS.values() if s.groups]
@@ -934,14 +961,19 @@ def build_algorithm(
             distill_steps=s.distill_steps,
             distill_batch_size=s.distill_batch_size,
         ),
-        robust=_robust_arguments(config, dataset) if spec.robust else {},
+        robust=_robust_arguments(config, dataset)
+        if spec.robust
+        else _dp_arguments(config, dataset)
+        if spec.private_outputs or spec.private_updates
+        else {},
     )
     _check_vocabulary(run_models, dataset)
     try:
         algorithm = spec.build(ctx)
-        if ctx.robust.get("dp") is not None:
+        dp = ctx.robust.get("dp") or ctx.robust.get("output_dp")
+        if dp is not None:
             metrics = privacy.host_metrics(
-                ctx.robust["dp"], dataset.num_clients, config.clients_per_round
+                dp, dataset.num_clients, config.clients_per_round, **dp_accounting(config)
             )
             algorithm = algorithm._replace(host_metrics=metrics)
         return algorithm
@@ -1015,6 +1047,115 @@ def _check_memory(
     return need
 
 
+def _codec_key(c: ml_collections.ConfigDict) -> str | None:
+    """The config key of the uplink codec that is on (the first, if several), or None."""
+    for key in ("quantize_bits", "topk_fraction", "svd_energy"):
+        if c.client[key]:
+            return f"client.{key}"
+    return None
+
+
+def _publishes_outputs(config: ml_collections.ConfigDict, spec) -> bool:
+    """Whether this run's clients publish outputs to distil (``dp.output_clip_norm``'s)."""
+    return spec.private_outputs and spec.needs_proxy(config)
+
+
+def _check_dp(c: ml_collections.ConfigDict, spec) -> None:
+    """DP's settings that cannot work together, each refused in one line (ConfigError)."""
+    d, name = c.dp, spec.name
+    on = d.clip_norm > 0 or d.output_clip_norm > 0
+    if d.epsilon_budget > 0 and not on:
+        raise ConfigError(
+            "config key 'dp.epsilon_budget': a budget needs DP (set dp.clip_norm > 0)"
+        )
+    if d.output_clip_norm > 0 and not _publishes_outputs(c, spec):
+        with_outputs = [s.name for s in algorithms.SPECS.values() if s.private_outputs]
+        raise ConfigError(
+            f"config key 'dp.output_clip_norm': algorithm '{name}' publishes no outputs for "
+            f"distillation in this run; it works with {', '.join(with_outputs)} (teacher_student "
+            "and feddf with server.distill_steps > 0)"
+        )
+    if (
+        spec.private_updates
+        and _publishes_outputs(c, spec)
+        and (d.clip_norm > 0) != (d.output_clip_norm > 0)
+    ):
+        raise ConfigError(
+            f"config key 'dp.{'output_clip_norm' if d.clip_norm > 0 else 'clip_norm'}': "
+            f"algorithm '{name}' releases both model updates and proxy logits every round; "
+            "set dp.clip_norm and dp.output_clip_norm together, or the epsilon would not "
+            "cover one of them"
+        )
+    if d.adaptive and d.clip_norm <= 0:
+        raise ConfigError(
+            "config key 'dp.adaptive': adaptive clipping needs DP-FedAvg (set dp.clip_norm > 0, "
+            "the initial clip norm)"
+        )
+    if d.adaptive and not spec.robust:
+        raise ConfigError(
+            f"config key 'dp.adaptive': adaptive clipping works with "
+            f"{', '.join(s.name for s in algorithms.SPECS.values() if s.robust)}, "
+            f"not algorithm '{name}'"
+        )
+    if d.sampling != "fixed" and not on:
+        raise ConfigError(
+            "config key 'dp.sampling': Poisson sampling is DP-FedAvg's (set dp.clip_norm > 0)"
+        )
+    if d.sampling == "poisson" and c.client.straggler_fraction > 0:
+        raise ConfigError(
+            "config key 'dp.sampling': stragglers are drawn from a fixed-size cohort; "
+            "Poisson sampling takes no client.straggler_fraction"
+        )
+    if d.max_cohort and d.sampling != "poisson":
+        raise ConfigError(
+            "config key 'dp.max_cohort': it pads Poisson cohorts (dp.sampling=poisson)"
+        )
+    if d.accountant == "pld" and d.sampling != "poisson":
+        raise ConfigError(
+            "config key 'dp.accountant': pld cannot account fixed-size sampling without "
+            "replacement (dp-accounting's PLD does not support it); use dp.sampling=poisson "
+            "or dp.accountant=rdp"
+        )
+    if on and spec.groups and len(_group_names(c)) > 1:
+        raise ConfigError(
+            "config key 'dp.clip_norm': DP is accounted for uniform sampling; architecture "
+            "groups sample each group apart (use one model group)"
+        )
+
+
+def dp_accounting(config: ml_collections.ConfigDict) -> dict:
+    """:func:`fedjax_kd.privacy.epsilon`'s ``sampling``, ``accountant`` and ``releases``.
+
+    ``releases``: one Gaussian release per round for the updates
+    (``dp.clip_norm``) and one for the published outputs
+    (``dp.output_clip_norm``).
+    """
+    d = config.dp
+    releases = int(d.clip_norm > 0) + int(d.output_clip_norm > 0)
+    return dict(sampling=d.sampling, accountant=d.accountant, releases=max(releases, 1))
+
+
+def _dp_arguments(config: ml_collections.ConfigDict, dataset: FederatedDataset) -> dict:
+    """``dp``, ``output_dp`` and ``poisson`` of ``dp.*`` (None: off)."""
+    d, k, n = config.dp, config.clients_per_round, dataset.num_clients
+    out = {"dp": None}
+    if d.clip_norm > 0:
+        adaptive = None
+        if d.adaptive:
+            adaptive = privacy.AdaptiveClip(
+                d.target_quantile, d.clip_learning_rate, d.count_stddev or k / 20
+            )
+        out["dp"] = privacy.DP(d.clip_norm, d.noise_multiplier, d.delta, adaptive)
+    if d.output_clip_norm > 0:
+        out["output_dp"] = privacy.DP(d.output_clip_norm, d.noise_multiplier, d.delta)
+    if d.sampling == "poisson":
+        rate = k / n
+        out["poisson"] = privacy.Poisson(
+            rate, d.max_cohort or privacy.max_cohort_size(n, rate, config.rounds), float(k)
+        )
+    return out
+
+
 def _robust_arguments(config: ml_collections.ConfigDict, dataset: FederatedDataset) -> dict:
     """``aggregator`` and ``attack`` of ``server.aggregator`` and ``attack.*`` (None: default)."""
     s, a = config.server, config.attack
@@ -1039,14 +1180,14 @@ def _robust_arguments(config: ml_collections.ConfigDict, dataset: FederatedDatas
             epsilon=a.epsilon,
             num_classes=dataset.num_classes,
         )
-    dp = None
-    if config.dp.clip_norm > 0:
-        dp = privacy.DP(config.dp.clip_norm, config.dp.noise_multiplier, config.dp.delta)
-    out = {"aggregator": aggregator, "attack": attack, "dp": dp}
+    out = {"aggregator": aggregator, "attack": attack, **_dp_arguments(config, dataset)}
     if s.drop_nonfinite:
         out["drop_nonfinite"] = True
-    if config.client.quantize_bits:
-        out["quantize_bits"] = config.client.quantize_bits
+    for key in ("quantize_bits", "topk_fraction", "svd_energy"):
+        if config.client[key]:
+            out[key] = config.client[key]
+    if config.client.error_feedback:
+        out.update(error_feedback=True, num_clients=dataset.num_clients)
     return out
 
 
@@ -1302,14 +1443,26 @@ def dp_rounds(config: ml_collections.ConfigDict, dataset: FederatedDataset | Non
     one round fits.
     """
     d = config.dp
-    if dataset is None or d.clip_norm <= 0 or d.epsilon_budget <= 0:
+    on = d.clip_norm > 0 or d.output_clip_norm > 0
+    if dataset is None or not on or d.epsilon_budget <= 0:
         return config.rounds
+    accounting = dp_accounting(config)
     allowed = privacy.rounds_within(
-        d.epsilon_budget, dataset.num_clients, config.clients_per_round, d.noise_multiplier, d.delta
+        d.epsilon_budget,
+        dataset.num_clients,
+        config.clients_per_round,
+        d.noise_multiplier,
+        d.delta,
+        **accounting,
     )
     if allowed == 0:
         eps = privacy.epsilon(
-            dataset.num_clients, config.clients_per_round, d.noise_multiplier, 1, d.delta
+            dataset.num_clients,
+            config.clients_per_round,
+            d.noise_multiplier,
+            1,
+            d.delta,
+            **accounting,
         )
         raise ConfigError(
             f"config key 'dp.epsilon_budget': {d.epsilon_budget} is below one round's epsilon "

@@ -47,7 +47,7 @@ RESERVED_METRICS = ("train_loss", "uplink_bytes", "downlink_bytes", "finite")
 
 #: Per-round counts that are also summed over the run (``cumulative_<name>`` in
 #: every record, ``<name>`` in the summary; kept across a resume).
-CUMULATIVE_METRICS = ("dropped_nonfinite",)
+CUMULATIVE_METRICS = ("dropped_nonfinite", "cohort_overflow")
 
 #: The most rounds one compiled loop runs between host syncs (``rounds_per_call``
 #: is clipped to it: its metrics buffer has one row per round). Grouping rounds
@@ -188,6 +188,9 @@ def _make_round_step(
     def step(state, data, server_data: dict, rounds_key: jax.Array, r: jax.Array):
         key_r = jax.random.fold_in(rounds_key, r)
         ids = sample(jax.random.fold_in(key_r, SAMPLE), num_clients, clients_per_round)
+        members = drawn = None
+        if isinstance(ids, tuple):  # a variable-size cohort (privacy.SampledCohort)
+            ids, members, drawn = ids
         cohort = Cohort.from_store(
             data,
             ids,
@@ -198,6 +201,8 @@ def _make_round_step(
             constrain=constrain,
             augment=augment,
             augment_key=None if augment is None else jax.random.fold_in(key_r, AUGMENT),
+            members=members,
+            drawn=drawn,
         )
         return algorithm.round(state, cohort, jax.random.fold_in(key_r, CLIENTS), server_data)
 
@@ -883,6 +888,14 @@ def _run_group(
                     for name in CUMULATIVE_METRICS:
                         if name in metrics:
                             counted[name][k] += int(np.asarray(metrics[name][k]))
+                    overflow = int(np.asarray(metrics.get("cohort_overflow", [0] * num_points)[k]))
+                    if overflow and jax.process_index() == 0:
+                        bar.write(
+                            f"warning: round {r + i + 1}: Poisson sampling drew {overflow} "
+                            "clients more than the padded cohort holds; they were left out "
+                            "(raise dp.max_cohort; the epsilon assumes no overflow)",
+                            file=sys.stderr,
+                        )
             bar.update(len(per_round))
             r += len(per_round)
             live = [k for k in range(num_points) if errors[k] is None]

@@ -139,6 +139,9 @@ class AlgorithmSpec:
       private_outputs: clips and noises what its clients publish for
         distillation (logits, soft labels, per-label means) with
         ``dp.output_clip_norm`` (its build passes ``ctx.robust["output_dp"]``).
+      private_updates: without ``robust``, still clips and noises its
+        clients' model updates (DP-FedAvg, ``dp.clip_norm``; its build passes
+        ``ctx.robust["dp"]``): teacher_student and FedDF.
       teacher: builds ``model.teacher`` (a teacher, a mentor).
       rounds_dependent: ``rounds_dependent(config) -> bool``: whether this
         run's schedule spans ``rounds`` (then a finished run cannot be
@@ -158,6 +161,7 @@ class AlgorithmSpec:
     stragglers: bool = False
     robust: bool = False
     private_outputs: bool = False
+    private_updates: bool = False
     teacher: bool = False
     rounds_dependent: Callable[[Any], bool] = _never
     per_client_state: bool = False
@@ -174,6 +178,7 @@ class AlgorithmSpec:
             "stragglers": self.stragglers,
             "robust aggregation, attacks, DP, quantization": self.robust,
             "DP on published outputs": self.private_outputs,
+            "DP-FedAvg": self.private_updates,
             "teacher": self.teacher,
             "per-client state": self.per_client_state,
             "a schedule over the run's length (see its keys)": self.rounds_dependent is not _never,

@@ -69,7 +69,9 @@ class FederatedAlgorithm(NamedTuple):
         with extra leading axes (``[M, B, C]`` for M per-client models); the
         accuracy and loss are then averaged over those models.
       sample_cohort: optional ``sample_cohort(key, num_clients, k) -> ids``
-        replacing uniform sampling (e.g. stratified by architecture group).
+        replacing uniform sampling (e.g. stratified by architecture group),
+        or returning a :class:`fedjax_kd.privacy.SampledCohort` (a
+        variable-size cohort padded with a mask: Poisson sampling).
       client_update: optional, for algorithms whose clients all run one
         :func:`fedjax_kd.client.make_client_update` function (FedAvg, FedProx,
         FedNTD, teacher_student): that very function, so that baselines (the

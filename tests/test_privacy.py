@@ -218,3 +218,178 @@ def test_no_noise_reports_null_epsilon(tmp_path):
     ]
     assert cli.main(argv) == 0
     assert json.loads((tmp_path / "summary.json").read_text())["dp_epsilon"] is None
+
+
+# --- Poisson sampling, PLD, adaptive clipping -------------------------------------------
+
+
+def test_poisson_epsilon_equals_direct_dp_accounting_rdp_and_pld():
+    """Poisson at rate K/N, add/remove-one: the RDP value is dp-accounting's own
+    accountant on T rounds; PLD (at our coarser discretization) is within 0.5% of the
+    library's default-discretization PLD and below RDP (PLD is tighter)."""
+    from dp_accounting import pld
+
+    n, k, z, delta = 200, 10, 1.1, 1e-5
+    event = dp_accounting.PoissonSampledDpEvent(k / n, dp_accounting.GaussianDpEvent(z))
+    for rounds in (1, 7, 60):
+        direct = rdp.RdpAccountant()  # ADD_OR_REMOVE_ONE by default
+        for _ in range(rounds):
+            direct.compose(event)
+        got = privacy.epsilon(n, k, z, rounds, delta, sampling="poisson")
+        assert got == pytest.approx(direct.get_epsilon(delta), rel=1e-9)
+        fine = pld.PLDAccountant().compose(event, rounds).get_epsilon(delta)
+        ours = privacy.epsilon(n, k, z, rounds, delta, sampling="poisson", accountant="pld")
+        assert ours == pytest.approx(fine, rel=5e-3) and ours < got
+
+
+def test_two_releases_compose_like_one_of_z_over_root_two():
+    """Updates and outputs released on the same cohort: the composition of two
+    Gaussian events of z inside the sampling equals our single event of z / sqrt 2."""
+    n, k, z, delta = 120, 12, 1.3, 1e-5
+    both = dp_accounting.ComposedDpEvent(
+        [dp_accounting.GaussianDpEvent(z), dp_accounting.GaussianDpEvent(z)]
+    )
+    direct = rdp.RdpAccountant().compose(dp_accounting.PoissonSampledDpEvent(k / n, both), 20)
+    got = privacy.epsilon(n, k, z, 20, delta, sampling="poisson", releases=2)
+    assert got == pytest.approx(direct.get_epsilon(delta), rel=1e-9)
+    assert got > privacy.epsilon(n, k, z, 20, delta, sampling="poisson")
+
+
+def test_pld_refuses_fixed_size_sampling():
+    with pytest.raises(ValueError, match="pld cannot account fixed-size sampling"):
+        privacy.epsilon(100, 10, 1.0, 5, 1e-5, sampling="fixed", accountant="pld")
+
+
+def test_poisson_sampler_is_one_uniform_per_client():
+    """The drawn ids are exactly those whose uniform falls below q (NumPy recomputation),
+    in ascending order, padded and masked; the mean cohort over many rounds is q N."""
+    n, q, m = 300, 0.05, 40
+    sample = jax.jit(privacy.poisson_sampler(q, m), static_argnums=(1, 2))
+    sizes = []
+    for r in range(200):
+        key = jax.random.key(r)
+        got = sample(key, n, 15)
+        want = np.flatnonzero(np.asarray(jax.random.uniform(key, (n,))) < q)
+        assert int(got.drawn) == len(want) <= m
+        np.testing.assert_array_equal(np.asarray(got.ids)[: len(want)], want)
+        np.testing.assert_array_equal(np.asarray(got.members), np.arange(m) < len(want))
+        sizes.append(len(want))
+    # Mean of 200 Binomial(300, 0.05) draws: std sqrt(14.25 / 200) = 0.27; 5 sigma.
+    assert abs(np.mean(sizes) - q * n) < 5 * np.sqrt(n * q * (1 - q) / 200)
+
+
+def test_max_cohort_is_the_smallest_size_within_the_overflow_probability():
+    """Against the binomial tail summed exactly in Python integers."""
+    from fractions import Fraction
+    from math import comb
+
+    def tail(m, n, q):  # P(Bin(n, q) > m), exact
+        return sum(comb(n, i) * q**i * (1 - q) ** (n - i) for i in range(m + 1, n + 1))
+
+    n, q, rounds = 150, Fraction(1, 10), 30
+    m = privacy.max_cohort_size(n, 0.1, rounds)
+    assert tail(m, n, q) * rounds <= Fraction(1, 10**6) < tail(m - 1, n, q) * rounds
+
+
+def test_adaptive_clip_norm_by_hand():
+    """All unclipped (b = 1) shrinks C by exp(-eta (1 - gamma)); all clipped (b = 0)
+    grows it by exp(eta gamma); the count noise is N(0, sigma_b^2) from the key."""
+    a = privacy.AdaptiveClip(target_quantile=0.6, learning_rate=0.3, count_stddev=1e-9)
+    key = jax.random.key(0)
+    up = privacy.adapt_clip_norm(jnp.float32(2.0), 8.0, 8.0, key, a, 8.0)
+    down = privacy.adapt_clip_norm(jnp.float32(2.0), 0.0, 8.0, key, a, 8.0)
+    assert float(up) == pytest.approx(2.0 * np.exp(-0.3 * 0.4), rel=1e-6)
+    assert float(down) == pytest.approx(2.0 * np.exp(0.3 * 0.6), rel=1e-6)
+    noisy = privacy.AdaptiveClip(0.5, 0.2, count_stddev=2.0)
+    got = privacy.adapt_clip_norm(jnp.float32(1.0), 3.0, 10.0, key, noisy, 10.0)
+    b = np.clip((3.0 - 5.0 + 2.0 * float(jax.random.normal(key, ()))) / 10.0 + 0.5, 0, 1)
+    assert float(got) == pytest.approx(np.exp(-0.2 * (b - 0.5)), rel=1e-6)
+
+
+def test_adaptive_splits_the_noise_so_the_total_stays_z():
+    """z_delta^-2 + (2 sigma_b)^-2 = z^-2 (TFF's split), and z >= 2 sigma_b is refused."""
+    dp = privacy.DP(0.1, 1.0, adaptive=privacy.AdaptiveClip(count_stddev=2.0))
+    z_delta = privacy.sum_noise_multiplier(dp)
+    assert z_delta**-2 + 4.0**-2 == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="below 2 x dp.count_stddev"):
+        privacy.check_dp(privacy.DP(0.1, 1.0, adaptive=privacy.AdaptiveClip(count_stddev=0.5)))
+
+
+def test_a_poisson_cohort_trains_only_its_members(dp_setup):
+    """Two formulations: a padded cohort of 6 rows with 4 members (the padding rows are
+    real clients, masked out) equals the 4 members alone, both divided by the expected
+    cohort 5; padding rows send and receive no bytes."""
+    model, update, params, ids, data = dp_setup
+    members = jnp.array([True, True, False, True, True, False])
+    keep = np.flatnonzero(np.asarray(members))
+    dp = privacy.DP(clip_norm=0.3, noise_multiplier=0.0)
+    inputs = client_inputs(jax.random.key(3), 6)
+    common = dict(
+        client_update=update, server_optimizer=optax.sgd(1.0), dp=dp, dp_key=jax.random.key(9),
+        dp_denominator=5.0,
+    )  # fmt: skip
+    padded = Cohort.from_data(data, ids, members=members, drawn=jnp.int32(4))
+    a = fedavg_step(params, optax.sgd(1.0).init(params), padded, inputs, **common)
+    alone = Cohort.from_data(jax.tree.map(lambda x: x[keep], data), ids[keep])
+    sub = jax.tree.map(lambda x: x[keep], inputs)
+    b = fedavg_step(params, optax.sgd(1.0).init(params), alone, sub, **common)
+    for x, y in zip(jax.tree.leaves(a.delta), jax.tree.leaves(b.delta), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-8)
+    assert np.all(np.asarray(a.uplink)[~np.asarray(members)] == 0)
+    assert np.all(np.asarray(a.downlink)[~np.asarray(members)] == 0)
+    assert np.all(np.asarray(a.uplink)[np.asarray(members)] > 0)
+
+
+def test_cli_poisson_and_adaptive_run_and_report(tmp_path):
+    """A Poisson, PLD-accounted, adaptively clipped run: records carry the cohort's size,
+    overflow 0, the clip norm it used and the PLD epsilon of the rounds so far."""
+    argv = ["run", *TINY, "--config.rounds=4", "--config.eval_every=2"]
+    argv += ["--config.dp.clip_norm=0.1", "--config.dp.noise_multiplier=0.8"]
+    argv += ["--config.dp.sampling=poisson", "--config.dp.accountant=pld"]
+    argv += ["--config.dp.adaptive=true", "--config.dp.count_stddev=1", "--workdir", str(tmp_path)]
+    assert cli.main(argv) == 0
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for r in records:
+        assert r["dp_epsilon"] == privacy.epsilon(
+            100, 10, 0.8, r["round"], 1e-5, sampling="poisson", accountant="pld"
+        )
+        assert 0 < r["cohort_size"] and r["cohort_overflow"] == 0 and r["dp_clip_norm"] > 0
+    assert records[0]["dp_clip_norm"] != 0.1  # round 2 clips with the adapted norm
+    assert summary["cohort_overflow"] == 0 and summary["dp_epsilon"] == records[-1]["dp_epsilon"]
+
+
+def test_an_overflowing_poisson_round_is_reported(tmp_path, capsys):
+    argv = ["run", *TINY, "--config.rounds=2", "--config.eval_every=1"]
+    argv += ["--config.dp.clip_norm=1", "--config.dp.sampling=poisson"]
+    argv += ["--config.dp.max_cohort=3", "--workdir", str(tmp_path)]
+    assert cli.main(argv) == 0
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["cohort_size"] == 3 and r["cohort_overflow"] > 0 for r in records)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["cohort_overflow"] == sum(r["cohort_overflow"] for r in records)
+    assert "Poisson sampling drew" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--config.dp.accountant=pld"], "pld cannot account fixed-size sampling"),
+        (["--config.dp.clip_norm=0", "--config.dp.sampling=poisson"], "is DP-FedAvg's"),
+        (["--config.dp.clip_norm=0", "--config.dp.adaptive=true"], "adaptive clipping needs"),
+        (["--config.dp.adaptive=true"], "below 2 x dp.count_stddev"),
+        (
+            [
+                "--config.dp.sampling=poisson",
+                "--config.client.straggler_fraction=0.2",
+                "--config.client.drop_stragglers=true",
+            ],
+            "Poisson sampling takes no client.straggler_fraction",
+        ),
+        (["--config.dp.max_cohort=5"], "it pads Poisson cohorts"),
+        (["--config.dp.sampling=uniform"], "config key 'dp.sampling'"),
+    ],
+)
+def test_sampling_mistakes_are_one_error_line(capsys, no_run, extra, message):
+    assert cli.main(["run", *TINY, "--config.dp.clip_norm=1", *extra]) == 2
+    assert message in one_error_line(capsys.readouterr().err)

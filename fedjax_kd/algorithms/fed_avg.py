@@ -34,7 +34,7 @@ import optax
 from fedjax_kd import aggregate, privacy, robust
 from fedjax_kd.client import ClientUpdateFn, make_client_update
 from fedjax_kd.cohort import ClientStore
-from fedjax_kd.compress import quantize_tree, tree_bytes
+from fedjax_kd.compress import compress_tree, quantize_tree, topk_tree, tree_bytes
 from fedjax_kd.data.federated import check_cohort
 from fedjax_kd.spec import AlgorithmSpec, BuildContext
 from fedjax_kd.types import FederatedAlgorithm, PyTree, ServerState
@@ -55,6 +55,11 @@ def fed_avg(
     dp: privacy.DP | None = None,
     drop_nonfinite: bool = False,
     quantize_bits: int = 0,
+    poisson: privacy.Poisson | None = None,
+    topk_fraction: float = 0.0,
+    svd_energy: float = 0.0,
+    error_feedback: bool = False,
+    num_clients: int | None = None,
 ) -> FederatedAlgorithm:
     """Builds FedAvg.
 
@@ -84,6 +89,20 @@ def fed_avg(
         ``quantize_bits``-bit quantization
         (:func:`fedjax_kd.compress.quantize_tree`; bytes counted from the
         encoding); 0 = dense float32.
+      poisson: Poisson client sampling (:class:`fedjax_kd.privacy.Poisson`):
+        a variable cohort padded to ``max_cohort``; None = ``K`` of ``N``
+        uniformly without replacement.
+      topk_fraction: send each update's top ``topk_fraction`` entries by
+        magnitude, per tensor (:func:`fedjax_kd.compress.topk_tree`); 0 = off.
+      svd_energy: send each 2-D tensor of the update as FedKD's truncated
+        SVD keeping this energy fraction (:func:`fedjax_kd.compress.compress_tree`);
+        0 = off. At most one of ``quantize_bits``, ``topk_fraction``,
+        ``svd_energy``.
+      error_feedback: every client keeps the residual its codec left out and
+        adds it to its next update (per-client state in the server state's
+        :class:`FamilyState`, checkpointed with it).
+      num_clients: the population (rows of the residual store); needed with
+        ``error_feedback``.
 
     Returns:
       A :class:`~fedjax_kd.types.FederatedAlgorithm`.
@@ -104,6 +123,11 @@ def fed_avg(
         dp=dp,
         drop_nonfinite=drop_nonfinite,
         quantize_bits=quantize_bits,
+        poisson=poisson,
+        topk_fraction=topk_fraction,
+        svd_energy=svd_energy,
+        error_feedback=error_feedback,
+        num_clients=num_clients,
     )
 
 
@@ -138,6 +162,8 @@ ATTACK_STREAM = 0xA77C
 DP_STREAM = 0xD9
 #: Stream of a client's randomized uplink codec (stochastic quantization).
 CODEC_STREAM = 0xC0DE
+#: Stream of adaptive clipping's noise on the unclipped count.
+CLIP_COUNT_STREAM = 0xC1C7
 
 
 def client_inputs(
@@ -187,6 +213,8 @@ class FedAvgStep(NamedTuple):
         real examples, 0 for a dropped straggler) and its local ``metrics``.
       store: the per-client store with the cohort's rows updated (None
         without one).
+      residuals: the error-feedback store with the cohort's rows updated
+        (None without error feedback).
     """
 
     params: PyTree
@@ -198,6 +226,7 @@ class FedAvgStep(NamedTuple):
     finite: jax.Array
     per_client: dict
     store: PyTree = None
+    residuals: PyTree = None
 
 
 #: A message transform ``send(tree) -> (tree as received, int32 bytes sent)``:
@@ -205,6 +234,49 @@ class FedAvgStep(NamedTuple):
 #: :func:`fedjax_kd.compress.compress_tree`); the receiver uses what it
 #: reconstructs.
 Transform = Callable[[PyTree], tuple[PyTree, jax.Array]]
+
+
+class FamilyState(NamedTuple):
+    """The server optimizer's state with the FedAvg family's per-run extras.
+
+    Only used when an extra is on, so runs without them keep the optimizer's
+    state as it is (and their checkpoints).
+
+    Attributes:
+      opt_state: the server optimizer's state.
+      clip_norm: adaptive clipping's float32 clip norm for the next round
+        (None without adaptive clipping).
+      residuals: the :class:`~fedjax_kd.cohort.ClientStore` of every client's
+        error-feedback residual (None without error feedback).
+    """
+
+    opt_state: PyTree
+    clip_norm: jax.Array | None = None
+    residuals: ClientStore | None = None
+
+
+def uplink_codecs(*, quantize_bits: int = 0, topk_fraction: float = 0.0, svd_energy: float = 0.0):
+    """``(codec, transform)`` of the FedAvg family's uplink compression (both None: dense).
+
+    ``codec(delta, key)`` is keyed (stochastic quantization); ``transform(delta)``
+    is not (top-k, SVD); each returns ``(received, int32 bytes)``. At most
+    one compression is on (ValueError otherwise).
+    """
+    if sum(bool(v) for v in (quantize_bits, topk_fraction, svd_energy)) > 1:
+        raise ValueError("choose one uplink codec: quantize_bits, topk_fraction or svd_energy")
+    if quantize_bits:
+        if not 1 <= quantize_bits <= 16:
+            raise ValueError(f"quantize_bits must be in [1, 16], got {quantize_bits}")
+        return (lambda delta, k: quantize_tree(delta, k, quantize_bits)), None
+    if topk_fraction:
+        if not 0 < topk_fraction <= 1:
+            raise ValueError(f"topk_fraction must be in (0, 1], got {topk_fraction}")
+        return None, functools.partial(topk_tree, fraction=topk_fraction)
+    if svd_energy:
+        if not 0 < svd_energy <= 1:
+            raise ValueError(f"svd_energy must be in (0, 1], got {svd_energy}")
+        return None, functools.partial(compress_tree, threshold=svd_energy)
+    return None, None
 
 
 def fedavg_step(
@@ -229,6 +301,9 @@ def fedavg_step(
     dp_key: jax.Array | None = None,
     drop_nonfinite: bool = False,
     uplink_codec=None,
+    clip_norm: jax.Array | None = None,
+    dp_denominator: float | None = None,
+    residuals: ClientStore | None = None,
 ) -> FedAvgStep:
     """The FedAvg family's server side, written once: train, sum, divide, step, count.
 
@@ -293,6 +368,22 @@ def fedavg_step(
         of each client's update with a key of its own (``fold_in(client key,
         CODEC_STREAM)``; e.g. :func:`fedjax_kd.compress.quantize_tree`): like
         ``uplink``, but randomized.
+      clip_norm: DP's clip norm as a traced value (adaptive clipping's
+        current ``C``); None = ``dp.clip_norm``. ``sums`` then also holds
+        ``dp_unclipped`` (members with ``||delta_k|| <= C``) and
+        ``dp_members``.
+      dp_denominator: DP's fixed denominator; None = the cohort size (the
+        expected cohort under Poisson sampling).
+      residuals: optional :class:`~fedjax_kd.cohort.ClientStore` of every
+        client's error-feedback residual ``e_k`` (the params' shapes, row =
+        client id), with ``uplink`` or ``uplink_codec``: the client encodes
+        ``m = delta_k + e_k`` and keeps ``e_k <- m - C(m)`` for its next round
+        (Stich et al. 2018; Karimireddy et al. 2019); clients that send
+        nothing keep theirs.
+
+    A cohort with ``members`` (Poisson sampling, padded to a static size)
+    trains only its members: the padding rows have no data, weight 0, and
+    send and receive nothing.
     """
     encodes = uplink is not None or uplink_codec is not None
     if uplink is not None and uplink_codec is not None:
@@ -303,6 +394,13 @@ def fedavg_step(
             "attack or uplink transform with it"
         )
 
+    if cohort.members is not None:  # padding rows of a Poisson cohort take no part
+        active = inputs["active"] & cohort.members if "active" in inputs else cohort.members
+        inputs = {**inputs, "active": active, "member": cohort.members}
+    if residuals is not None:
+        if not encodes:
+            raise ValueError("error feedback needs an uplink transform or codec")
+        inputs = {**inputs, "client_id": cohort.ids}
     attacking = attack is not None and attack.active
     stacked = robust.keeps_updates(aggregator, attack)
     if attacking:
@@ -338,7 +436,8 @@ def fedavg_step(
         )
         return out, ({} if extra_terms is None else extra_terms(out))
 
-    def chunk_fn(store, clients, inputs_c, valid):
+    def chunk_fn(carry, clients, inputs_c, valid):
+        store, residuals = carry
         rows = None if store is None else store.gather(inputs_c["id"])
         out, extra = jax.vmap(one_client)(clients, inputs_c, rows)
         if drop_nonfinite:
@@ -361,11 +460,20 @@ def fedavg_step(
             # would still count a dropped client in the denominator.
             terms["weight"] = jnp.where(inputs_c["active"], terms["weight"], 0.0)
         if encodes:
+            message = out.delta
+            if residuals is not None:  # error feedback: encode the update plus the residual
+                message = jax.tree.map(jnp.add, message, residuals.gather(inputs_c["client_id"]))
             if uplink_codec is not None:  # keyed (stochastic) codec, a stream per client
                 keys = jax.vmap(lambda k: jax.random.fold_in(k, CODEC_STREAM))(inputs_c["key"])
-                sent, up = jax.lax.map(lambda a: uplink_codec(*a), (out.delta, keys))
+                sent, up = jax.lax.map(lambda a: uplink_codec(*a), (message, keys))
             else:
-                sent, up = jax.lax.map(uplink, out.delta)
+                sent, up = jax.lax.map(uplink, message)
+            if residuals is not None:
+                # Clients that send nothing (padding, dropped stragglers) keep theirs.
+                sends = valid & inputs_c.get("active", True)
+                residuals = residuals.scatter(
+                    inputs_c["client_id"], jax.tree.map(jnp.subtract, message, sent), sends
+                )
             # The server sums what it reconstructs: the chunk's weights dotted
             # with the stacked messages (FedKD's sum since it was written; a
             # reduce of per-client products rounds differently in the last bit).
@@ -375,9 +483,14 @@ def fedavg_step(
         if "active" in inputs_c:
             up = jnp.where(inputs_c["active"], up, 0)  # dropped stragglers send nothing
         if dp is not None:  # each client's update clipped to S, every client weight 1
-            clipped, norms = jax.vmap(lambda d: privacy.clip_update(d, dp.clip_norm))(out.delta)
+            bound = dp.clip_norm if clip_norm is None else clip_norm
+            clipped, norms = jax.vmap(lambda d: privacy.clip_update(d, bound))(out.delta)
             terms["weighted_delta"] = clipped
-            terms["dp_clipped"] = (norms > dp.clip_norm).astype(jnp.float32)
+            terms["dp_clipped"] = (norms > bound).astype(jnp.float32)
+            if clip_norm is not None:
+                member = inputs_c.get("member", jnp.ones(valid.shape, bool))
+                terms["dp_unclipped"] = ((norms <= bound) & member).astype(jnp.float32)
+                terms["dp_members"] = member.astype(jnp.float32)
         if drop_nonfinite:
             terms["dropped_nonfinite"] = (~ok).astype(jnp.int32)
         sums = aggregate.masked_sum({**terms, **extra}, valid)
@@ -392,10 +505,10 @@ def fedavg_step(
                 jnp.where(valid, ~jax.vmap(aggregate.tree_all_finite)(out.state), False)
             )
             store = store.scatter(inputs_c["id"], out.state, valid)  # padding rows: nowhere
-        return store, sums, per_client
+        return (store, residuals), sums, per_client
 
-    new_store, sums, per_client = aggregate.scan_over_chunks(
-        chunk_fn, cohort, inputs, store, scan_one=False
+    (new_store, new_residuals), sums, per_client = aggregate.scan_over_chunks(
+        chunk_fn, cohort, inputs, (store, residuals), scan_one=False
     )
     if stacked:
         deltas, weights = per_client.pop("delta"), per_client.pop("agg_weight")
@@ -408,7 +521,14 @@ def fedavg_step(
     elif dp is not None:
         if dp_key is None:
             raise ValueError("DP-FedAvg needs the round's dp_key")
-        delta = privacy.noised_mean(sums["weighted_delta"], dp_key, dp, cohort.size)
+        bound = dp.clip_norm if clip_norm is None else clip_norm
+        delta = privacy.noised_mean(
+            sums["weighted_delta"],
+            dp_key,
+            dp,
+            cohort.size if dp_denominator is None else dp_denominator,
+            std=privacy.sum_noise_multiplier(dp) * bound,
+        )
     else:
         delta = aggregate.divide(sums["weighted_delta"], sums["weight"])
     updates, new_opt_state = server_optimizer.update(delta, opt_state, params)
@@ -424,16 +544,20 @@ def fedavg_step(
     uplink_bytes = per_client["uplink"] + tree_bytes(sums["weight"])
     if "active" in inputs:
         uplink_bytes = jnp.where(inputs["active"], uplink_bytes, 0)
+    downlink_bytes = jnp.full((cohort.size,), down, jnp.int32)
+    if cohort.members is not None:
+        downlink_bytes = jnp.where(cohort.members, downlink_bytes, 0)
     return FedAvgStep(
         params=new_params,
         opt_state=new_opt_state,
         delta=delta,
         sums=sums,
         uplink=uplink_bytes.astype(jnp.int32),
-        downlink=jnp.full((cohort.size,), down, jnp.int32),
+        downlink=downlink_bytes,
         finite=finite,
         per_client={"weight": per_client["weight"], **per_client["metrics"]},
         store=new_store,
+        residuals=new_residuals,
     )
 
 
@@ -465,6 +589,11 @@ def from_client_update(
     dp: privacy.DP | None = None,
     drop_nonfinite: bool = False,
     quantize_bits: int = 0,
+    poisson: privacy.Poisson | None = None,
+    topk_fraction: float = 0.0,
+    svd_energy: float = 0.0,
+    error_feedback: bool = False,
+    num_clients: int | None = None,
 ) -> FederatedAlgorithm:
     """FedAvg around any ``client_update`` (FedProx, FedNTD): :func:`fedavg_step` each round.
 
@@ -486,29 +615,54 @@ def from_client_update(
         ``fold_in(key, ATTACK_STREAM)``.
       dp: DP-FedAvg (:func:`fedavg_step`), its noise from ``fold_in(key,
         DP_STREAM)``; the round's metrics then hold ``dp_clipped_fraction``.
+        With ``dp.adaptive`` the clip norm is state (the server's
+        ``opt_state`` becomes a :class:`FamilyState`), updated
+        every round from a noised unclipped count (``fold_in(key,
+        CLIP_COUNT_STREAM)``) and reported as ``dp_clip_norm``.
+      poisson: Poisson client sampling (:class:`fedjax_kd.privacy.Poisson`);
+        the metrics then hold ``cohort_size`` (clients drawn and trained)
+        and ``cohort_overflow`` (drawn beyond ``max_cohort``, left out), and
+        DP divides by the expected cohort.
+      topk_fraction, svd_energy, error_feedback, num_clients: the uplink
+        codecs and error feedback of :func:`fed_avg`.
       drop_nonfinite: clients with a non-finite update are dropped and
         counted (``dropped_nonfinite`` in the metrics; :func:`fedavg_step`).
       quantize_bits: unbiased stochastic quantization of the uplink (0 = off).
     """
-    codec = None
-    if quantize_bits:
-        if not 1 <= quantize_bits <= 16:
-            raise ValueError(f"quantize_bits must be in [1, 16], got {quantize_bits}")
-        if dp is not None:
-            raise ValueError("DP-FedAvg's clipping bound does not survive quantization")
-
-        def codec(delta, k):
-            return quantize_tree(delta, k, quantize_bits)
+    codec, uplink = uplink_codecs(
+        quantize_bits=quantize_bits, topk_fraction=topk_fraction, svd_energy=svd_energy
+    )
+    if dp is not None and (codec is not None or uplink is not None):
+        raise ValueError("DP-FedAvg's clipping bound does not survive a lossy uplink codec")
+    if error_feedback and (codec is None and uplink is None):
+        raise ValueError("error feedback needs an uplink codec (top-k, SVD or quantization)")
+    if error_feedback and num_clients is None:
+        raise ValueError("error feedback keeps a residual per client: pass num_clients")
 
     check_stragglers(straggler_fraction, epochs)
     if attack is not None:
         robust.check_attack(attack)
     if dp is not None:
         privacy.check_dp(dp)
+    if poisson is not None and straggler_fraction:
+        raise ValueError("stragglers are drawn from a fixed-size cohort, not a Poisson one")
+    adaptive = dp is not None and dp.adaptive is not None
+    expected = None if poisson is None else poisson.expected
 
     def init(key: jax.Array) -> ServerState:
         params = model.init(key)
-        return ServerState(params=params, opt_state=server_optimizer.init(params))
+        opt_state = server_optimizer.init(params)
+        if adaptive or error_feedback:
+            opt_state = FamilyState(
+                opt_state,
+                clip_norm=jnp.asarray(dp.clip_norm, jnp.float32) if adaptive else None,
+                residuals=ClientStore(
+                    jax.tree.map(lambda x: jnp.zeros((num_clients, *x.shape), x.dtype), params)
+                )
+                if error_feedback
+                else None,
+            )
+        return ServerState(params=params, opt_state=opt_state)
 
     def round_fn(state: ServerState, cohort, key: jax.Array, server_data=None):
         check_cohort(cohort)
@@ -520,9 +674,12 @@ def from_client_update(
             straggler_fraction=straggler_fraction,
             drop_stragglers=drop_stragglers,
         )
+        opt_state, clip, residuals = state.opt_state, None, None
+        if adaptive or error_feedback:
+            opt_state, clip, residuals = state.opt_state
         step = fedavg_step(
             state.params,
-            state.opt_state,
+            opt_state,
             cohort,
             inputs,
             client_update=client_update,
@@ -536,6 +693,10 @@ def from_client_update(
             dp_key=jax.random.fold_in(key, DP_STREAM),
             drop_nonfinite=drop_nonfinite,
             uplink_codec=codec,
+            uplink=uplink,
+            clip_norm=clip,
+            dp_denominator=expected,
+            residuals=residuals,
         )
         metrics = {
             "train_loss": train_loss(step.sums),
@@ -543,17 +704,40 @@ def from_client_update(
             "downlink_bytes": step.downlink,
             "finite": step.finite,
         }
+        members = cohort.size
+        if poisson is not None:
+            members = jnp.sum(cohort.members, dtype=jnp.int32)
+            metrics["cohort_size"] = members
+            metrics["cohort_overflow"] = jnp.maximum(cohort.drawn - cohort.size, 0)
         if dp is not None:
-            metrics["dp_clipped_fraction"] = step.sums["dp_clipped"] / cohort.size
+            metrics["dp_clipped_fraction"] = step.sums["dp_clipped"] / jnp.maximum(members, 1)
         if drop_nonfinite:
             metrics["dropped_nonfinite"] = step.sums["dropped_nonfinite"]
-        return ServerState(params=step.params, opt_state=step.opt_state), metrics
+        new_opt_state = step.opt_state
+        new_clip = None
+        if adaptive:
+            metrics["dp_clip_norm"] = clip
+            new_clip = privacy.adapt_clip_norm(
+                clip,
+                step.sums["dp_unclipped"],
+                step.sums["dp_members"],
+                jax.random.fold_in(key, CLIP_COUNT_STREAM),
+                dp.adaptive,
+                cohort.size if expected is None else expected,
+            )
+        if adaptive or error_feedback:
+            new_opt_state = FamilyState(new_opt_state, new_clip, step.residuals)
+        return ServerState(params=step.params, opt_state=new_opt_state), metrics
 
     def eval_models(state: ServerState):
         return {"global": (model.apply, state.params)}
 
     return FederatedAlgorithm(
-        init=init, round=round_fn, eval_models=eval_models, client_update=client_update
+        init=init,
+        round=round_fn,
+        eval_models=eval_models,
+        client_update=client_update,
+        sample_cohort=None if poisson is None else poisson.sampler(),
     )
 
 

@@ -52,11 +52,7 @@ def fed_ntd(
     uniform_weighting: bool = False,
     straggler_fraction: float = 0.0,
     drop_stragglers: bool = False,
-    aggregator=None,
-    attack=None,
-    dp=None,
-    drop_nonfinite=False,
-    quantize_bits=0,
+    **options,
 ) -> FederatedAlgorithm:
     """Builds FedNTD.
 
@@ -71,10 +67,10 @@ def fed_ntd(
       uniform_weighting: average deltas uniformly instead of by example count.
       straggler_fraction: fraction of each cohort that are stragglers.
       drop_stragglers: drop stragglers instead of keeping their partial work.
-      aggregator, attack, dp, drop_nonfinite, quantize_bits: robust
-        aggregation, malicious clients, DP-FedAvg, dropping non-finite
-        updates and uplink quantization, as for
-        :func:`fedjax_kd.algorithms.fed_avg`.
+      **options: ``aggregator``, ``attack``, ``dp``, ``drop_nonfinite``,
+        ``quantize_bits``, ``poisson`` (robust aggregation, malicious clients,
+        DP-FedAvg, dropping non-finite updates, uplink quantization, Poisson
+        sampling), as for :func:`fedjax_kd.algorithms.fed_avg`.
     """
     if beta < 0 or tau <= 0:
         raise ValueError(f"FedNTD needs beta >= 0 and tau > 0, got beta={beta}, tau={tau}")
@@ -97,11 +93,7 @@ def fed_ntd(
         epochs=epochs,
         straggler_fraction=straggler_fraction,
         drop_stragglers=drop_stragglers,
-        aggregator=aggregator,
-        attack=attack,
-        dp=dp,
-        drop_nonfinite=drop_nonfinite,
-        quantize_bits=quantize_bits,
+        **options,
     )
 
 

@@ -30,18 +30,14 @@ def fed_prox(
     uniform_weighting: bool = False,
     straggler_fraction: float = 0.0,
     drop_stragglers: bool = False,
-    aggregator=None,
-    attack=None,
-    dp=None,
-    drop_nonfinite=False,
-    quantize_bits=0,
+    **options,
 ) -> FederatedAlgorithm:
     """Builds FedProx with proximal weight ``mu >= 0``.
 
-    Other arguments (stragglers, ``aggregator``, ``attack``, ``dp``,
-    ``drop_nonfinite``, ``quantize_bits``) are those of
-    :func:`fedjax_kd.algorithms.fed_avg`; the paper's FedProx keeps
-    stragglers' partial work (``drop_stragglers=False``).
+    Other arguments (stragglers, and in ``options`` ``aggregator``,
+    ``attack``, ``dp``, ``drop_nonfinite``, ``quantize_bits``, ``poisson``)
+    are those of :func:`fedjax_kd.algorithms.fed_avg`; the paper's FedProx
+    keeps stragglers' partial work (``drop_stragglers=False``).
     """
     if mu < 0:
         raise ValueError(f"FedProx mu must be >= 0, got {mu}")
@@ -56,11 +52,7 @@ def fed_prox(
         epochs=epochs,
         straggler_fraction=straggler_fraction,
         drop_stragglers=drop_stragglers,
-        aggregator=aggregator,
-        attack=attack,
-        dp=dp,
-        drop_nonfinite=drop_nonfinite,
-        quantize_bits=quantize_bits,
+        **options,
     )
 
 

@@ -139,9 +139,15 @@ def get_config() -> ml_collections.ConfigDict:
     # Leave a client whose update is NaN/Inf out of the round (counted as
     # dropped_nonfinite) instead of stopping the run (fedavg, fedprox, fedntd).
     c.server.drop_nonfinite = False
-    # Unbiased stochastic b-bit quantization of the clients' uplink updates
-    # (fedavg, fedprox, fedntd; bytes from the encoding); 0 = dense float32.
+    # Uplink compression of the clients' updates (fedavg, fedprox, fedntd; bytes
+    # from the encoding), at most one: unbiased stochastic b-bit quantization,
+    # top-k sparsification (fraction of each tensor's entries kept), FedKD's SVD
+    # (energy fraction kept); 0 = dense float32. error_feedback: each client adds
+    # the residual its codec left out to its next update (state per client).
     c.client.quantize_bits = 0
+    c.client.topk_fraction = 0.0
+    c.client.svd_energy = 0.0
+    c.client.error_feedback = False
 
     # Malicious clients (the FedAvg family): round(fraction * K) of each cohort
     # attack: none | sign_flip | scale | noise | label_flip | alie | ipm.
@@ -152,12 +158,27 @@ def get_config() -> ml_collections.ConfigDict:
     c.attack.noise_std = 1.0  # noise: the std of the update sent
     c.attack.epsilon = 0.1  # ipm: attackers send -epsilon x the benign mean
 
-    # User-level DP-FedAvg (fedavg, fedprox, fedntd): every client's update clipped
-    # to dp.clip_norm, Gaussian noise of std noise_multiplier x clip_norm on the sum;
-    # epsilon at dp.delta in every record (RDP, fixed-size sampling, replace-one).
+    # User-level DP-FedAvg (fedavg, fedprox, fedntd; teacher_student and feddf too):
+    # every client's update clipped to dp.clip_norm, Gaussian noise of std
+    # noise_multiplier x clip_norm on the sum, divided by the (expected) cohort;
+    # epsilon at dp.delta in every record.
     c.dp = ml_collections.ConfigDict()
     c.dp.clip_norm = 0.0  # 0 = no DP
     c.dp.noise_multiplier = 1.0
     c.dp.delta = 1e-5
     c.dp.epsilon_budget = 0.0  # > 0: stop at the last round within this epsilon
+    # fixed: K of N without replacement (replace-one, RDP); poisson: each client
+    # joins with probability K/N (add/remove-one, RDP or PLD).
+    c.dp.sampling = "fixed"
+    c.dp.accountant = "rdp"  # rdp | pld (pld: Poisson sampling only)
+    c.dp.max_cohort = 0  # Poisson's padded cohort; 0 = overflow w.p. <= 1e-6 per run
+    # Adaptive clipping (Andrew et al. 2021): dp.clip_norm is the initial C.
+    c.dp.adaptive = False
+    c.dp.target_quantile = 0.5
+    c.dp.clip_learning_rate = 0.2
+    c.dp.count_stddev = 0.0  # 0 = clients_per_round / 20
+    # DP for what distillation publishes (fedmd, ds_fl, fd; the proxy logits of
+    # teacher_student and feddf): each client's output block clipped to this L2
+    # norm, noise of std noise_multiplier x output_clip_norm on the sum. 0 = off.
+    c.dp.output_clip_norm = 0.0
     return c

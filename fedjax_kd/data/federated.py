@@ -332,13 +332,29 @@ class Cohort:
         grows with the chunk, not with K.
       multiple: gathered row counts are padded to a multiple of this (the
         number of devices the client axis is sharded over).
+      members: optional bool ``[K]``: which rows are sampled clients; the
+        others pad a variable-size (Poisson) cohort to its static size and
+        take no part (None: every row is a client).
+      drawn: optional int32 scalar: how many clients the sampler drew (more
+        than ``K`` is an overflow the round reports); None with ``members``.
     """
 
-    def __init__(self, ids: jax.Array, gather_rows, *, chunk_size=None, multiple: int = 1):
+    def __init__(
+        self,
+        ids: jax.Array,
+        gather_rows,
+        *,
+        chunk_size=None,
+        multiple: int = 1,
+        members: jax.Array | None = None,
+        drawn: jax.Array | None = None,
+    ):
         self.ids = ids
         self._gather_rows = gather_rows
         self.chunk_size = chunk_size
         self.multiple = multiple
+        self.members = members
+        self.drawn = drawn
 
     @property
     def size(self) -> int:
@@ -360,11 +376,19 @@ class Cohort:
             lambda rows: self._gather_rows(start + rows),
             chunk_size=self.chunk_size,
             multiple=self.multiple,
+            members=None if self.members is None else self.members[start:stop],
         )
 
     @classmethod
     def from_data(
-        cls, data: ClientData, ids: jax.Array | None = None, *, chunk_size=None, multiple: int = 1
+        cls,
+        data: ClientData,
+        ids: jax.Array | None = None,
+        *,
+        chunk_size=None,
+        multiple: int = 1,
+        members: jax.Array | None = None,
+        drawn: jax.Array | None = None,
     ) -> Cohort:
         """A cohort over an already gathered padded :class:`ClientData` ``[K, N, ...]``.
 
@@ -372,7 +396,7 @@ class Cohort:
           data: the cohort's clients, row ``k`` the ``k``-th sampled client.
           ids: int32 ``[K]`` their client ids (the rows of per-client stores:
             FedKD's mentors, the personal models); default ``0..K-1``.
-          chunk_size, multiple: as for the constructor.
+          chunk_size, multiple, members, drawn: as for the constructor.
         """
         if ids is None:
             ids = jnp.arange(data.count.shape[0], dtype=jnp.int32)
@@ -381,6 +405,8 @@ class Cohort:
             lambda rows: jax.tree.map(lambda a: jnp.take(a, rows, axis=0), data),
             chunk_size=chunk_size,
             multiple=multiple,
+            members=members,
+            drawn=drawn,
         )
 
     @classmethod
@@ -396,13 +422,16 @@ class Cohort:
         constrain=None,
         augment=None,
         augment_key: jax.Array | None = None,
+        members: jax.Array | None = None,
+        drawn: jax.Array | None = None,
     ):
         """A cohort gathered from a population store with :func:`gather_cohort`.
 
         ``constrain`` (e.g. a sharding constraint) is applied to every gathered
         :class:`ClientData`. ``augment(key, x)`` (``fedjax_kd.augment``), when
         given, transforms each gathered client's ``x`` with the key
-        ``fold_in(augment_key, client_id)``.
+        ``fold_in(augment_key, client_id)``. ``members`` and ``drawn``: as
+        for the constructor (a Poisson cohort).
         """
 
         def gather_rows(rows):
@@ -413,7 +442,14 @@ class Cohort:
                 out = out._replace(x=jax.vmap(augment)(keys, out.x))
             return out if constrain is None else constrain(out)
 
-        return cls(ids, gather_rows, chunk_size=chunk_size, multiple=multiple)
+        return cls(
+            ids,
+            gather_rows,
+            chunk_size=chunk_size,
+            multiple=multiple,
+            members=members,
+            drawn=drawn,
+        )
 
 
 def check_cohort(cohort) -> None:
