@@ -1010,7 +1010,10 @@ def _check_memory(
         algorithm,
         dataset,
         client_models=client_models,
-        clients_per_round=c.clients_per_round,
+        # A Poisson cohort is padded to its static maximum: that many clients train.
+        clients_per_round=options["poisson"].max_cohort
+        if options.get("poisson")
+        else c.clients_per_round,
         client_chunk_size=c.client_chunk_size or None,
         max_local_examples=c.client.max_examples or None,
         epochs=c.client.epochs,

@@ -176,7 +176,7 @@ class AlgorithmSpec:
         flags = {
             "groups": self.groups,
             "stragglers": self.stragglers,
-            "robust aggregation, attacks, DP, quantization": self.robust,
+            "robust aggregation, attacks, DP (Poisson, adaptive), uplink codecs": self.robust,
             "DP on published outputs": self.private_outputs,
             "DP-FedAvg": self.private_updates,
             "teacher": self.teacher,
