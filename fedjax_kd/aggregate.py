@@ -4,6 +4,12 @@ FedAvg (McMahan et al., AISTATS 2017, arXiv 1602.05629) averages client
 updates weighted by their number of examples; adaptive federated optimization
 (Reddi et al., ICLR 2021, arXiv 2003.00295) feeds that average, the
 pseudo-gradient ``delta = global - mean(client)``, to a server optimizer.
+
+Output DP for distillation (:func:`clip_output`, :data:`OUTPUT_DP_STREAM`,
+:func:`check_private_outputs`; Sources: ``shared/REFERENCES_NEXT.md`` A4):
+what clients publish (logits, soft labels, per-label tables) is clipped per
+client, summed, noised once and divided by the cohort size, as DP-FedAvg does
+with updates.
 """
 
 from __future__ import annotations
@@ -12,8 +18,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_kd import privacy
 from fedjax_kd.data.federated import Cohort, check_cohort
 from fedjax_kd.types import Params, PyTree
+
+#: ``fold_in`` stream of a round's key for the Gaussian noise on the outputs
+#: its clients publish (output DP; :func:`clip_output`). Distinct from every
+#: other stream of the algorithms that use it (``fed_avg.DP_STREAM`` = 0xD9,
+#: the straggler, attack and codec streams, and the small per-phase ones).
+OUTPUT_DP_STREAM = 0xD10
 
 
 def weighted_mean(stacked: PyTree, weights: jax.Array) -> PyTree:
@@ -87,15 +100,82 @@ def fedavg_contribution(out, *, uniform: bool = False) -> dict:
     }
 
 
-def ensemble_contribution(apply_fn, global_params: Params, out, proxy_x: jax.Array) -> dict:
+def clip_output(block: jax.Array, clip_norm: float, keep) -> tuple[jax.Array, jax.Array]:
+    """One client's published block under output DP: 0 unless ``keep``, clipped to norm ``S``.
+
+    The block (logits or soft labels on the public set, a per-label table) is
+    flattened as a whole: its Frobenius norm is bounded by ``clip_norm``
+    (:func:`fedjax_kd.privacy.clip_update`), so adding or removing one client
+    moves the cohort's sum by at most ``S`` and replacing one by ``2 S``, as
+    for DP-FedAvg's updates. Summed over the cohort, noised once with
+    :func:`fedjax_kd.privacy.noised_mean` and divided by the fixed cohort
+    size, this is the Gaussian mechanism on the published outputs (Sources:
+    ``shared/REFERENCES_NEXT.md`` A4, "DP for output sharing and
+    distillation"; DP-FedAvg, McMahan et al., ICLR 2018, arXiv 1710.06963).
+
+    Args:
+      block: one client's outputs, any shape.
+      clip_norm: ``S``.
+      keep: bool scalar; False (no data, a padding row, a dropped straggler)
+        uploads zeros, whatever ``block`` holds (even NaN).
+
+    Returns:
+      ``(clipped block, float32 1.0 if it was clipped else 0.0)``.
+    """
+    block = jnp.where(keep, block, jnp.zeros_like(block))
+    clipped, norm = privacy.clip_update(block, clip_norm)
+    return clipped, (norm > clip_norm).astype(jnp.float32)
+
+
+def check_private_outputs(
+    algorithm: str,
+    output_dp: privacy.DP | None,
+    dp: privacy.DP | None = None,
+    num_groups: int = 1,
+) -> None:
+    """Raises ValueError for output DP (and DP-FedAvg) settings a distillation builder refuses.
+
+    Both settings are checked by :func:`fedjax_kd.privacy.check_dp`; adaptive
+    clipping is not implemented for them here; and with either one, more
+    than one architecture group is refused: group-stratified sampling
+    (``K / G`` clients of each group) is not the uniform sampling of ``K``
+    of ``N`` clients the accountant describes.
+    """
+    for name, setting in (("output_dp", output_dp), ("dp", dp)):
+        if setting is None:
+            continue
+        privacy.check_dp(setting)
+        if getattr(setting, "adaptive", None) is not None:
+            raise ValueError(f"{algorithm}: adaptive clipping is not implemented for {name}")
+        if num_groups > 1:
+            raise ValueError(
+                f"{algorithm}: {name} needs one architecture group, got {num_groups}: "
+                "group-stratified cohorts are not the uniform sampling of K of N clients "
+                "the privacy accountant describes"
+            )
+
+
+def ensemble_contribution(
+    apply_fn, global_params: Params, out, proxy_x: jax.Array, clip_norm: float | None = None
+) -> dict:
     """One client's local model's logits on the proxy set (FedDF-style ensemble).
 
     Sum over clients and divide ``proxy_logits`` by ``members`` for the mean
     logits of the clients that had data.
+
+    With ``clip_norm`` (output DP, :func:`clip_output`) the ``[P, C]``
+    logits block is clipped to Frobenius norm ``clip_norm`` (zero for a
+    client without data) and ``output_clipped`` (1.0 if it was clipped) is
+    added; the caller then adds noise to the summed ``proxy_logits`` and
+    divides by the cohort size instead of ``members``. Without it the terms
+    are exactly those of plain FedDF.
     """
     has_data = (out.weight > 0).astype(jnp.float32)
     local = jax.tree.map(jnp.subtract, global_params, out.delta)
-    return {"proxy_logits": has_data * apply_fn(local, proxy_x), "members": has_data}
+    if clip_norm is None:
+        return {"proxy_logits": has_data * apply_fn(local, proxy_x), "members": has_data}
+    logits, clipped = clip_output(apply_fn(local, proxy_x), clip_norm, out.weight > 0)
+    return {"proxy_logits": logits, "members": has_data, "output_clipped": clipped}
 
 
 def _chunk_layout(cohort: Cohort, inputs: PyTree):

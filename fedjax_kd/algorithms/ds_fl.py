@@ -60,6 +60,24 @@ subset (``public_forward_examples``) and ``K * P * distill_epochs`` training
 examples of distillation (``distill_examples``), plus ``P * distill_epochs``
 on the server with a server model (``server_distill_examples``).
 
+Output DP (``output_dp``; Sources: ``shared/REFERENCES_NEXT.md`` A4, "DP for
+output sharing and distillation"): each client's soft-label block ``[P, C]``
+is clipped to Frobenius norm ``S`` (a softmax block has norm at most
+``sqrt(P)``, so ``S >= sqrt(P)`` never clips; a client without data uploads
+zeros), the server adds ``N(0, (z S)^2)`` once to the cohort's sum (stream
+``aggregate.OUTPUT_DP_STREAM`` of the round key) and divides by the cohort
+size ``K`` (fixed denominator). Noise makes that mean's entries negative and
+its rows sum to anything, so before ERA (or the plain mean) every row is
+projected back onto the probability simplex
+(:func:`~fedjax_kd.algorithms.personal.project_rows`): clipped at 0 and
+divided by its sum, the ratio estimator of the contributing clients' mean
+soft label (exactly the non-private mean without noise and clipping); a row
+left with no positive entry becomes uniform (no information). The
+projection, ERA, the clients' and the server's distillation are all
+post-processing. The round's metrics then hold
+``dp_output_clipped_fraction``, the fraction of the ``K`` clients whose
+block was clipped.
+
 Memory: a round is two passes over the cohort, ``client_chunk_size`` clients
 of one group at a time (:func:`~fedjax_kd.algorithms.personal.cohort_pass`):
 the first runs the update and sums the soft labels (steps 1-2; with
@@ -77,7 +95,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_kd import aggregate, losses
+from fedjax_kd import aggregate, losses, privacy
 from fedjax_kd.algorithms.personal import (
     PHASE_A,
     PHASE_B,
@@ -93,6 +111,7 @@ from fedjax_kd.algorithms.personal import (
     outputs,
     per_client_bytes,
     personal_eval_models,
+    project_rows,
     public_hypers,
     public_subset,
     require,
@@ -175,6 +194,7 @@ def ds_fl(
     distill_first: bool = False,
     server_model=None,
     server_optimizer: optax.GradientTransformation | None = None,
+    output_dp: privacy.DP | None = None,
 ) -> FederatedAlgorithm:
     """Builds DS-FL over personal models of one or more architecture groups.
 
@@ -197,6 +217,10 @@ def ds_fl(
         aggregated soft labels each round (reported as ``server``).
       server_optimizer: the server model's distillation optimizer (default:
         the distillation optimizer).
+      output_dp: optional :class:`fedjax_kd.privacy.DP` on the published soft
+        labels (module docstring): clipped blocks, noised sum over the cohort
+        size, rows projected back onto the simplex; one architecture group
+        only. None: no privacy.
 
     Returns:
       A :class:`~fedjax_kd.types.FederatedAlgorithm` whose ``round`` needs
@@ -215,6 +239,7 @@ def ds_fl(
         raise ValueError(f"ds_fl: era_temperature must be > 0, got {era_temperature}")
     if min(epochs, batch_size, public_size, distill_epochs, distill_batch_size) < 1:
         raise ValueError("ds_fl: epochs, batch sizes, public_size and distill_epochs must be >= 1")
+    aggregate.check_private_outputs("ds_fl", output_dp, num_groups=num_groups)
     distill_optimizer = client_optimizer if distill_optimizer is None else distill_optimizer
     server_optimizer = distill_optimizer if server_optimizer is None else server_optimizer
     private = [
@@ -267,7 +292,16 @@ def ds_fl(
             probs = jax.nn.softmax(outputs(models[g], params, x_pub), axis=-1)
             return (None if distill_first else params), out, probs
 
-        stores, first, mean = cohort_pass(predict, cohort_data, groups, state.stores, keys)
+        dp_args = {}
+        if output_dp is not None:  # clipped soft labels, noised sum over K
+            dp_key = jax.random.fold_in(key, aggregate.OUTPUT_DP_STREAM)
+            dp_args = {"output_dp": output_dp, "dp_key": dp_key}
+        stores, first, mean = cohort_pass(
+            predict, cohort_data, groups, state.stores, keys, **dp_args
+        )
+        if output_dp is not None:  # post-processing: rows back onto the simplex
+            rows, kept = project_rows(mean)
+            mean = jnp.where(kept[..., None], rows, 1.0 / mean.shape[-1])
         targets = targets_from_mean(mean, aggregation=aggregation, temperature=era_temperature)
 
         def distillation(g, params, clients, inputs):  # pass 2: distillation (, update)
@@ -314,6 +348,8 @@ def ds_fl(
             "distill_examples": jnp.asarray(k * public_size * distill_epochs, jnp.int32),
             **extra,
         }
+        if output_dp is not None:
+            metrics["dp_output_clipped_fraction"] = jnp.mean(first["output_clipped"])
         return DSFLState(stores=stores, server=server, round=state.round + 1), metrics
 
     def eval_models(state: DSFLState):
@@ -340,6 +376,7 @@ def _build(ctx: BuildContext) -> FederatedAlgorithm:
         aggregation=hp["aggregation"],
         distill_epochs=hp["public_epochs"],
         distill_batch_size=hp["public_batch_size"],
+        output_dp=ctx.robust.get("output_dp"),
         **ctx.personal,
     )
 
@@ -365,4 +402,5 @@ SPEC = AlgorithmSpec(
     needs_proxy=always,
     groups=True,
     per_client_state=True,
+    private_outputs=True,
 )

@@ -56,6 +56,29 @@ zero rows of ``F_k`` already mark the labels a client lacks). Compute: the
 distillation term reuses the training logits; the uploads cost one forward
 pass per private example (``label_stats_forward_examples``).
 
+Output DP (``output_dp``; Sources: ``shared/REFERENCES_NEXT.md`` A4, "DP for
+output sharing and distillation"): the server no longer sees any client's
+table. Each cohort client's table ``F_k`` (``[C, C]``; Frobenius norm at most
+``sqrt(C)``, so ``S >= sqrt(C)`` never clips) is clipped to norm ``S`` (a
+client without data uploads zeros), the server adds ``N(0, (z S)^2)`` once
+to the cohort's sum (stream ``aggregate.OUTPUT_DP_STREAM`` of the round key)
+and divides by the cohort size ``K`` (fixed denominator). Post-processing:
+each row ``l`` of that mean is projected back onto the simplex
+(:func:`~fedjax_kd.algorithms.personal.project_rows`: clipped at 0, divided
+by its sum, which counts the clients holding ``l``), so it estimates the
+mean of the holders' rows, each holder counting once (``label_weighting``
+must be ``"uniform"``: the label counts are not published); a row whose
+noised sum is below half a client (``0.5 / K``: labels nobody held) is zero,
+no distillation term. That one table (``dp_table``, made in round
+``dp_round``) is every client's target while it is at most
+``max_staleness`` rounds old. Deviations this forces: no leave-one-out (a
+client that was in the table's cohort distils partly towards its own
+upload), and only the latest round's cohort, not each client's latest upload.
+Up goes ``F_k`` alone; the round's metrics hold
+``dp_output_clipped_fraction``, the fraction of the ``K`` clients whose table
+was clipped; ``label_means``, ``label_counts`` and ``upload_round`` stay at
+their initial values.
+
 Memory: the targets of a round come from earlier rounds' uploads, so a round
 is one pass over the cohort, ``client_chunk_size`` clients of one group at a
 time (:func:`~fedjax_kd.algorithms.personal.cohort_pass`): each chunk trains
@@ -72,7 +95,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_kd import aggregate, losses
+from fedjax_kd import aggregate, losses, privacy
 from fedjax_kd.algorithms.personal import (
     PHASE_A,
     cohort_pass,
@@ -80,6 +103,7 @@ from fedjax_kd.algorithms.personal import (
     group_sampler,
     init_personal_stores,
     personal_eval_models,
+    project_rows,
 )
 from fedjax_kd.client import local_train, sum_batches
 from fedjax_kd.compress import tree_bytes
@@ -101,6 +125,10 @@ class FDState(NamedTuple):
       label_counts: int32 ``[num_clients, C]``, the label counts of that upload.
       upload_round: int32 ``[num_clients]``, the round of that upload (-1: none).
       round: number of completed rounds (int32 scalar).
+      dp_table: with output DP, float32 ``[C, C]``: the latest private
+        target table (module docstring); None without.
+      dp_round: with output DP, the round ``dp_table`` was made in (int32
+        scalar, -1: none yet); None without.
     """
 
     stores: tuple
@@ -108,6 +136,8 @@ class FDState(NamedTuple):
     label_counts: jax.Array
     upload_round: jax.Array
     round: jax.Array
+    dp_table: jax.Array | None = None
+    dp_round: jax.Array | None = None
 
 
 def per_label_mean_softmax(
@@ -225,6 +255,7 @@ def fd(
     gamma: float = 1.0,
     label_weighting: str = "count",
     max_staleness: int | None = 1,
+    output_dp: privacy.DP | None = None,
 ) -> FederatedAlgorithm:
     """Builds FD over personal models of one or more architecture groups.
 
@@ -239,6 +270,11 @@ def fd(
       label_weighting: ``"count"`` or ``"uniform"`` (see the module docstring).
       max_staleness: use uploads made at most this many rounds ago (>= 1;
         1 = the previous round's, FD's protocol); None = every latest upload.
+      output_dp: optional :class:`fedjax_kd.privacy.DP` on the published
+        tables (module docstring): clipped tables, noised sum over the cohort
+        size, rows projected onto the simplex, one shared target table;
+        needs ``label_weighting="uniform"`` and one architecture group.
+        None: no privacy.
 
     Returns:
       A :class:`~fedjax_kd.types.FederatedAlgorithm` whose ``round`` reads
@@ -255,6 +291,13 @@ def fd(
         raise ValueError("fd needs gamma >= 0, num_classes >= 1, epochs and batch_size >= 1")
     if max_staleness is not None and max_staleness < 1:
         raise ValueError(f"fd: max_staleness must be >= 1 or None, got {max_staleness}")
+    aggregate.check_private_outputs("fd", output_dp, num_groups=num_groups)
+    if output_dp is not None and label_weighting != "uniform":
+        raise ValueError(
+            "fd: output_dp needs label_weighting='uniform': the server sees only the noised "
+            "sum of the tables, in which every client holding a label counts once (the label "
+            "counts are not published)"
+        )
 
     def make_train(apply_fn):
         def one(params, x, y, targets, count, key):
@@ -289,12 +332,19 @@ def fd(
     stats = [make_stats(m.apply) for m in models]
 
     def init(key: jax.Array) -> FDState:
+        dp_state = {}
+        if output_dp is not None:
+            dp_state = {
+                "dp_table": jnp.zeros((num_classes, num_classes), jnp.float32),
+                "dp_round": jnp.full((), -1, jnp.int32),
+            }
         return FDState(
             stores=init_personal_stores(models, key, num_clients),
             label_means=jnp.zeros((num_clients, num_classes, num_classes), jnp.float32),
             label_counts=jnp.zeros((num_clients, num_classes), jnp.int32),
             upload_round=jnp.full((num_clients,), -1, jnp.int32),
             round=jnp.zeros((), jnp.int32),
+            **dp_state,
         )
 
     def round_fn(state: FDState, cohort_data, key: jax.Array, server_data=None):
@@ -302,14 +352,19 @@ def fd(
         ids = cohort_data.ids
         k = ids.shape[0]
         groups = group_rows(ids, num_groups)
-        available = available_uploads(state.upload_round, state.round, max_staleness)
-        tables = leave_one_out_targets(
-            state.label_means,
-            state.label_counts,
-            available,
-            ids,
-            label_weighting=label_weighting,
-        )  # [K, C, C], what the server sends
+        if output_dp is None:
+            available = available_uploads(state.upload_round, state.round, max_staleness)
+            tables = leave_one_out_targets(
+                state.label_means,
+                state.label_counts,
+                available,
+                ids,
+                label_weighting=label_weighting,
+            )  # [K, C, C], what the server sends
+        else:  # the latest private table, the same for every client, while fresh enough
+            fresh = available_uploads(state.dp_round, state.round, max_staleness)
+            table = jnp.where(fresh, state.dp_table, 0.0)
+            tables = jnp.broadcast_to(table, (k, num_classes, num_classes))
         keys = jax.random.split(jax.random.fold_in(key, PHASE_A), k)
 
         # One pass: the targets come from earlier rounds' uploads, not this round's.
@@ -319,11 +374,21 @@ def fd(
             x, y, count = clients.x, clients.y, clients.count
             p, m = train[g](params, x, y, targets, count, inputs["key"])
             f, n = stats[g](p, x, y, count)
-            return p, {"train_loss": m["train_loss"], "means": f, "counts": n}, None
+            upload = None if output_dp is None else f  # with output DP: clipped, noised sum
+            return p, {"train_loss": m["train_loss"], "means": f, "counts": n}, upload
 
-        stores, out, _ = cohort_pass(
-            train_and_upload, cohort_data, groups, state.stores, {"table": tables, "key": keys}
+        dp_args = {}
+        if output_dp is not None:  # clipped tables, noised sum over K
+            dp_key = jax.random.fold_in(key, aggregate.OUTPUT_DP_STREAM)
+            dp_args = {"output_dp": output_dp, "dp_key": dp_key}
+        inputs = {"table": tables, "key": keys}
+        stores, out, noised = cohort_pass(
+            train_and_upload, cohort_data, groups, state.stores, inputs, **dp_args
         )
+        if output_dp is not None:
+            # Post-processing: rows back onto the simplex; labels held by less
+            # than half a client (noise only) get no target.
+            dp_table, _ = project_rows(noised, min_total=0.5 / k)
         means, counts = out["means"], out["counts"]
 
         upload = (means[0], counts[0]) if label_weighting == "count" else means[0]
@@ -336,6 +401,14 @@ def fd(
             "finite": jnp.all(out["finite"]) & jnp.all(jnp.isfinite(means)),
             "label_stats_forward_examples": jnp.sum(out["count"]).astype(jnp.int32),
         }
+        if output_dp is not None:
+            metrics["finite"] = metrics["finite"] & jnp.all(jnp.isfinite(dp_table))
+            metrics["dp_output_clipped_fraction"] = jnp.mean(out["output_clipped"])
+            # The server keeps no client's table: only the private aggregate.
+            new_state = state._replace(
+                stores=stores, round=state.round + 1, dp_table=dp_table, dp_round=state.round
+            )
+            return new_state, metrics
         new_state = FDState(
             stores=stores,
             label_means=state.label_means.at[ids].set(means),
@@ -361,6 +434,9 @@ def _build(ctx: BuildContext) -> FederatedAlgorithm:
         ctx.group_models,
         num_classes=ctx.dataset.num_classes,
         gamma=ctx.hp["gamma"],
+        # Output DP publishes no label counts: every holder of a label counts once.
+        label_weighting="count" if ctx.robust.get("output_dp") is None else "uniform",
+        output_dp=ctx.robust.get("output_dp"),
         **ctx.personal,
     )
 
@@ -374,4 +450,5 @@ SPEC = AlgorithmSpec(
     hypers={"gamma": Hyper(1.0, "weight gamma of the distillation term", **at_least(0))},
     groups=True,
     per_client_state=True,
+    private_outputs=True,
 )

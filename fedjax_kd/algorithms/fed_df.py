@@ -22,6 +22,19 @@ Heterogeneous architectures: client ``i`` has the architecture of group
 (:func:`fedjax_kd.cohort.sample_by_group`), so every group's sub-cohort has a
 static shape and the round compiles once.
 
+Privacy (one architecture group only; Sources: ``shared/REFERENCES_NEXT.md``
+A4, "DP for output sharing and distillation", consequences 1-2): ``dp``
+makes the deltas DP-FedAvg's (:func:`~fedjax_kd.algorithms.fed_avg.fedavg_step`,
+noise from the stream ``fed_avg.DP_STREAM``, metric ``dp_clipped_fraction``);
+``output_dp`` privatizes the ensemble: each client's ``[P, C]`` logits block
+on the whole proxy set is clipped to Frobenius norm ``output_dp.clip_norm``
+(:func:`fedjax_kd.aggregate.ensemble_contribution`; a client without data
+or a dropped straggler uploads zeros), ``N(0, (z S)^2)`` is added once to the
+cohort's sum (stream ``aggregate.OUTPUT_DP_STREAM``) and the sum is divided
+by the cohort size ``K`` (metric ``dp_output_clipped_fraction``). The
+distillation on that target is post-processing. Each protects one release:
+a private run needs both.
+
 Communication per client: its group's params down, its delta and weight up.
 Server compute added over FedAvg: ``K * P`` forward passes for the ensemble
 logits on the ``P`` proxy examples (``server_forward_examples``) and
@@ -37,8 +50,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_kd import aggregate, cohort, distill
+from fedjax_kd import aggregate, cohort, distill, privacy
 from fedjax_kd.algorithms.fed_avg import (
+    DP_STREAM,
     STRAGGLER_STREAM,
     check_stragglers,
     client_inputs,
@@ -76,6 +90,8 @@ def fed_df(
     uniform_weighting: bool = False,
     straggler_fraction: float = 0.0,
     drop_stragglers: bool = False,
+    dp: privacy.DP | None = None,
+    output_dp: privacy.DP | None = None,
 ) -> FederatedAlgorithm:
     """Builds FedDF for one or more architecture groups.
 
@@ -96,6 +112,10 @@ def fed_df(
         ``fed_avg.STRAGGLER_STREAM``); 0 = none.
       drop_stragglers: drop stragglers (no training, no uplink, not in the
         ensemble) instead of keeping their ``U{1..E-1}`` epochs of work.
+      dp: optional :class:`fedjax_kd.privacy.DP`: DP-FedAvg on the deltas
+        (module docstring); one group only. None = none.
+      output_dp: optional :class:`fedjax_kd.privacy.DP` on the ensemble
+        logits (module docstring); one group only. None = none.
 
     Returns:
       A :class:`~fedjax_kd.types.FederatedAlgorithm`; ``round`` needs
@@ -108,6 +128,8 @@ def fed_df(
     if num_groups < 1 or distill_steps < 0 or distill_batch_size < 1 or temperature <= 0:
         raise ValueError("fed_df needs >= 1 model, distill_steps >= 0, temperature > 0")
     check_stragglers(straggler_fraction, epochs)
+    aggregate.check_private_outputs("fed_df", output_dp, dp, num_groups)
+    output_clip = None if output_dp is None else output_dp.clip_norm
     if distill_optimizer is None:
         distill_optimizer = optax.chain(optax.clip_by_global_norm(5.0), optax.adam(1e-3))
     updates = [
@@ -152,12 +174,19 @@ def fed_df(
         new_params, new_opt, finite, up, down = [], [], [], [], []
         loss_sum = examples = members = 0.0
         proxy_logits = 0.0
+        private_metrics = {}
         for g in range(num_groups):
             rows = slice(g * per_group, (g + 1) * per_group)
             params_g = state.params[g]
 
             def ensemble_terms(out, g=g, params_g=params_g):
-                return aggregate.ensemble_contribution(models[g].apply, params_g, out, proxy_x)
+                return aggregate.ensemble_contribution(
+                    models[g].apply, params_g, out, proxy_x, clip_norm=output_clip
+                )
+
+            dp_args = {}
+            if dp is not None:  # one group only (check_private_outputs)
+                dp_args = {"dp": dp, "dp_key": jax.random.fold_in(key, DP_STREAM)}
 
             step = fedavg_step(
                 params_g,
@@ -168,6 +197,7 @@ def fed_df(
                 server_optimizer=server_optimizer,
                 uniform_weighting=uniform_weighting,
                 extra_terms=None if proxy_x is None else ensemble_terms,
+                **dp_args,
             )
             sums = step.sums
             new_params.append(step.params)
@@ -178,13 +208,22 @@ def fed_df(
             if proxy_x is not None:
                 proxy_logits = proxy_logits + sums["proxy_logits"]
                 members = members + sums["members"]
+            if dp is not None:
+                private_metrics["dp_clipped_fraction"] = sums["dp_clipped"] / num_clients
+            if output_dp is not None and proxy_x is not None:
+                clipped = sums["output_clipped"] / num_clients
+                private_metrics["dp_output_clipped_fraction"] = clipped
             up.append(step.uplink)
             down.append(step.downlink)
         distill_loss = jnp.zeros((), jnp.float32)
         server_forward = 0
         if proxy_x is not None:
             # Ensemble of ALL cohort clients (every group's local models): mean logits.
-            target = proxy_logits / jnp.maximum(members, 1.0)
+            if output_dp is None:
+                target = proxy_logits / jnp.maximum(members, 1.0)
+            else:  # clipped blocks: noise once on the sum, divided by K
+                output_key = jax.random.fold_in(key, aggregate.OUTPUT_DP_STREAM)
+                target = privacy.noised_mean(proxy_logits, output_key, output_dp, num_clients)
             dl = []
             for g in range(num_groups):
                 p, m = distillers[g](new_params[g], proxy_x, target, jax.random.fold_in(key, g + 1))
@@ -200,6 +239,7 @@ def fed_df(
             "finite": jnp.all(jnp.stack(finite)),
             "distill_loss": distill_loss,
             "server_forward_examples": jnp.asarray(server_forward, jnp.int32),
+            **private_metrics,
         }
         return FedDFState(params=tuple(new_params), opt_state=tuple(new_opt)), metrics
 
@@ -227,6 +267,8 @@ def _build(ctx: BuildContext) -> FederatedAlgorithm:
     return fed_df(
         ctx.group_models,
         temperature=ctx.config.server.distill_temperature,
+        dp=ctx.robust.get("dp"),
+        output_dp=ctx.robust.get("output_dp"),
         **ctx.distill,
         **ctx.stragglers,
         **ctx.common,
@@ -242,4 +284,5 @@ SPEC = AlgorithmSpec(
     needs_proxy=with_server_distillation,
     groups=True,
     stragglers=True,
+    private_outputs=True,
 )

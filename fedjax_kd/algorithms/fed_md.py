@@ -41,6 +41,17 @@ Deviations from the paper and its code:
   models keep their Adam state across rounds).
 * Empty clients (``count == 0``, used as padding) are left out of the consensus.
 
+Output DP (``output_dp``; Sources: ``shared/REFERENCES_NEXT.md`` A4, "DP for
+output sharing and distillation"): each client's logits block ``[P, C]`` on
+the round's public subset is clipped to Frobenius norm ``S`` (a client
+without data uploads zeros), the server adds ``N(0, (z S)^2)`` once to the
+cohort's sum (stream ``aggregate.OUTPUT_DP_STREAM`` of the round key) and
+divides by the cohort size ``K`` (a fixed denominator, as in DP-FedAvg; with
+empty clients in the cohort the consensus shrinks by their share). The
+digest on that consensus is post-processing; logits need no projection.
+The round's metrics then hold ``dp_output_clipped_fraction``, the fraction
+of the ``K`` clients whose block was clipped.
+
 Communication per client and round: down the public subset's indices
 (int32 ``[P]``) and the consensus (float32 ``[P, C]``); up the client's logits
 (float32 ``[P, C]``). Compute per round: ``K * P`` forward passes on the
@@ -71,7 +82,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_kd import aggregate, losses
+from fedjax_kd import aggregate, losses, privacy
 from fedjax_kd.algorithms.personal import (
     PHASE_A,
     PHASE_B,
@@ -128,6 +139,7 @@ def fed_md(
     digest_epochs: int = 1,
     digest_batch_size: int = 256,
     digest_optimizer: optax.GradientTransformation | None = None,
+    output_dp: privacy.DP | None = None,
 ) -> FederatedAlgorithm:
     """Builds FedMD over personal models of one or more architecture groups.
 
@@ -142,6 +154,9 @@ def fed_md(
       digest_batch_size: digest minibatch size (official code: 256).
       digest_optimizer: optimizer of the digest phase (default: the client
         optimizer).
+      output_dp: optional :class:`fedjax_kd.privacy.DP` on the published
+        logits (module docstring): clipped blocks, noised sum over the
+        cohort size; one architecture group only. None: no privacy.
 
     Returns:
       A :class:`~fedjax_kd.types.FederatedAlgorithm` whose ``round`` needs
@@ -155,6 +170,7 @@ def fed_md(
         raise ValueError(f"fed_md needs >= 1 model and >= {num_groups} clients")
     if min(epochs, batch_size, public_size, digest_epochs, digest_batch_size) < 1:
         raise ValueError("fed_md: epochs, batch sizes, public_size and digest_epochs must be >= 1")
+    aggregate.check_private_outputs("fed_md", output_dp, num_groups=num_groups)
     digest_optimizer = client_optimizer if digest_optimizer is None else digest_optimizer
     digest = [
         make_shared_target_train(
@@ -192,7 +208,13 @@ def fed_md(
         def communicate(g, params, clients, inputs):  # pass 1: what each client uploads
             return None, {}, outputs(models[g], params, x_pub)
 
-        _, _, consensus = cohort_pass(communicate, cohort_data, groups, state.stores)
+        dp_args = {}
+        if output_dp is not None:  # clipped logits, noised sum over K
+            dp_key = jax.random.fold_in(key, aggregate.OUTPUT_DP_STREAM)
+            dp_args = {"output_dp": output_dp, "dp_key": dp_key}
+        _, published, consensus = cohort_pass(
+            communicate, cohort_data, groups, state.stores, **dp_args
+        )
 
         def digest_and_revisit(g, params, clients, inputs):  # pass 2
             p, dm = digest[g](params, x_pub, consensus, inputs["digest"])
@@ -210,6 +232,8 @@ def fed_md(
             "public_forward_examples": jnp.asarray(k * public_size, jnp.int32),
             "digest_examples": jnp.asarray(k * public_size * digest_epochs, jnp.int32),
         }
+        if output_dp is not None:
+            metrics["dp_output_clipped_fraction"] = jnp.mean(published["output_clipped"])
         return FedMDState(stores=stores, round=state.round + 1), metrics
 
     def eval_models(state: FedMDState):
@@ -231,6 +255,7 @@ def _build(ctx: BuildContext) -> FederatedAlgorithm:
         public_size=hp["public_size"],
         digest_epochs=hp["public_epochs"],
         digest_batch_size=hp["public_batch_size"],
+        output_dp=ctx.robust.get("output_dp"),
         **ctx.personal,
     )
 
@@ -249,4 +274,5 @@ SPEC = AlgorithmSpec(
     needs_proxy=always,
     groups=True,
     per_client_state=True,
+    private_outputs=True,
 )

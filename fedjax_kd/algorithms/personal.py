@@ -15,6 +15,13 @@ cohort (without a chunk size each group is one chunk). A round whose server
 aggregate depends on this round's uploads (FedMD, DS-FL) takes two passes:
 the first sums the uploads over the chunks, the second hands their mean to
 every chunk. FD's targets come from earlier rounds' uploads: one pass.
+
+Output DP (Sources: ``shared/REFERENCES_NEXT.md`` A4, "DP for output sharing
+and distillation"), written once for the three: :func:`cohort_pass` with
+``output_dp`` clips every client's upload inside its chunk, sums the clipped
+uploads and adds the Gaussian noise once to the sum, divided by the cohort
+size; :func:`project_rows` turns a noised mean of probability rows back into
+probabilities (DS-FL's soft labels, FD's tables).
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from fedjax_kd import aggregate, cohort, losses
+from fedjax_kd import aggregate, cohort, losses, privacy
 from fedjax_kd.client import local_train
 from fedjax_kd.cohort import ClientStore, group_sampler  # noqa: F401 - group_sampler: re-exported
 from fedjax_kd.compress import tree_bytes
@@ -190,7 +197,48 @@ def upload_mean(sums: dict[str, jax.Array]) -> jax.Array:
     return sums["sum"] / jnp.maximum(sums["weight"], 1e-12)
 
 
-def cohort_pass(fn: Callable, cohort, groups: list, stores: tuple, inputs: dict | None = None):
+def project_rows(noisy_mean: jax.Array, min_total: float = 0.0) -> tuple[jax.Array, jax.Array]:
+    """Probability rows back from a noised mean of probability rows (output DP's post-processing).
+
+    Each row ``r`` of ``noisy_mean`` (last axis ``C``) estimates
+    ``sum_k u_k / K`` for clipped probability rows ``u_k``: noise can make
+    entries negative and rows sum to anything. The projection clips the row at
+    0 (a probability cannot be negative) and divides it by its sum: the row
+    sum of the clients' sum counts the contributing clients (each row of a
+    softmax sums to 1, or less once clipped), so dividing by it is the ratio
+    estimator of their mean, and without noise or clipping it gives back
+    exactly the mean over the clients that contributed (the aggregate of the
+    algorithm without DP). Post-processing of a DP release costs no privacy.
+
+    Args:
+      noisy_mean: ``[..., C]``.
+      min_total: a row is kept only when its own sum (before clipping,
+        ``(contributors + noise) / K``) exceeds this (FD: half a client, so
+        that labels nobody held do not become noise targets) and it has a
+        positive entry.
+
+    Returns:
+      ``(rows, kept)``: ``rows`` ``[..., C]`` are distributions where ``kept``
+      (bool ``[...]``) and zero elsewhere; the caller decides what a row that
+      is not kept becomes.
+    """
+    positive = jnp.maximum(noisy_mean, 0.0)
+    total = jnp.sum(positive, axis=-1, keepdims=True)
+    kept = (jnp.sum(noisy_mean, axis=-1) > min_total) & (total[..., 0] > 0)
+    rows = jnp.where(kept[..., None], positive / jnp.where(total > 0, total, 1.0), 0.0)
+    return rows, kept
+
+
+def cohort_pass(
+    fn: Callable,
+    cohort,
+    groups: list,
+    stores: tuple,
+    inputs: dict | None = None,
+    *,
+    output_dp: privacy.DP | None = None,
+    dp_key: jax.Array | None = None,
+):
     """One pass over the cohort, group by group and chunk by chunk.
 
     Each group's rows of the cohort (a contiguous slice, see :func:`group_rows`)
@@ -213,16 +261,32 @@ def cohort_pass(fn: Callable, cohort, groups: list, stores: tuple, inputs: dict 
       groups: :func:`group_rows` of the cohort's ids.
       stores: one :class:`~fedjax_kd.cohort.ClientStore` per group.
       inputs: dict of per-client arrays ``[K, ...]`` (keys, targets), or None.
+      output_dp: optional :class:`fedjax_kd.privacy.DP` on the uploads
+        (output DP; Sources: ``shared/REFERENCES_NEXT.md`` A4): each
+        client's whole upload is clipped to Frobenius norm
+        ``output_dp.clip_norm`` inside its chunk
+        (:func:`fedjax_kd.aggregate.clip_output`; a client without data or a
+        padding row uploads zeros), the clipped uploads are summed over the
+        chunks and groups, Gaussian noise of std ``z S`` is added once to the
+        sum (key ``dp_key``) and the sum is divided by the cohort size ``K``
+        (:func:`fedjax_kd.privacy.noised_mean`: a fixed denominator, every
+        client counts once, with or without data). None: the plain mean,
+        exactly as without the argument.
+      dp_key: the round's key of that noise (with ``output_dp``).
 
     Returns:
       ``(stores, per_client, mean_upload)``: ``per_client`` holds ``fn``'s
       per-client arrays ``[K, ...]`` in cohort order plus ``count`` (the
-      clients' examples) and, when ``fn`` returns params, ``finite`` (whether
-      they are finite); ``mean_upload`` is the mean upload of the clients
-      holding data (``count > 0``), or None when ``fn`` uploads nothing. With
-      a chunk size the mean comes from a running sum over the chunks; without
-      one, from the ``[K, ...]`` uploads stacked in cohort order.
+      clients' examples), when ``fn`` returns params ``finite`` (whether
+      they are finite), and with ``output_dp`` ``output_clipped`` (float32,
+      1.0 where the upload was clipped); ``mean_upload`` is the mean upload
+      of the clients holding data (``count > 0``; with ``output_dp`` the
+      noised sum over ``K``), or None when ``fn`` uploads nothing. With a
+      chunk size (or ``output_dp``) the mean comes from a running sum over the
+      chunks; without, from the ``[K, ...]`` uploads stacked in cohort order.
     """
+    if output_dp is not None and dp_key is None:
+        raise ValueError("cohort_pass with output_dp needs the round's dp_key")
     chunked = bool(cohort.chunk_size)
     inputs = {} if inputs is None else inputs
     new_stores, outs, sums = [], [], []
@@ -237,7 +301,15 @@ def cohort_pass(fn: Callable, cohort, groups: list, stores: tuple, inputs: dict 
                 per_client["finite"] = jax.vmap(aggregate.tree_all_finite)(params)
                 store = store.scatter(inputs_c["row"], params, valid)  # padding rows: nowhere
             chunk_sums = {}
-            if upload is not None and chunked:
+            if upload is not None and output_dp is not None:
+                keep = valid & (clients.count > 0)
+
+                def clip(block, keep_k):
+                    return aggregate.clip_output(block, output_dp.clip_norm, keep_k)
+
+                clipped, per_client["output_clipped"] = jax.vmap(clip)(upload, keep)
+                chunk_sums = {"sum": jnp.sum(clipped, axis=0)}  # padding rows are zeros
+            elif upload is not None and chunked:
                 mask = valid.reshape(valid.shape + (1,) * (upload.ndim - 1))
                 chunk_sums = upload_sums(jnp.where(mask, upload, 0), valid & (clients.count > 0))
             elif upload is not None:
@@ -253,7 +325,10 @@ def cohort_pass(fn: Callable, cohort, groups: list, stores: tuple, inputs: dict 
         sums.append(group_sums)
     per_client = jax.tree.map(lambda *a: jnp.concatenate(a), *outs)
     mean = None
-    if "upload" in per_client:
+    if output_dp is not None and sums[0]:
+        total = sum((group_sums["sum"] for group_sums in sums[1:]), sums[0]["sum"])
+        mean = privacy.noised_mean(total, dp_key, output_dp, cohort.size)
+    elif "upload" in per_client:
         mean = upload_mean(upload_sums(per_client.pop("upload"), per_client["count"] > 0))
     elif sums[0]:
         mean = upload_mean(jax.tree.map(lambda *a: sum(a[1:], a[0]), *sums))

@@ -23,6 +23,25 @@ Each round:
 With ``kd_weight = 0`` and ``distill_steps = 0`` the student trajectory is
 exactly FedAvg's with the same seed (same client keys, same init key).
 
+Privacy (Sources: ``shared/REFERENCES_NEXT.md`` A4, "DP for output sharing
+and distillation", consequences 1-2): clients release two things, their
+student updates and (with ``distill_steps > 0``) their local students' logits
+on the proxy set, and each needs its own mechanism. ``dp`` makes the updates
+DP-FedAvg's (:func:`~fedjax_kd.algorithms.fed_avg.fedavg_step`: each clipped
+to ``dp.clip_norm``, noise once on the sum from the stream
+``fed_avg.DP_STREAM``, divided by ``K``; metric ``dp_clipped_fraction``).
+``output_dp`` privatizes the ensemble: each client's ``[P, C]`` logits block
+on the whole proxy set is clipped to Frobenius norm ``output_dp.clip_norm``
+(:func:`fedjax_kd.aggregate.ensemble_contribution`; a client without data or
+a dropped straggler uploads zeros), ``N(0, (z S)^2)`` is added once to the
+cohort's sum (stream ``aggregate.OUTPUT_DP_STREAM``) and the sum is divided by
+the cohort size ``K``, not by the clients with data (metric
+``dp_output_clipped_fraction``). The teacher's distillation on that target
+and everything the clients receive are post-processing. ``dp`` alone leaves
+the ensemble logits unprotected, and ``output_dp`` alone the updates: a
+private run needs both (two Gaussian releases per round on the same cohort
+for the accountant).
+
 Communication per client and round: down the student params, plus the
 teacher params when ``kd_weight > 0`` (clients need the teacher only to
 distil); up the student delta and its weight. Compute added over FedAvg:
@@ -40,8 +59,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_kd import aggregate, distill
+from fedjax_kd import aggregate, distill, privacy
 from fedjax_kd.algorithms.fed_avg import (
+    DP_STREAM,
     STRAGGLER_STREAM,
     check_stragglers,
     client_inputs,
@@ -96,6 +116,8 @@ def teacher_student(
     uniform_weighting: bool = False,
     straggler_fraction: float = 0.0,
     drop_stragglers: bool = False,
+    dp: privacy.DP | None = None,
+    output_dp: privacy.DP | None = None,
 ) -> FederatedAlgorithm:
     """Builds the fused teacher–student loop.
 
@@ -121,6 +143,10 @@ def teacher_student(
         drawn from the stream ``STRAGGLER_STREAM``); 0 = none.
       drop_stragglers: drop stragglers (no training, no uplink, not in the
         ensemble) instead of keeping their ``U{1..E-1}`` epochs of work.
+      dp: optional :class:`fedjax_kd.privacy.DP`: DP-FedAvg on the student
+        updates (module docstring); None = none.
+      output_dp: optional :class:`fedjax_kd.privacy.DP` on the ensemble
+        logits the server distils from (module docstring); None = none.
 
     Returns:
       A :class:`~fedjax_kd.types.FederatedAlgorithm` whose ``round`` needs
@@ -130,6 +156,7 @@ def teacher_student(
     if kd_weight < 0 or temperature <= 0 or distill_steps < 0 or distill_batch_size < 1:
         raise ValueError("teacher_student needs kd_weight >= 0, temperature > 0, steps >= 0")
     check_stragglers(straggler_fraction, epochs)
+    aggregate.check_private_outputs("teacher_student", output_dp, dp)
     if distill_optimizer is None:
         distill_optimizer = optax.chain(optax.clip_by_global_norm(5.0), optax.adam(1e-3))
     client_update = make_client_update(
@@ -148,6 +175,7 @@ def teacher_student(
         temperature=distill_temperature,
     )
     use_kd = kd_weight > 0
+    output_clip = None if output_dp is None else output_dp.clip_norm
 
     def init(key: jax.Array) -> TeacherStudentState:
         params = student.init(key)  # the same init key as FedAvg: same student
@@ -181,7 +209,13 @@ def teacher_student(
             return batched_apply(teacher.apply, state.teacher, x, batch_size=batch_size)
 
         def ensemble_terms(out):  # this client's local student on the proxy set
-            return aggregate.ensemble_contribution(student.apply, state.params, out, proxy_x)
+            return aggregate.ensemble_contribution(
+                student.apply, state.params, out, proxy_x, clip_norm=output_clip
+            )
+
+        dp_args = {}
+        if dp is not None:
+            dp_args = {"dp": dp, "dp_key": jax.random.fold_in(key, DP_STREAM)}
 
         step = fedavg_step(
             state.params,
@@ -194,13 +228,19 @@ def teacher_student(
             targets_fn=teacher_targets if use_kd else None,
             kd_scale=kd_scale,
             extra_terms=None if proxy_x is None else ensemble_terms,
+            **dp_args,
         )
         sums, params, opt_state = step.sums, step.params, step.opt_state
         new_teacher = state.teacher
         distill_metrics = {"distill_loss": jnp.zeros((), jnp.float32)}
         server_forward = 0
         if proxy_x is not None:
-            target = sums["proxy_logits"] / jnp.maximum(sums["members"], 1.0)
+            if output_dp is None:
+                target = sums["proxy_logits"] / jnp.maximum(sums["members"], 1.0)
+            else:  # clipped blocks: noise once on the sum, divided by K
+                output_key = jax.random.fold_in(key, aggregate.OUTPUT_DP_STREAM)
+                total = sums["proxy_logits"]
+                target = privacy.noised_mean(total, output_key, output_dp, num_clients)
             new_teacher, distill_metrics = server_distill(
                 state.teacher, proxy_x, target, jax.random.fold_in(key, 1)
             )
@@ -217,6 +257,10 @@ def teacher_student(
             "server_forward_examples": jnp.asarray(server_forward, jnp.int32),
             **distill_metrics,
         }
+        if dp is not None:
+            metrics["dp_clipped_fraction"] = sums["dp_clipped"] / num_clients
+        if output_dp is not None and proxy_x is not None:
+            metrics["dp_output_clipped_fraction"] = sums["output_clipped"] / num_clients
         new_state = TeacherStudentState(
             params=params, opt_state=opt_state, teacher=new_teacher, round=state.round + 1
         )
@@ -239,6 +283,8 @@ def _build(ctx: BuildContext) -> FederatedAlgorithm:
         temperature=hp["temperature"],
         kd_start_round=hp["kd_start_round"],
         distill_temperature=ctx.config.server.distill_temperature,
+        dp=ctx.robust.get("dp"),
+        output_dp=ctx.robust.get("output_dp"),
         **ctx.distill,
         **ctx.stragglers,
         **ctx.common,
@@ -266,4 +312,5 @@ SPEC = AlgorithmSpec(
     needs_proxy=with_server_distillation,
     stragglers=True,
     teacher=True,
+    private_outputs=True,
 )
