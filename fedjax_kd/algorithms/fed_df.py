@@ -285,4 +285,5 @@ SPEC = AlgorithmSpec(
     groups=True,
     stragglers=True,
     private_outputs=True,
+    private_updates=True,
 )

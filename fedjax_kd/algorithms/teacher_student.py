@@ -313,4 +313,5 @@ SPEC = AlgorithmSpec(
     stragglers=True,
     teacher=True,
     private_outputs=True,
+    private_updates=True,
 )
