@@ -7,7 +7,7 @@ round. The curated public API (see ``docs/ARCHITECTURE.md``):
 * algorithms, each a builder returning a :class:`FederatedAlgorithm`:
   :func:`fed_avg`, :func:`fed_prox`, :func:`fed_ntd`,
   :func:`teacher_student`, :func:`fed_df`, :func:`fed_kd`, :func:`fed_md`,
-  :func:`ds_fl`, :func:`fd`;
+  :func:`ds_fl`, :func:`fd`, :func:`fed_nova`, :func:`scaffold`;
 * core types: :class:`FederatedAlgorithm`, :class:`ClientOutput`,
   :class:`ServerState`, :class:`Cohort`, :class:`ClientData`,
   :class:`RaggedClientData`, :class:`FederatedDataset`, :class:`Model`,
@@ -45,8 +45,10 @@ _EXPORTS = {
     "fed_df": "fedjax_kd.algorithms",
     "fed_kd": "fedjax_kd.algorithms",
     "fed_md": "fedjax_kd.algorithms",
+    "fed_nova": "fedjax_kd.algorithms",
     "fed_ntd": "fedjax_kd.algorithms",
     "fed_prox": "fedjax_kd.algorithms",
+    "scaffold": "fedjax_kd.algorithms",
     "teacher_student": "fedjax_kd.algorithms",
     # Core types.
     "ClientOutput": "fedjax_kd.types",

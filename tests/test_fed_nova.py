@@ -4,7 +4,7 @@ Oracles: one round against a NumPy loop of local (momentum) SGD, normalization
 and the tau_eff-scaled server step on hand-sized clients of different sizes
 with stragglers; equal local work reduces to FedAvg; tau_i counted by hand and
 by the authors' normalizer recurrence; chunked equals unchunked; a CLI run by
-import path.
+name.
 """
 
 import json
@@ -222,10 +222,10 @@ def test_chunked_equals_unchunked():
     np.testing.assert_allclose(float(mw["tau_eff"]), taus.mean(), rtol=1e-6)
 
 
-def test_cli_runs_by_import_path(tmp_path):
+def test_cli_runs_by_name(tmp_path):
     argv = [
         "run",
-        "--config.algorithm.name=fedjax_kd.algorithms.fed_nova:SPEC",
+        "--config.algorithm.name=fednova",
         "--config.rounds=2",
         "--config.eval_every=1",
         "--config.client.epochs=2",

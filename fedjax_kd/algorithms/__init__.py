@@ -6,8 +6,10 @@ from fedjax_kd.algorithms.fed_avg import fed_avg
 from fedjax_kd.algorithms.fed_df import fed_df
 from fedjax_kd.algorithms.fed_kd import fed_kd
 from fedjax_kd.algorithms.fed_md import fed_md
+from fedjax_kd.algorithms.fed_nova import fed_nova
 from fedjax_kd.algorithms.fed_ntd import fed_ntd
 from fedjax_kd.algorithms.fed_prox import fed_prox
+from fedjax_kd.algorithms.scaffold import scaffold
 from fedjax_kd.algorithms.teacher_student import teacher_student
 
 
@@ -15,7 +17,7 @@ def _specs() -> dict:
     import importlib
 
     modules = ("fed_avg", "fed_prox", "teacher_student", "fed_df", "fed_ntd", "fed_kd")
-    modules += ("fed_md", "ds_fl", "fd")
+    modules += ("fed_md", "ds_fl", "fd", "fed_nova", "scaffold")
     specs = [importlib.import_module(f"fedjax_kd.algorithms.{m}").SPEC for m in modules]
     return {spec.name: spec for spec in specs}
 
@@ -31,7 +33,9 @@ __all__ = [
     "fed_df",
     "fed_kd",
     "fed_md",
+    "fed_nova",
     "fed_ntd",
     "fed_prox",
+    "scaffold",
     "teacher_student",
 ]
