@@ -1481,6 +1481,22 @@ def run_settings(config: ml_collections.ConfigDict, dataset=None) -> dict:
     budget (:func:`dp_rounds`).
     """
     rounds = dp_rounds(config, dataset)
+    d = config.dp
+    if dataset is not None and (d.clip_norm > 0 or d.output_clip_norm > 0):
+        k, n = config.clients_per_round, dataset.num_clients
+        drawn = (
+            f"each of the {n} clients joins with probability {k / n:.3g} (Poisson)"
+            if d.sampling == "poisson"
+            else f"{k} of {n} clients without replacement"
+        )
+        relation = "replace-one" if d.sampling == "fixed" else "add/remove-one"
+        print(
+            f"dp: epsilon by {d.accountant.upper()} at delta {d.delta}: {drawn} a round, "
+            f"{relation} neighbours, {dp_accounting(config)['releases']} Gaussian release(s) "
+            f"of noise multiplier {d.noise_multiplier} a round",
+            file=sys.stderr,
+            flush=True,
+        )
     if rounds < config.rounds:
         print(
             f"dp: epsilon budget {config.dp.epsilon_budget} reached after {rounds} of the "
