@@ -35,14 +35,18 @@ stream) a fixed ``@seed`` per case and no example database. What is drawn:
   attack), DP-FedAvg, quantization or dropping non-finite updates; a server
   optimizer). Each must exit 0 and write finite metrics (compilation costs seconds,
   so one config per algorithm, and not the all-simplest draw Hypothesis starts with).
-  And INVALID configs: for each of ~55 mistakes (an option its algorithm refuses, a
+  And INVALID configs: for each of 60 mistakes (an option its algorithm refuses, a
   value out of range, a partition the data cannot meet, a missing or too small proxy
   set, a model that cannot take the data, conflicting options), two valid configs of
   the algorithms it applies to with that mistake: exit 2, one ``error:`` line naming
   the cause, nothing on stdout, no simulation started.
+* What ``fedjax-kd list`` says each algorithm supports (stragglers, groups, a teacher,
+  robust aggregation, attacks, DP and its variants, uplink codecs, DP on published
+  outputs) passes validation.
 * DP-FedAvg's accounting over every ``dp.noise_multiplier >= 0``: ``privacy.epsilon``
   never crashes and is monotone in the noise and the rounds; a ``dp.epsilon_budget``
-  run reaches the simulation or is one error line.
+  run reaches the simulation or is one error line, and with the PLD accountant does
+  so in seconds (a SIGALRM time limit turns a hang into a failure).
 """
 
 import contextlib
