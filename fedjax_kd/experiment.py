@@ -1059,8 +1059,15 @@ def _codec_key(c: ml_collections.ConfigDict) -> str | None:
 
 
 def _publishes_outputs(config: ml_collections.ConfigDict, spec) -> bool:
-    """Whether this run's clients publish outputs to distil (``dp.output_clip_norm``'s)."""
-    return spec.private_outputs and spec.needs_proxy(config)
+    """Whether this run's clients publish outputs to distil (``dp.output_clip_norm``'s).
+
+    The output-exchanging algorithms (FedMD, DS-FL, FD) always do; those that
+    also send updates (teacher_student, FedDF) only when they distil on the
+    server (their ``needs_proxy``).
+    """
+    if not spec.private_outputs:
+        return False
+    return not spec.private_updates or spec.needs_proxy(config)
 
 
 def _check_dp(c: ml_collections.ConfigDict, spec) -> None:
@@ -1456,6 +1463,7 @@ def dp_rounds(config: ml_collections.ConfigDict, dataset: FederatedDataset | Non
         config.clients_per_round,
         d.noise_multiplier,
         d.delta,
+        max_rounds=config.rounds,
         **accounting,
     )
     if allowed == 0:

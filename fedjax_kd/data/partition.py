@@ -37,6 +37,12 @@ import numpy as np
 __all__ = ["PARTITIONERS", "dirichlet", "iid", "quantity", "shards"]
 
 
+def _count(value, name: str, minimum: int) -> None:
+    """Raises ValueError unless ``value`` is an integer (not a float, not bool) >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}.")
+
+
 def _check(labels, num_clients: int) -> np.ndarray:
     """Validates the common arguments and returns ``labels`` as a 1-D array."""
     labels = np.asarray(labels)
@@ -44,8 +50,7 @@ def _check(labels, num_clients: int) -> np.ndarray:
         raise ValueError(f"labels must be 1-D; got shape {labels.shape}.")
     if not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"labels must be integers; got dtype {labels.dtype}.")
-    if int(num_clients) != num_clients or num_clients < 1:
-        raise ValueError(f"num_clients must be a positive integer; got {num_clients}.")
+    _count(num_clients, "num_clients", 1)
     if num_clients > len(labels):
         raise ValueError(
             f"num_clients={num_clients} exceeds the number of examples ({len(labels)})."
@@ -54,8 +59,7 @@ def _check(labels, num_clients: int) -> np.ndarray:
 
 
 def _check_min_size(min_size: int, num_clients: int, num_examples: int) -> None:
-    if min_size < 0:
-        raise ValueError(f"min_size must be >= 0; got {min_size}.")
+    _count(min_size, "min_size", 0)
     if min_size * num_clients > num_examples:
         raise ValueError(
             f"min_size * num_clients = {min_size} * {num_clients} exceeds the "
@@ -141,14 +145,13 @@ def dirichlet(
       ``num_clients`` sorted int64 index arrays partitioning ``range(num_examples)``.
 
     Raises:
-      ValueError: on ``alpha <= 0``, ``min_size * num_clients > num_examples``,
+      ValueError: on ``alpha`` not finite and > 0, ``min_size * num_clients > num_examples``,
         ``max_resamples < 1`` or invalid common arguments.
     """
     labels = _check(labels, num_clients)
-    if not alpha > 0:
-        raise ValueError(f"alpha must be > 0; got {alpha}.")
-    if max_resamples < 1:
-        raise ValueError(f"max_resamples must be >= 1; got {max_resamples}.")
+    if not 0 < alpha < float("inf"):
+        raise ValueError(f"alpha must be finite and > 0; got {alpha}.")
+    _count(max_resamples, "max_resamples", 1)
     n = len(labels)
     _check_min_size(min_size, num_clients, n)
     rng = np.random.default_rng(seed)
@@ -229,8 +232,7 @@ def shards(labels, num_clients: int, *, seed: int, shards_per_client: int = 2) -
         examples.
     """
     labels = _check(labels, num_clients)
-    if shards_per_client < 1:
-        raise ValueError(f"shards_per_client must be >= 1; got {shards_per_client}.")
+    _count(shards_per_client, "shards_per_client", 1)
     num_shards = num_clients * shards_per_client
     classes, class_sizes = np.unique(labels, return_counts=True)
     if num_shards < len(classes):
@@ -272,12 +274,12 @@ def quantity(
       ``num_clients`` sorted int64 index arrays partitioning ``range(num_examples)``.
 
     Raises:
-      ValueError: on ``sigma < 0``, ``min_size * num_clients > num_examples`` or
+      ValueError: on ``sigma`` not finite and >= 0, ``min_size * num_clients > num_examples`` or
         invalid common arguments.
     """
     labels = _check(labels, num_clients)
-    if not sigma >= 0:
-        raise ValueError(f"sigma must be >= 0; got {sigma}.")
+    if not 0 <= sigma < float("inf"):
+        raise ValueError(f"sigma must be finite and >= 0; got {sigma}.")
     n = len(labels)
     _check_min_size(min_size, num_clients, n)
     rng = np.random.default_rng(seed)
