@@ -7,7 +7,7 @@ round. The curated public API (see ``docs/ARCHITECTURE.md``):
 * algorithms, each a builder returning a :class:`FederatedAlgorithm`:
   :func:`fed_avg`, :func:`fed_prox`, :func:`fed_ntd`,
   :func:`teacher_student`, :func:`fed_df`, :func:`fed_kd`, :func:`fed_md`,
-  :func:`ds_fl`, :func:`fd`, :func:`fed_nova`, :func:`scaffold`;
+  :func:`ds_fl`, :func:`fd`, :func:`fed_nova`, :func:`scaffold`, :func:`ditto`;
 * core types: :class:`FederatedAlgorithm`, :class:`ClientOutput`,
   :class:`ServerState`, :class:`Cohort`, :class:`ClientData`,
   :class:`RaggedClientData`, :class:`FederatedDataset`, :class:`Model`,
@@ -39,6 +39,7 @@ __version__ = "0.1.0"
 #: Public name -> the module that defines it (imported when first used).
 _EXPORTS = {
     # Algorithms.
+    "ditto": "fedjax_kd.algorithms",
     "ds_fl": "fedjax_kd.algorithms",
     "fd": "fedjax_kd.algorithms",
     "fed_avg": "fedjax_kd.algorithms",

@@ -1,5 +1,6 @@
 """Federated algorithms, one file each; every builder returns a FederatedAlgorithm."""
 
+from fedjax_kd.algorithms.ditto import ditto
 from fedjax_kd.algorithms.ds_fl import ds_fl
 from fedjax_kd.algorithms.fd import fd
 from fedjax_kd.algorithms.fed_avg import fed_avg
@@ -17,7 +18,7 @@ def _specs() -> dict:
     import importlib
 
     modules = ("fed_avg", "fed_prox", "teacher_student", "fed_df", "fed_ntd", "fed_kd")
-    modules += ("fed_md", "ds_fl", "fd", "fed_nova", "scaffold")
+    modules += ("fed_md", "ds_fl", "fd", "fed_nova", "scaffold", "ditto")
     specs = [importlib.import_module(f"fedjax_kd.algorithms.{m}").SPEC for m in modules]
     return {spec.name: spec for spec in specs}
 
@@ -27,6 +28,7 @@ SPECS = _specs()
 
 __all__ = [
     "SPECS",
+    "ditto",
     "ds_fl",
     "fd",
     "fed_avg",
