@@ -7,7 +7,7 @@ round. The curated public API (see ``docs/ARCHITECTURE.md``):
 * algorithms, each a builder returning a :class:`FederatedAlgorithm`:
   :func:`fed_avg`, :func:`fed_prox`, :func:`fed_ntd`,
   :func:`teacher_student`, :func:`fed_df`, :func:`fed_kd`, :func:`fed_md`,
-  :func:`ds_fl`, :func:`fd`, :func:`fed_nova`, :func:`scaffold`, :func:`ditto`;
+  :func:`ds_fl`, :func:`fd`, :func:`fed_nova`, :func:`scaffold`, :func:`fed_dyn`, :func:`ditto`;
 * core types: :class:`FederatedAlgorithm`, :class:`ClientOutput`,
   :class:`ServerState`, :class:`Cohort`, :class:`ClientData`,
   :class:`RaggedClientData`, :class:`FederatedDataset`, :class:`Model`,
@@ -44,6 +44,7 @@ _EXPORTS = {
     "fd": "fedjax_kd.algorithms",
     "fed_avg": "fedjax_kd.algorithms",
     "fed_df": "fedjax_kd.algorithms",
+    "fed_dyn": "fedjax_kd.algorithms",
     "fed_kd": "fedjax_kd.algorithms",
     "fed_md": "fedjax_kd.algorithms",
     "fed_nova": "fedjax_kd.algorithms",
