@@ -1160,9 +1160,15 @@ def _dp_arguments(config: ml_collections.ConfigDict, dataset: FederatedDataset) 
         out["output_dp"] = privacy.DP(d.output_clip_norm, d.noise_multiplier, d.delta)
     if d.sampling == "poisson":
         rate = k / n
-        out["poisson"] = privacy.Poisson(
-            rate, d.max_cohort or privacy.max_cohort_size(n, rate, config.rounds), float(k)
-        )
+        least = privacy.max_cohort_size(n, rate, config.rounds)
+        if d.max_cohort and not least <= d.max_cohort <= n:
+            raise ConfigError(
+                f"config key 'dp.max_cohort': {d.max_cohort} must be in [{least}, {n}]: below "
+                f"{least}, a Poisson draw at rate {rate:.3g} overflows it with probability "
+                f"> 1e-6 over the {config.rounds} rounds (an overflowing round is not the "
+                "accounted mechanism); above the population it pads for nothing; 0 = automatic"
+            )
+        out["poisson"] = privacy.Poisson(rate, d.max_cohort or least, float(k))
     return out
 
 

@@ -31,14 +31,19 @@ sampling this simulator actually performs (``dp.sampling``):
   noise measured against the replace-one sensitivity.
 - ``poisson``: every client joins each round independently with probability
   ``q = K / N`` (:func:`poisson_sampler`); the cohort's size varies, padded to
-  a static ``max_cohort`` with a mask, and a round that draws more clients
-  than that keeps the first ``max_cohort`` and reports the rest
-  (``cohort_overflow``, summed in summary.json) -- never silently. The noised
-  sum is divided by the *expected* cohort ``q N = K`` (McMahan et al.'s
-  fixed-denominator estimator), so the mean's sensitivity is ``S / K``
-  whatever cohort was drawn. Neighbouring relation **add/remove-one**, the
-  event ``PoissonSampledDpEvent(q, GaussianDpEvent(z))``, with the RDP or the
-  PLD accountant (``dp.accountant``; PLD is tighter).
+  a static ``max_cohort`` with a mask. The noised sum is divided by the
+  *expected* cohort ``q N = K`` (McMahan et al.'s fixed-denominator
+  estimator), so the mean's sensitivity is ``S / K`` whatever cohort was
+  drawn. Neighbouring relation **add/remove-one**, the event
+  ``PoissonSampledDpEvent(q, GaussianDpEvent(z))``, with the RDP or the PLD
+  accountant (``dp.accountant``; PLD is tighter). A round that draws more
+  clients than ``max_cohort`` trains a random subset of them and reports
+  the rest (``cohort_overflow``, a warning line, summed in summary.json):
+  such a round is not the Poisson mechanism (adding a client can push
+  another out), so ``max_cohort`` is never below :func:`max_cohort_size`'s
+  (the config layer refuses it): overflow has probability at most 1e-6 over
+  the run, and the epsilon holds at ``delta + 1e-6`` (the two mechanisms
+  differ only on that event).
 
 Adaptive clipping (Andrew, Thakkar, McMahan & Ramaswamy, "Differentially
 Private Learning with Adaptive Clipping", NeurIPS 2021, arXiv 1905.03871;
@@ -53,7 +58,8 @@ configured ``z``, the sum's noise uses ``z_delta = (z^-2 - (2 sigma_b)^-2)^-1/2`
 
 The epsilon covers what the server releases, the model updates (and, with
 adaptive clipping, the clip norm); the simulator's own metrics
-(``train_loss``, ``dp_clipped_fraction``, the accuracies) are not privatised.
+(``train_loss``, ``dp_clipped_fraction``, ``dp_clip_norm``'s inputs, a
+Poisson round's ``cohort_size``, the accuracies) are not privatised.
 """
 
 from __future__ import annotations
@@ -87,7 +93,8 @@ class AdaptiveClip(NamedTuple):
       target_quantile: ``gamma``, the fraction of updates left unclipped.
       learning_rate: ``eta`` of the geometric update ``C exp(-eta (b - gamma))``.
       count_stddev: ``sigma_b``, the std of the noise on the unclipped count
-        (TFF's default: the expected cohort / 20).
+        (TFF's default is the expected cohort / 20, which the config layer
+        uses when ``dp.count_stddev`` is 0).
     """
 
     target_quantile: float = 0.5
@@ -227,21 +234,27 @@ class SampledCohort(NamedTuple):
 def poisson_sampler(rate: float, max_cohort: int):
     """``sample_cohort(key, num_clients, k)``: every client joins with probability ``rate``.
 
-    The draw is one uniform per client (``k``, the expected size, is unused);
-    the cohort is padded to ``max_cohort`` rows with a mask. When more than
-    ``max_cohort`` clients are drawn, the first ``max_cohort`` (by id) train
-    and the round reports the rest as ``cohort_overflow``.
+    The draw is one uniform ``u`` per client, client ``i`` joining when
+    ``u_i < rate`` (``k``, the expected size, is unused); the cohort is padded
+    to ``max_cohort`` rows with a mask, its ids in ascending order. When more
+    than ``max_cohort`` clients are drawn, a uniformly random subset of
+    ``max_cohort`` of them (those of the smallest ``u``) trains and the round
+    reports the rest as ``cohort_overflow``; the epsilon does not cover such
+    a round, which is why :func:`max_cohort_size` makes it improbable.
     """
     if not 0 < rate <= 1:
         raise ValueError(f"Poisson sampling needs a rate in (0, 1], got {rate}")
 
     def sample(key: jax.Array, num_clients: int, k: int) -> SampledCohort:
         del k
-        selected = jax.random.uniform(key, (num_clients,)) < rate
+        u = jax.random.uniform(key, (num_clients,))
+        selected = u < rate
         drawn = jnp.sum(selected, dtype=jnp.int32)
-        (ids,) = jnp.nonzero(selected, size=max_cohort, fill_value=0)
+        # The drawn clients by their u first (a random subset on overflow), then ascending ids.
+        chosen = jnp.argsort(jnp.where(selected, u, 2.0), stable=True)[:max_cohort]
         members = jnp.arange(max_cohort) < drawn
-        return SampledCohort(ids.astype(jnp.int32), members, drawn)
+        ids = jnp.sort(jnp.where(members, chosen, num_clients))
+        return SampledCohort(jnp.where(members, ids, 0).astype(jnp.int32), members, drawn)
 
     return sample
 

@@ -893,7 +893,7 @@ def _run_group(
                         bar.write(
                             f"warning: round {r + i + 1}: Poisson sampling drew {overflow} "
                             "clients more than the padded cohort holds; they were left out "
-                            "(raise dp.max_cohort; the epsilon assumes no overflow)",
+                            "(the epsilon does not cover this round; raise dp.max_cohort)",
                             file=sys.stderr,
                         )
             bar.update(len(per_round))

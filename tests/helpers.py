@@ -1,7 +1,10 @@
 """Small helpers shared by the algorithm tests (importable: tests/ is on sys.path)."""
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def one_error_line(err: str) -> str:
@@ -72,3 +75,29 @@ def energy_margin(tree, threshold):
         kept_before = np.concatenate([[0.0], np.cumsum(s2)[:-1]]) / s2.sum()
         margins.append(float(np.min(np.abs(kept_before - float(threshold)))))
     return min(margins)
+
+
+class FakeModel(NamedTuple):
+    """A model stand-in for server-side tests: only ``init`` is used."""
+
+    init: object
+    apply: object = None
+
+
+def feature_client_update(params, x, y, count, key, targets=None, num_epochs=None):
+    """A deterministic 'training': ``delta = x[0] + 0.3 w`` (the client's first feature row)."""
+    from fedjax_kd.types import ClientOutput
+
+    del y, key, targets, num_epochs
+    delta = {"w": x[0] + 0.3 * params["w"]}
+    return ClientOutput(delta=delta, weight=count.astype(jnp.float32), metrics={"train_loss": 0.0})
+
+
+def feature_clients(num_clients: int = 5, dim: int = 12):
+    """``num_clients`` clients of 3 feature rows of width ``dim`` (seeded), 1-3 real examples."""
+    from fedjax_kd.data import ClientData
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(num_clients, 3, dim)).astype(np.float32)
+    count = (1 + (np.arange(num_clients) * 7) % 3).astype(np.int32)
+    return ClientData(jnp.asarray(x), jnp.zeros((num_clients, 3), jnp.int32), jnp.asarray(count))

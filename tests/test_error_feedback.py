@@ -8,19 +8,17 @@ residuals.
 """
 
 import json
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import one_error_line
+from helpers import FakeModel, feature_client_update, feature_clients, one_error_line
 
 from fedjax_kd import cli, compress
 from fedjax_kd.algorithms.fed_avg import from_client_update
-from fedjax_kd.data import ClientData, Cohort
-from fedjax_kd.types import ClientOutput
+from fedjax_kd.data import Cohort
 
 
 def test_topk_by_hand():
@@ -37,26 +35,7 @@ def test_topk_by_hand():
     assert int(jnp.count_nonzero(tree["b"])) == 2
 
 
-class _Model(NamedTuple):
-    init: object
-    apply: object
-
-
 DIM, CLIENTS = 12, 5
-
-
-def _client_update(params, x, y, count, key, targets=None, num_epochs=None):
-    """A deterministic 'training': delta = the client's first feature row + 0.3 w."""
-    del y, key, targets, num_epochs
-    delta = {"w": x[0] + 0.3 * params["w"]}
-    return ClientOutput(delta=delta, weight=count.astype(jnp.float32), metrics={"train_loss": 0.0})
-
-
-def _data():
-    rng = np.random.default_rng(4)
-    x = rng.normal(size=(CLIENTS, 3, DIM)).astype(np.float32)
-    count = np.array([3, 1, 2, 3, 2], np.int32)
-    return ClientData(jnp.asarray(x), jnp.zeros((CLIENTS, 3), jnp.int32), jnp.asarray(count))
 
 
 def _topk_np(v, k):
@@ -69,12 +48,12 @@ def _topk_np(v, k):
 def test_error_feedback_residuals_match_a_numpy_loop():
     """Three rounds, cohorts {0,1,2}, {2,3,4}, {0,3,4}: each member sends
     topk(delta + e) and keeps e <- delta + e - sent; the others keep theirs."""
-    model = _Model(init=lambda key: {"w": jnp.linspace(-1.0, 1.0, DIM)}, apply=None)
+    model = FakeModel(init=lambda key: {"w": jnp.linspace(-1.0, 1.0, DIM)}, apply=None)
     algo = from_client_update(
-        model, _client_update, optax.sgd(1.0), topk_fraction=0.25, error_feedback=True,
+        model, feature_client_update, optax.sgd(1.0), topk_fraction=0.25, error_feedback=True,
         num_clients=CLIENTS,
     )  # fmt: skip
-    data = _data()
+    data = feature_clients(CLIENTS, DIM)
     state = algo.init(jax.random.key(0))
     cohorts = [[0, 1, 2], [2, 3, 4], [0, 3, 4]]
     w = np.linspace(-1.0, 1.0, DIM).astype(np.float32)
@@ -102,12 +81,12 @@ def test_error_feedback_residuals_match_a_numpy_loop():
 def test_keep_everything_topk_is_the_dense_round():
     """topk_fraction = 1 sends every entry (dense): same params as no codec, and
     zero residuals."""
-    model = _Model(init=lambda key: {"w": jnp.linspace(-1.0, 1.0, DIM)}, apply=None)
-    data = _data()
+    model = FakeModel(init=lambda key: {"w": jnp.linspace(-1.0, 1.0, DIM)}, apply=None)
+    data = feature_clients(CLIENTS, DIM)
     cohort = Cohort.from_data(data)
     outs = []
     for kwargs in ({}, {"topk_fraction": 1.0, "error_feedback": True, "num_clients": CLIENTS}):
-        algo = from_client_update(model, _client_update, optax.sgd(1.0), **kwargs)
+        algo = from_client_update(model, feature_client_update, optax.sgd(1.0), **kwargs)
         outs.append(algo.round(algo.init(jax.random.key(0)), cohort, jax.random.key(1))[0])
     np.testing.assert_allclose(outs[0].params["w"], outs[1].params["w"], rtol=1e-6, atol=1e-7)
     assert not np.any(np.asarray(outs[1].opt_state.residuals.rows["w"]))
@@ -152,3 +131,23 @@ def test_error_feedback_run_resumes_bit_exactly(tmp_path):
 def test_mistakes_are_one_error_line(capsys, no_run, extra, message):
     assert cli.main(["run", *TINY, *extra]) == 2
     assert message in one_error_line(capsys.readouterr().err)
+
+
+def test_a_client_dropped_as_non_finite_keeps_its_residual():
+    """drop_nonfinite leaves a NaN client out of the round: its message was never used,
+    so its residual stays what it was; the others' move on."""
+    model = FakeModel(init=lambda key: {"w": jnp.linspace(-1.0, 1.0, DIM)})
+    algo = from_client_update(
+        model, feature_client_update, optax.sgd(1.0), topk_fraction=0.25, error_feedback=True,
+        num_clients=CLIENTS, drop_nonfinite=True,
+    )  # fmt: skip
+    data = feature_clients(CLIENTS, DIM)
+    state = algo.init(jax.random.key(0))
+    state, _ = algo.round(state, Cohort.from_data(data), jax.random.key(1))
+    before = np.asarray(state.opt_state.residuals.rows["w"])
+    poisoned = data._replace(x=data.x.at[1].set(jnp.nan))
+    state, metrics = algo.round(state, Cohort.from_data(poisoned), jax.random.key(2))
+    after = np.asarray(state.opt_state.residuals.rows["w"])
+    assert int(metrics["dropped_nonfinite"]) == 1
+    np.testing.assert_array_equal(after[1], before[1])
+    assert not np.array_equal(after[0], before[0]) and np.all(np.isfinite(after))

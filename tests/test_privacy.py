@@ -16,10 +16,10 @@ import numpy as np
 import optax
 import pytest
 from dp_accounting import rdp
-from helpers import one_error_line
+from helpers import FakeModel, feature_client_update, feature_clients, one_error_line
 
 from fedjax_kd import algorithms, cli, client, models, privacy, simulate
-from fedjax_kd.algorithms.fed_avg import client_inputs, fedavg_step
+from fedjax_kd.algorithms.fed_avg import client_inputs, fedavg_step, from_client_update
 from fedjax_kd.data import Cohort, gather_clients
 
 
@@ -198,7 +198,10 @@ def test_cli_stops_at_the_epsilon_budget(tmp_path, capsys):
     [
         (["--config.dp.epsilon_budget=1"], "below one round's epsilon"),
         (["--config.dp.clip_norm=0", "--config.dp.epsilon_budget=5"], "a budget needs DP"),
-        (["--config.algorithm.name=fedkd"], "DP-FedAvg works with fedavg, fedprox, fedntd"),
+        (
+            ["--config.algorithm.name=fedkd"],
+            "DP-FedAvg works with fedavg, fedprox, teacher_student, feddf, fedntd",
+        ),
         (["--config.server.aggregator=median"], "does not combine with server.aggregator"),
         (["--config.dp.delta=0"], "config key 'dp.delta'"),
     ],
@@ -359,16 +362,47 @@ def test_cli_poisson_and_adaptive_run_and_report(tmp_path):
     assert summary["cohort_overflow"] == 0 and summary["dp_epsilon"] == records[-1]["dp_epsilon"]
 
 
-def test_an_overflowing_poisson_round_is_reported(tmp_path, capsys):
-    argv = ["run", *TINY, "--config.rounds=2", "--config.eval_every=1"]
-    argv += ["--config.dp.clip_norm=1", "--config.dp.sampling=poisson"]
-    argv += ["--config.dp.max_cohort=3", "--workdir", str(tmp_path)]
-    assert cli.main(argv) == 0
-    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert all(r["cohort_size"] == 3 and r["cohort_overflow"] > 0 for r in records)
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["cohort_overflow"] == sum(r["cohort_overflow"] for r in records)
-    assert "Poisson sampling drew" in capsys.readouterr().err
+def test_an_overflowing_poisson_round_trains_a_random_subset_and_is_reported(digits_small, capsys):
+    """A padded cohort of 3 at rate 0.5 of the population overflows every round: 3 distinct
+    drawn clients train (not always the lowest ids), the rest are counted per record and
+    in the summary, and a warning names the round."""
+    n = digits_small.num_clients
+    sample = privacy.poisson_sampler(0.5, 3)
+    lowest = []
+    for r in range(20):
+        key = jax.random.key(r)
+        got = sample(key, n, 5)
+        drawn = set(np.flatnonzero(np.asarray(jax.random.uniform(key, (n,))) < 0.5))
+        ids = [int(i) for i in got.ids]
+        assert int(got.drawn) == len(drawn) > 3 and set(ids) <= drawn and len(set(ids)) == 3
+        lowest.append(ids == sorted(drawn)[:3])
+    assert not all(lowest)  # a random subset, not the first ids
+    model = models.create("linear", feature_shape=digits_small.feature_shape, num_classes=10)
+    algo = algorithms.fed_avg(
+        model, client_optimizer=optax.sgd(0.1), server_optimizer=optax.sgd(1.0), epochs=1,
+        batch_size=8, dp=privacy.DP(1.0, 1.0), poisson=privacy.Poisson(0.5, 3, n / 2),
+    )  # fmt: skip
+    out = simulate.run(algo, digits_small, rounds=2, clients_per_round=5, eval_every=1,
+                       seed=0, progress=False)  # fmt: skip
+    assert all(r["cohort_size"] == 3 and r["cohort_overflow"] > 0 for r in out.history)
+    assert out.summary["cohort_overflow"] == sum(r["cohort_overflow"] for r in out.history)
+    assert "round 1: Poisson sampling drew" in capsys.readouterr().err
+
+
+def test_adaptive_clipping_counts_only_the_clients_that_report():
+    """Half the cohort dropped as stragglers: the count is over the 5 that report
+    (all clipped), centred by 5 and divided by the expected 10 (TF Privacy's fixed
+    denominator): b = (0 - 2.5) / 10 + 1/2 = 0.25, so C <- C exp(-0.2 (0.25 - 0.5))."""
+    a = privacy.AdaptiveClip(target_quantile=0.5, learning_rate=0.2, count_stddev=1e-9)
+    algo = from_client_update(
+        FakeModel(init=lambda key: {"w": 100.0 * jnp.ones(12)}), feature_client_update,
+        optax.sgd(1.0), dp=privacy.DP(1.0, 0.0, adaptive=a), epochs=2,
+        straggler_fraction=0.5, drop_stragglers=True,
+    )  # fmt: skip
+    cohort = Cohort.from_data(feature_clients(10))
+    state, metrics = algo.round(algo.init(jax.random.key(0)), cohort, jax.random.key(1))
+    assert float(state.opt_state.clip_norm) == pytest.approx(np.exp(-0.2 * (0.25 - 0.5)))
+    assert float(metrics["dp_clipped_fraction"]) == pytest.approx(0.5)  # 5 of 10 clipped
 
 
 @pytest.mark.parametrize(
@@ -387,6 +421,7 @@ def test_an_overflowing_poisson_round_is_reported(tmp_path, capsys):
             "Poisson sampling takes no client.straggler_fraction",
         ),
         (["--config.dp.max_cohort=5"], "it pads Poisson cohorts"),
+        (["--config.dp.sampling=poisson", "--config.dp.max_cohort=3"], "must be in ["),
         (["--config.dp.sampling=uniform"], "config key 'dp.sampling'"),
     ],
 )

@@ -370,8 +370,8 @@ def fedavg_step(
         ``uplink``, but randomized.
       clip_norm: DP's clip norm as a traced value (adaptive clipping's
         current ``C``); None = ``dp.clip_norm``. ``sums`` then also holds
-        ``dp_unclipped`` (members with ``||delta_k|| <= C``) and
-        ``dp_members``.
+        ``dp_unclipped`` (reporting clients with ``||delta_k|| <= C``) and
+        ``dp_members`` (the reporting clients: members that were not dropped).
       dp_denominator: DP's fixed denominator; None = the cohort size (the
         expected cohort under Poisson sampling).
       residuals: optional :class:`~fedjax_kd.cohort.ClientStore` of every
@@ -471,6 +471,8 @@ def fedavg_step(
             if residuals is not None:
                 # Clients that send nothing (padding, dropped stragglers) keep theirs.
                 sends = valid & inputs_c.get("active", True)
+                if drop_nonfinite:
+                    sends = sends & ok  # a dropped client's message was never used
                 residuals = residuals.scatter(
                     inputs_c["client_id"], jax.tree.map(jnp.subtract, message, sent), sends
                 )
@@ -484,13 +486,21 @@ def fedavg_step(
             up = jnp.where(inputs_c["active"], up, 0)  # dropped stragglers send nothing
         if dp is not None:  # each client's update clipped to S, every client weight 1
             bound = dp.clip_norm if clip_norm is None else clip_norm
+            # The clients that report: members, not dropped (stragglers, non-finite);
+            # the others send nothing (a zero update, which still counts in K).
+            voters = inputs_c.get("active", jnp.ones(valid.shape, bool))
+            if drop_nonfinite:
+                voters = voters & ok
             clipped, norms = jax.vmap(lambda d: privacy.clip_update(d, bound))(out.delta)
-            terms["weighted_delta"] = clipped
+            norms = jnp.where(voters, norms, 0.0)
+            terms["weighted_delta"] = jax.tree.map(
+                lambda d: jnp.where(voters.reshape(voters.shape + (1,) * (d.ndim - 1)), d, 0),
+                clipped,
+            )
             terms["dp_clipped"] = (norms > bound).astype(jnp.float32)
             if clip_norm is not None:
-                member = inputs_c.get("member", jnp.ones(valid.shape, bool))
-                terms["dp_unclipped"] = ((norms <= bound) & member).astype(jnp.float32)
-                terms["dp_members"] = member.astype(jnp.float32)
+                terms["dp_unclipped"] = ((norms <= bound) & voters).astype(jnp.float32)
+                terms["dp_members"] = voters.astype(jnp.float32)
         if drop_nonfinite:
             terms["dropped_nonfinite"] = (~ok).astype(jnp.int32)
         sums = aggregate.masked_sum({**terms, **extra}, valid)
@@ -504,7 +514,8 @@ def fedavg_step(
             sums["state_nonfinite"] = jnp.sum(
                 jnp.where(valid, ~jax.vmap(aggregate.tree_all_finite)(out.state), False)
             )
-            store = store.scatter(inputs_c["id"], out.state, valid)  # padding rows: nowhere
+            # Chunk padding and a Poisson cohort's padding rows write nowhere.
+            store = store.scatter(inputs_c["id"], out.state, valid & inputs_c.get("member", True))
         return (store, residuals), sums, per_client
 
     (new_store, new_residuals), sums, per_client = aggregate.scan_over_chunks(

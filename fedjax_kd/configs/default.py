@@ -171,8 +171,13 @@ def get_config() -> ml_collections.ConfigDict:
     # joins with probability K/N (add/remove-one, RDP or PLD).
     c.dp.sampling = "fixed"
     c.dp.accountant = "rdp"  # rdp | pld (pld: Poisson sampling only)
-    c.dp.max_cohort = 0  # Poisson's padded cohort; 0 = overflow w.p. <= 1e-6 per run
-    # Adaptive clipping (Andrew et al. 2021): dp.clip_norm is the initial C.
+    # Poisson's padded cohort: 0 = the smallest that overflows w.p. <= 1e-6 over the run
+    # (smaller is refused: an overflowing round is not the accounted mechanism).
+    c.dp.max_cohort = 0
+    # Adaptive clipping (Andrew et al. 2021): dp.clip_norm is the initial C; the
+    # sum's noise is then z_delta x C and the unclipped count's std count_stddev,
+    # z_delta chosen so that the round's total noise multiplier stays
+    # dp.noise_multiplier (which must be below 2 x count_stddev).
     c.dp.adaptive = False
     c.dp.target_quantile = 0.5
     c.dp.clip_learning_rate = 0.2

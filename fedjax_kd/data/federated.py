@@ -336,7 +336,7 @@ class Cohort:
         others pad a variable-size (Poisson) cohort to its static size and
         take no part (None: every row is a client).
       drawn: optional int32 scalar: how many clients the sampler drew (more
-        than ``K`` is an overflow the round reports); None with ``members``.
+        than ``K`` is an overflow the round reports); None without ``members``.
     """
 
     def __init__(
