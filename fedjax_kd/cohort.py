@@ -51,6 +51,11 @@ class ClientStore(NamedTuple):
         # threefry initialiser several times slower (init runs once per run).
         return cls(jax.lax.map(lambda i: init_fn(jax.random.fold_in(key, i)), client_ids))
 
+    @classmethod
+    def zeros(cls, like: PyTree, num_rows: int) -> ClientStore:
+        """``num_rows`` rows of zeros shaped like ``like`` (control variates, residuals)."""
+        return cls(jax.tree.map(lambda a: jnp.zeros((num_rows, *a.shape), a.dtype), like))
+
     @property
     def size(self) -> int:
         """Number of rows ``n``."""

@@ -1,5 +1,6 @@
 """Small helpers shared by the algorithm tests (importable: tests/ is on sys.path)."""
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -101,3 +102,50 @@ def feature_clients(num_clients: int = 5, dim: int = 12):
     x = rng.normal(size=(num_clients, 3, dim)).astype(np.float32)
     count = (1 + (np.arange(num_clients) * 7) % 3).astype(np.int32)
     return ClientData(jnp.asarray(x), jnp.zeros((num_clients, 3), jnp.int32), jnp.asarray(count))
+
+
+#: A 3-feature, 3-class softmax regression (features, classes, padded examples per client)
+#: for hand-sized NumPy references of an algorithm's rounds.
+SOFTMAX_D, SOFTMAX_C, SOFTMAX_PAD = 3, 3, 5
+SOFTMAX_W0 = np.array([[0.2, -0.1, 0.0], [0.05, 0.3, -0.2], [-0.15, 0.1, 0.25]], np.float32)
+SOFTMAX_B0 = np.array([0.1, 0.0, -0.1], np.float32)
+SOFTMAX = FakeModel(
+    init=lambda key: {"w": jnp.asarray(SOFTMAX_W0), "b": jnp.asarray(SOFTMAX_B0)},
+    apply=lambda p, x: x @ p["w"] + p["b"],
+)
+
+
+def softmax_clients(counts, seed=0):
+    """Clients of ``counts`` real examples (padded to SOFTMAX_PAD) of random features/labels."""
+    from fedjax_kd.data import ClientData
+
+    rng = np.random.default_rng(seed)
+    n = len(counts)
+    x = rng.normal(size=(n, SOFTMAX_PAD, SOFTMAX_D)).astype(np.float32)
+    y = rng.integers(0, SOFTMAX_C, size=(n, SOFTMAX_PAD)).astype(np.int32)
+    return ClientData(jnp.asarray(x), jnp.asarray(y), jnp.asarray(counts, jnp.int32))
+
+
+@functools.lru_cache
+def _compiled_round(algo, chunk_size):
+    from fedjax_kd.data import Cohort
+
+    def run(state, data, ids, key):
+        gathered = jax.tree.map(lambda a: a[ids], data)
+        return algo.round(state, Cohort.from_data(gathered, ids, chunk_size=chunk_size), key)
+
+    return jax.jit(run)
+
+
+def jit_round(algo, state, data, ids, key, chunk_size=None):
+    """One round of ``algo`` on clients ``ids`` of ``data`` (compiled once per algorithm)."""
+    return _compiled_round(algo, chunk_size)(state, data, jnp.asarray(ids, jnp.int32), key)
+
+
+def softmax_grad(w, b, x, y):
+    """Mean softmax cross-entropy gradient over a batch (float64): ``(d w, d b)``."""
+    logits = x @ w + b
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    p[np.arange(len(y)), y] -= 1.0
+    return x.T @ p / len(y), p.mean(axis=0)

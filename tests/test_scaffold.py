@@ -9,10 +9,8 @@ both messages; a CLI run by import path, resumed from a checkpoint, equals a
 straight run.
 """
 
-import functools
 import json
 import math
-from typing import NamedTuple
 
 import chex
 import jax
@@ -20,58 +18,20 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import SOFTMAX
+from helpers import SOFTMAX_B0 as B0
+from helpers import SOFTMAX_C as C
+from helpers import SOFTMAX_D as D
+from helpers import SOFTMAX_PAD as PAD
+from helpers import SOFTMAX_W0 as W0
+from helpers import jit_round as _round
+from helpers import softmax_clients as _data
+from helpers import softmax_grad as _grad
 
 from fedjax_kd import algorithms, cli
 from fedjax_kd.algorithms.fed_avg import fed_avg
 from fedjax_kd.algorithms.scaffold import scaffold
 from fedjax_kd.client import epoch_order
-from fedjax_kd.data import ClientData, Cohort
-
-D, C, PAD = 3, 3, 5  # features, classes, padded examples per client
-
-
-class _Model(NamedTuple):
-    init: object
-    apply: object
-
-
-W0 = np.array([[0.2, -0.1, 0.0], [0.05, 0.3, -0.2], [-0.15, 0.1, 0.25]], np.float32)
-B0 = np.array([0.1, 0.0, -0.1], np.float32)
-SOFTMAX = _Model(
-    init=lambda key: {"w": jnp.asarray(W0), "b": jnp.asarray(B0)},
-    apply=lambda p, x: x @ p["w"] + p["b"],
-)
-
-
-def _data(counts, seed=0):
-    rng = np.random.default_rng(seed)
-    n = len(counts)
-    x = rng.normal(size=(n, PAD, D)).astype(np.float32)
-    y = rng.integers(0, C, size=(n, PAD)).astype(np.int32)
-    return ClientData(jnp.asarray(x), jnp.asarray(y), jnp.asarray(counts, jnp.int32))
-
-
-@functools.lru_cache
-def _compiled(algo, chunk_size):
-    def run(state, data, ids, key):
-        gathered = jax.tree.map(lambda a: a[ids], data)
-        return algo.round(state, Cohort.from_data(gathered, ids, chunk_size=chunk_size), key)
-
-    return jax.jit(run)
-
-
-def _round(algo, state, data, ids, key, chunk_size=None):
-    """One round of ``algo`` on clients ``ids`` of ``data`` (compiled once per algorithm)."""
-    return _compiled(algo, chunk_size)(state, data, jnp.asarray(ids, jnp.int32), key)
-
-
-def _grad(w, b, x, y):
-    """Mean softmax cross-entropy gradient over a batch (float64)."""
-    logits = x @ w + b
-    p = np.exp(logits - logits.max(axis=1, keepdims=True))
-    p /= p.sum(axis=1, keepdims=True)
-    p[np.arange(len(y)), y] -= 1.0
-    return x.T @ p / len(y), p.mean(axis=0)
 
 
 @pytest.mark.parametrize("uniform", [True, False])

@@ -667,11 +667,7 @@ def from_client_update(
             opt_state = FamilyState(
                 opt_state,
                 clip_norm=jnp.asarray(dp.clip_norm, jnp.float32) if adaptive else None,
-                residuals=ClientStore(
-                    jax.tree.map(lambda x: jnp.zeros((num_clients, *x.shape), x.dtype), params)
-                )
-                if error_feedback
-                else None,
+                residuals=ClientStore.zeros(params, num_clients) if error_feedback else None,
             )
         return ServerState(params=params, opt_state=opt_state)
 

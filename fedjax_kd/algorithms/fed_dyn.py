@@ -237,9 +237,7 @@ def fed_dyn(
             params=params,
             opt_state=server_optimizer.init(params),
             h=jax.tree.map(jnp.zeros_like, params),
-            client_grads=ClientStore(
-                jax.tree.map(lambda a: jnp.zeros((num_clients, *a.shape), a.dtype), params)
-            ),
+            client_grads=ClientStore.zeros(params, num_clients),
         )
 
     def round_fn(state: FedDynState, cohort, key: jax.Array, server_data=None):

@@ -236,9 +236,7 @@ def scaffold(
             params=params,
             opt_state=server.init(params),
             control=zeros,
-            client_controls=ClientStore(
-                jax.tree.map(lambda a: jnp.zeros((num_clients, *a.shape), a.dtype), params)
-            ),
+            client_controls=ClientStore.zeros(params, num_clients),
         )
 
     def round_fn(state: ScaffoldState, cohort, key: jax.Array, server_data=None):
