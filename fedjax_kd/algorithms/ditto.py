@@ -108,7 +108,13 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_kd import losses
-from fedjax_kd.algorithms.fed_avg import client_inputs, fedavg_step, train_loss
+from fedjax_kd.algorithms.fed_avg import (
+    check_client_state_builder,
+    check_fixed_cohort,
+    client_inputs,
+    fedavg_step,
+    train_loss,
+)
 from fedjax_kd.client import local_train, make_client_update
 from fedjax_kd.cohort import ClientStore
 from fedjax_kd.data.federated import check_cohort
@@ -204,10 +210,7 @@ def ditto(
                    server_optimizer=optax.sgd(1.0), epochs=1, batch_size=16,
                    num_clients=100, lam=1.0)
     """
-    if num_clients < 1:
-        raise ValueError(f"ditto needs num_clients >= 1, got {num_clients}")
-    if epochs < 1 or batch_size < 1:
-        raise ValueError(f"epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
+    check_client_state_builder("ditto", num_clients, epochs, batch_size)
     if personal_epochs is None:
         personal_epochs = epochs
     if personal_epochs < 1:
@@ -259,8 +262,7 @@ def ditto(
     def round_fn(state: DittoState, cohort, key: jax.Array, server_data=None):
         check_cohort(cohort)
         del server_data  # Ditto uses no server-side data
-        if cohort.members is not None:
-            raise ValueError("ditto samples a fixed-size cohort, not a Poisson one")
+        check_fixed_cohort(cohort, "ditto")
         inputs = client_inputs(key, cohort.size)
         inputs["id"] = cohort.ids  # the rows of the clients' personal models
         step = fedavg_step(

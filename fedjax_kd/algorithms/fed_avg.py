@@ -585,6 +585,24 @@ def check_stragglers(straggler_fraction: float, epochs: int | None) -> None:
         raise ValueError(f"straggler_fraction must be in [0, 1], got {straggler_fraction}")
 
 
+def check_client_state_builder(name: str, num_clients: int, epochs: int, batch_size: int) -> None:
+    """Raises ValueError for the arguments a builder with per-client state cannot use.
+
+    SCAFFOLD, FedDyn and Ditto keep a row per client (``num_clients`` rows)
+    and train ``epochs`` epochs of ``batch_size`` minibatches.
+    """
+    if num_clients < 1:
+        raise ValueError(f"{name} needs num_clients >= 1, got {num_clients}")
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
+
+
+def check_fixed_cohort(cohort, name: str) -> None:
+    """Raises ValueError for a Poisson cohort (``cohort.members``) where ``name`` takes none."""
+    if cohort.members is not None:
+        raise ValueError(f"{name} samples a fixed-size cohort, not a Poisson one")
+
+
 def from_client_update(
     model,
     client_update: ClientUpdateFn,

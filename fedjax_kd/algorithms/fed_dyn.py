@@ -100,7 +100,13 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_kd import aggregate
-from fedjax_kd.algorithms.fed_avg import client_inputs, fedavg_step, train_loss
+from fedjax_kd.algorithms.fed_avg import (
+    check_client_state_builder,
+    check_fixed_cohort,
+    client_inputs,
+    fedavg_step,
+    train_loss,
+)
 from fedjax_kd.client import make_client_update
 from fedjax_kd.cohort import ClientStore
 from fedjax_kd.data.federated import check_cohort
@@ -209,10 +215,7 @@ def fed_dyn(
                      server_optimizer=optax.sgd(1.0), epochs=5, batch_size=50,
                      num_clients=100, alpha=0.01)
     """
-    if num_clients < 1:
-        raise ValueError(f"fed_dyn needs num_clients >= 1, got {num_clients}")
-    if epochs < 1 or batch_size < 1:
-        raise ValueError(f"epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
+    check_client_state_builder("fed_dyn", num_clients, epochs, batch_size)
     if not alpha > 0:
         raise ValueError(f"fed_dyn needs alpha > 0 (theta^t divides h by alpha), got {alpha}")
     if clip_norm is not None and not clip_norm > 0:
@@ -243,8 +246,7 @@ def fed_dyn(
     def round_fn(state: FedDynState, cohort, key: jax.Array, server_data=None):
         check_cohort(cohort)
         del server_data  # FedDyn uses no server-side data
-        if cohort.members is not None:
-            raise ValueError("fed_dyn samples a fixed-size cohort, not a Poisson one")
+        check_fixed_cohort(cohort, "fed_dyn")
         inputs = client_inputs(key, cohort.size)
         inputs["id"] = cohort.ids  # the rows of the clients' grad_i
 

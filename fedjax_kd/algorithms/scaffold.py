@@ -92,7 +92,13 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_kd import aggregate
-from fedjax_kd.algorithms.fed_avg import client_inputs, fedavg_step, train_loss
+from fedjax_kd.algorithms.fed_avg import (
+    check_client_state_builder,
+    check_fixed_cohort,
+    client_inputs,
+    fedavg_step,
+    train_loss,
+)
 from fedjax_kd.client import make_client_update
 from fedjax_kd.cohort import ClientStore
 from fedjax_kd.compress import tree_bytes
@@ -206,10 +212,7 @@ def scaffold(
                       server_optimizer=optax.sgd(1.0), epochs=5, batch_size=10,
                       num_clients=100, client_lr=0.1)
     """
-    if num_clients < 1:
-        raise ValueError(f"scaffold needs num_clients >= 1, got {num_clients}")
-    if epochs < 1 or batch_size < 1:
-        raise ValueError(f"epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
+    check_client_state_builder("scaffold", num_clients, epochs, batch_size)
     if isinstance(client_lr, (int, float)) and client_lr <= 0:
         raise ValueError(f"scaffold needs client_lr (eta_l) > 0, got {client_lr}")
     # x <- x + eta_g * ServerOpt(Delta x): the scaling follows the optimizer.
@@ -242,8 +245,7 @@ def scaffold(
     def round_fn(state: ScaffoldState, cohort, key: jax.Array, server_data=None):
         check_cohort(cohort)
         del server_data  # SCAFFOLD uses no server-side data
-        if cohort.members is not None:
-            raise ValueError("scaffold samples a fixed-size cohort, not a Poisson one")
+        check_fixed_cohort(cohort, "scaffold")
         inputs = client_inputs(key, cohort.size)
         inputs["id"] = cohort.ids  # the rows of the clients' control variates
         control = state.control
